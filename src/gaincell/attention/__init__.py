@@ -1,0 +1,22 @@
+"""Analog gain-cell attention (spec analog-attention.md) as plain functions on tensors.
+
+    from gaincell.attention import AnalogAttentionConfig, analog_attention
+    y = analog_attention(q, k, v, AnalogAttentionConfig(window=128))   # (B, H, T, D) -> (B, H, T, D)
+
+Modules: ``config`` (the dataclass), ``reference`` (dense oracle), ``functional`` (dispatch to the
+fastest exact path), ``blocked`` (CPU path), ``kernels`` (Triton), ``decoder`` (streaming KV arrays),
+``module`` (``AttentionCore`` with the learnable scalers, for models).
+"""
+from .config import COEFFICIENT_ORDER, PAPER_COEFFICIENTS, AnalogAttentionConfig, fold_coefficients
+from .functional import analog_attention
+from .module import KINDS, AttentionCore
+
+__all__ = ["AnalogAttentionConfig", "analog_attention", "AttentionCore", "KINDS",
+           "PAPER_COEFFICIENTS", "COEFFICIENT_ORDER", "fold_coefficients"]
+
+try:  # the streaming decoder (issue on streaming inference) lands separately
+    from .decoder import AnalogKVDecoder  # noqa: F401
+
+    __all__.append("AnalogKVDecoder")
+except ImportError:  # pragma: no cover
+    pass

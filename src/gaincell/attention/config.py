@@ -1,0 +1,154 @@
+"""The hardware knobs of one analog attention head (spec analog-attention.md), named once.
+
+This dataclass is all the attention math needs: it imports nothing else from gaincell. Defaults are
+the paper's values (TSMC 28 nm gain cell, GPT-2 with a 1,024-token window).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+# Spec §10: the authors' ten coefficients C[i][j], order (0,0)(0,1)(0,2)(0,3)(1,0)(1,1)(1,2)(2,0)(2,1)(3,0).
+PAPER_COEFFICIENTS: Tuple[float, ...] = (
+    0.17393044, 0.15653739, 0.14088365, 0.12679529, 5.51975209,
+    4.96777688, 4.4709992, -1.44776001, -1.30298401, 46.05483778,
+)
+# (i, j) index of each of the ten coefficients, in the order above.
+COEFFICIENT_ORDER: Tuple[Tuple[int, int], ...] = (
+    (0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (3, 0),
+)
+
+
+def fold_coefficients(coefficients: Sequence[float], read_voltage: float) -> Tuple[float, float, float, float]:
+    """c_i = sum_j C[i][j] * V_read**j (spec §4): the four constants the model actually uses."""
+    folded = [0.0, 0.0, 0.0, 0.0]
+    for (i, j), c in zip(COEFFICIENT_ORDER, coefficients):
+        folded[i] += float(c) * read_voltage ** j
+    return tuple(folded)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class AnalogAttentionConfig:
+    """One analog attention head.
+
+    Attributes:
+        window: sliding window M in tokens; a multiple of ``tile_rows``.
+        tile_rows: keys per sub-tile (rows of one 64 x 64 array).
+        query_levels: levels of the input pulse width on [0, 1] x T_max (None: no quantization).
+        stored_levels: levels of the stored K and V voltages on [0, 0.9] V (None: off).
+        output_levels: levels of each sub-tile's pulse-counter readout on [-1, 1] (None: off).
+        gain: slope g of the linear cell model (charge per unit pulse x volt).
+        qk_saturation: S_sat of the HardSigmoid charge-to-pulse after the K array.
+        av_saturation: S_sat normalising the V array's output.
+        stored_offset: half-supply offset of the stored weight, V.
+        read_voltage: read word-line voltage V_read, V.
+        decay_per_step: lambda = L * delta_t / tau, leakage per token step (0: no leakage).
+        coefficients: None for the linear cell; ten C[i][j] (spec §10 order) for the nonlinear cell.
+        exact_nonlinear_grad: nonlinear model backward: exact polynomial gradient (True) or the
+            linear model's gradient as a surrogate (False, spec §8).
+        read_noise: std of Gaussian noise on each array output, relative to the signal (0: off).
+        stored_max: top of the stored-voltage range, V.
+    """
+
+    window: int = 1024
+    tile_rows: int = 64
+    query_levels: Optional[int] = 16
+    stored_levels: Optional[int] = 8
+    output_levels: Optional[int] = 32
+    gain: float = 19.3
+    qk_saturation: float = 80.0
+    av_saturation: float = 40.0
+    stored_offset: float = 0.45
+    read_voltage: float = 0.9
+    decay_per_step: float = 1.56e-4
+    coefficients: Optional[Tuple[float, ...]] = None
+    exact_nonlinear_grad: bool = False
+    read_noise: float = 0.0
+    stored_max: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tile_rows, int) or self.tile_rows < 1:
+            raise ValueError(f"tile_rows={self.tile_rows!r}: expected a positive integer")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window={self.window!r}: expected a positive integer")
+        if self.window % self.tile_rows != 0:
+            raise ValueError(f"window={self.window} is not a multiple of tile_rows={self.tile_rows}: "
+                             f"the window is stored in whole sub-tiles")
+        for name in ("query_levels", "stored_levels", "output_levels"):
+            levels = getattr(self, name)
+            if levels is not None and (not isinstance(levels, int) or levels < 2):
+                raise ValueError(f"{name}={levels!r}: expected an integer >= 2, or None to disable")
+        for name in ("qk_saturation", "av_saturation", "stored_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
+        if not (self.decay_per_step >= 0 and math.isfinite(self.decay_per_step)):
+            raise ValueError(f"decay_per_step={self.decay_per_step!r}: expected a finite number >= 0")
+        if not self.read_noise >= 0:
+            raise ValueError(f"read_noise={self.read_noise!r}: expected a number >= 0")
+        if self.coefficients is not None:
+            coeffs = tuple(float(c) for c in self.coefficients)
+            if len(coeffs) != 10:
+                raise ValueError(f"coefficients has {len(coeffs)} values: expected 10 "
+                                 f"(C[i][j] for i + j <= 3, order {COEFFICIENT_ORDER}) or None")
+            if not all(math.isfinite(c) for c in coeffs):
+                raise ValueError(f"coefficients={coeffs}: expected finite numbers")
+            object.__setattr__(self, "coefficients", coeffs)
+
+    @property
+    def nonlinear(self) -> bool:
+        return self.coefficients is not None
+
+    @property
+    def tiles(self) -> int:
+        """Sub-tiles per head: window / tile_rows."""
+        return self.window // self.tile_rows
+
+    @property
+    def folded_coefficients(self) -> Tuple[float, float, float, float]:
+        """(c_0, c_1, c_2, c_3) at ``read_voltage`` (spec §4); the linear model is (0, g, 0, 0)."""
+        if self.coefficients is None:
+            return (0.0, self.gain, 0.0, 0.0)
+        return fold_coefficients(self.coefficients, self.read_voltage)
+
+
+def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Optional[Tuple[float, ...]]:
+    """A coefficient set from the config: None, ``"paper"`` (spec §10), ``"fitted"`` (the pipeline's
+    fit: the JSON written by the fit stage, key ``coefficients``) or ten numbers."""
+    if coefficients is None:
+        return None
+    if isinstance(coefficients, str):
+        if coefficients == "paper":
+            return PAPER_COEFFICIENTS
+        if coefficients == "fitted":
+            import json
+            from pathlib import Path
+
+            if not fitted_path or not Path(fitted_path).is_file():
+                raise FileNotFoundError(f"coefficients='fitted' but the fit result {fitted_path!r} does not "
+                                        f"exist: run the fit stage first, or use coefficients=paper")
+            with open(fitted_path) as fh:
+                data = json.load(fh)
+            return tuple(float(c) for c in data["coefficients"])
+        raise ValueError(f"coefficients={coefficients!r}: expected None, 'paper', 'fitted' or ten numbers")
+    return tuple(float(c) for c in coefficients)
+
+
+def analog_config_from_settings(settings) -> AnalogAttentionConfig:
+    """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``).
+
+    The coefficient set is resolved for ``nonlinear_hw`` only; every other kind gets the linear cell.
+    """
+    get = (lambda k: settings[k]) if hasattr(settings, "__getitem__") else (lambda k: getattr(settings, k))
+    coeffs = None
+    if get("kind") == "nonlinear_hw":
+        coeffs = resolve_coefficients(get("coefficients"), get("fitted_coefficients_path"))
+        if coeffs is None:
+            raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
+    return AnalogAttentionConfig(
+        window=int(get("window")), tile_rows=int(get("tile_rows")), query_levels=get("query_levels"),
+        stored_levels=get("stored_levels"), output_levels=get("output_levels"), gain=float(get("gain")),
+        qk_saturation=float(get("qk_saturation")), av_saturation=float(get("av_saturation")),
+        stored_offset=float(get("stored_offset")), read_voltage=float(get("read_voltage")),
+        decay_per_step=float(get("decay_per_step")), coefficients=coeffs,
+        exact_nonlinear_grad=bool(get("exact_nonlinear_grad")), read_noise=float(get("read_noise")))

@@ -1,0 +1,110 @@
+"""`AttentionCore`: the per-head computation between a transformer's QKV and output projections.
+
+Softmax models use PyTorch's fused scaled-dot-product attention. Hardware models add the learnable
+per-head input scalers (spec §1) and output scaler (spec §7) around ``analog_attention``. The
+scalers are the parameters the adaptation algorithm sets (spec §11); ``capture_stats`` makes the
+module record their outputs' per-head mean and standard deviation on the next forward passes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AnalogAttentionConfig
+
+KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
+HW_KINDS = ("linear_hw", "nonlinear_hw")
+SCALER_STAGES = ("q", "k", "v", "out")
+# Spec §1/§7 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
+_INIT_BIAS = {"q": 0.0, "k": 0.45, "v": 0.45, "out": 0.0}
+
+
+def sliding_window_mask(t_query: int, t_key: int, window: Optional[int], device=None) -> torch.Tensor:
+    """Boolean (t_query, t_key) mask, True where query t sees key t': t - window < t' <= t.
+
+    Queries are the last ``t_query`` positions of a sequence of ``t_key`` keys.
+    """
+    q_pos = torch.arange(t_key - t_query, t_key, device=device)[:, None]
+    k_pos = torch.arange(t_key, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class AttentionCore(nn.Module):
+    """q, k, v of shape (B, H, T, D) -> attention output (B, H, T, D), before the output projection.
+
+    Args:
+        kind: ``softmax`` | ``softmax_window`` | ``linear_hw`` | ``nonlinear_hw``.
+        n_head: heads H (one scaler pair per head and stage).
+        analog: the hardware config (its ``window`` is also the softmax_window's window). For
+            ``linear_hw`` its coefficients must be None, for ``nonlinear_hw`` ten floats.
+        implementation: ``auto`` | ``dense`` | ``blocked`` | ``triton`` (see ``analog_attention``).
+    """
+
+    def __init__(self, kind: str, n_head: int, analog: Optional[AnalogAttentionConfig] = None,
+                 implementation: str = "auto") -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"attention kind {kind!r}: expected one of {KINDS}")
+        self.kind = kind
+        self.n_head = n_head
+        self.implementation = implementation
+        self.analog = analog if analog is not None else AnalogAttentionConfig()
+        self._check_kind_matches_config()
+        for stage in SCALER_STAGES:
+            self.register_parameter(f"{stage}_scale", nn.Parameter(torch.ones(n_head)))
+            self.register_parameter(f"{stage}_bias", nn.Parameter(torch.full((n_head,), _INIT_BIAS[stage])))
+        self.capture_stats = False
+        self.captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _check_kind_matches_config(self) -> None:
+        if self.kind == "linear_hw" and self.analog.coefficients is not None:
+            raise ValueError("kind='linear_hw' needs analog.coefficients=None (the linear cell)")
+        if self.kind == "nonlinear_hw" and self.analog.coefficients is None:
+            raise ValueError("kind='nonlinear_hw' needs analog.coefficients (ten floats)")
+
+    def set_kind(self, kind: str, analog: Optional[AnalogAttentionConfig] = None) -> None:
+        """Switch the attention model in place (e.g. linear -> nonlinear for adaptation)."""
+        if kind not in KINDS:
+            raise ValueError(f"attention kind {kind!r}: expected one of {KINDS}")
+        self.kind = kind
+        if analog is not None:
+            self.analog = analog
+        self._check_kind_matches_config()
+
+    def _scale(self, stage: str, x: torch.Tensor) -> torch.Tensor:
+        a = getattr(self, f"{stage}_scale").view(1, -1, 1, 1).to(x.dtype)
+        b = getattr(self, f"{stage}_bias").view(1, -1, 1, 1).to(x.dtype)
+        y = a * x + b
+        if self.capture_stats:
+            with torch.no_grad():
+                flat = y.detach().float().transpose(0, 1).reshape(y.shape[1], -1)
+                self.captured[stage] = (flat.mean(dim=1), flat.std(dim=1))
+        return y
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.kind == "softmax":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.kind == "softmax_window":
+            t = q.shape[-2]
+            mask = sliding_window_mask(t, k.shape[-2], self.analog.window, device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        from .functional import analog_attention
+
+        y = analog_attention(self._scale("q", q), self._scale("k", k), self._scale("v", v), self.analog,
+                             implementation=self.implementation)
+        return self._scale("out", y)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, n_head={self.n_head}, window={self.analog.window}"
+
+
+def softmax_scale(head_dim: int) -> float:
+    """The 1/sqrt(D) of standard attention (absent from the hardware models, spec §7)."""
+    return 1.0 / math.sqrt(head_dim)
