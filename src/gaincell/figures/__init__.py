@@ -1,0 +1,77 @@
+"""Every paper figure and table, regenerated from files under ``results/<profile>/``.
+
+Each module here holds figure functions ``fig_<name>(results_dir: Path, out_dir: Path) -> list[Path]``
+that read only result files (never models) and write PNG (+ PDF). ``run`` calls all of them, writes
+``captions.md`` (each function's docstring) and ``index.json`` (what was made, what failed and why).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+# Modules in pipeline order; a module that is not there yet is reported, not fatal at import.
+FIGURE_MODULES = ("device", "train", "adapt", "evaluate", "hardware", "benchmarks")
+
+
+def figure_functions() -> Dict[str, Tuple[str, Callable]]:
+    """name -> (module, function) of every ``fig_*`` function, in pipeline order."""
+    found: Dict[str, Tuple[str, Callable]] = {}
+    for module_name in FIGURE_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"{__name__}.{module_name}":
+                continue
+            raise
+        for name, func in inspect.getmembers(module, inspect.isfunction):
+            if name.startswith("fig_") and func.__module__ == module.__name__:
+                found[name[4:]] = (module_name, func)
+    return found
+
+
+def caption_of(func: Callable) -> str:
+    doc = inspect.getdoc(func) or ""
+    return doc.split("\n\n")[0].replace("\n", " ").strip()
+
+
+def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[str] | None = None) -> dict:
+    """Make every figure. ``strict``: raise at the end when any figure failed."""
+    from gaincell.io import atomic_write_json, atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made, failed = {}, {}
+    captions = ["# Figures\n"]
+    for name, (module_name, func) in figure_functions().items():
+        if only and name not in only:
+            continue
+        start = time.perf_counter()
+        try:
+            paths = func(Path(results_dir), Path(out_dir)) or []
+        except Exception as err:  # one figure's missing input must not hide the others
+            failed[name] = f"{type(err).__name__}: {err}"
+            print(f"figure {name}: FAILED {failed[name]}", file=sys.stderr)
+            traceback.print_exc()
+            continue
+        made[name] = {"module": module_name, "files": [str(p) for p in paths],
+                      "caption": caption_of(func), "seconds": round(time.perf_counter() - start, 2)}
+        captions.append(f"## {name}\n\n{caption_of(func)}\n\nFiles: " + ", ".join(Path(p).name for p in paths) + "\n")
+        print(f"figure {name}: {', '.join(Path(p).name for p in paths)}")
+    atomic_write_text(out_dir / "captions.md", "\n".join(captions))
+    index = {"results_dir": str(results_dir), "made": made, "failed": failed}
+    atomic_write_json(out_dir / "index.json", index)
+    if strict and failed:
+        raise RuntimeError(f"{len(failed)} figure(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return index
+
+
+def run(cfg) -> None:
+    """CLI stage ``figures``: ``+stage.strict=false`` keeps going past missing inputs; ``+stage.only=[a,b]``."""
+    stage = cfg.get("stage") or {}
+    results_dir = Path(cfg.results_dir)
+    make_all(results_dir, results_dir / "figures", strict=bool(stage.get("strict", True)),
+             only=list(stage["only"]) if stage.get("only") else None)

@@ -1,0 +1,121 @@
+"""Checks that a finished pipeline run left every expected output, and that none is trivial.
+
+    python -m gaincell.workflow_check results/ci
+
+Used by CI after the end-to-end run on the ``ci`` profile. Exit status 1 lists what is missing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+VARIANTS = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonlinear_adapted",
+            "nonlinear_finetuned"]
+RULES_WITH_BENCHMARKS = ["characterize", "fit", "prepare_data", "pretrain", "train_window", "train_linear",
+                         "train_linear_early", "finetune", "leakage_sweep", "gpu_baseline",
+                         "hardware_estimates", "figures", "generate_sample"]
+# Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
+MIN_FIGURES = 10
+
+
+def _json(path: Path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _nonempty(path: Path, min_bytes: int = 1) -> Tuple[bool, str]:
+    if not path.exists():
+        return False, "missing"
+    size = path.stat().st_size
+    return (size >= min_bytes, f"{size} bytes (< {min_bytes})" if size < min_bytes else "")
+
+
+def check(results_dir: Path) -> List[str]:
+    """Problems found (empty when the run is complete)."""
+    r = Path(results_dir)
+    problems: List[str] = []
+
+    def need(rel: str, min_bytes: int = 1, test: Callable[[Path], str] | None = None) -> None:
+        path = r / rel
+        ok, why = _nonempty(path, min_bytes)
+        if not ok:
+            problems.append(f"{rel}: {why}")
+            return
+        if test is not None:
+            try:
+                msg = test(path)
+            except Exception as err:  # a malformed file is a finding, not a crash
+                msg = f"unreadable: {type(err).__name__}: {err}"
+            if msg:
+                problems.append(f"{rel}: {msg}")
+
+    def coefficients_ok(path: Path) -> str:
+        coeffs = _json(path).get("coefficients", [])
+        if len(coeffs) != 10 or not all(isinstance(c, (int, float)) for c in coeffs):
+            return f"expected 10 coefficients, got {coeffs!r}"
+        return "" if any(abs(c) > 0 for c in coeffs) else "all coefficients are zero"
+
+    def csv_rows(min_rows: int) -> Callable[[Path], str]:
+        def test(path: Path) -> str:
+            rows = path.read_text().strip().splitlines()
+            return "" if len(rows) - 1 >= min_rows else f"{len(rows) - 1} data rows (< {min_rows})"
+        return test
+
+    need("device/summary.json", 20)
+    need("fit/coefficients.json", 50, coefficients_ok)
+    need("data/meta.json", 10)
+    need("data/train.bin", 10_000)
+    need("data/val.bin", 1_000)
+    for run in ["softmax", "softmax_window", "linear_hw", "linear_hw_early", "nonlinear_finetuned"]:
+        need(f"checkpoints/{run}/final.pt", 10_000)
+        need(f"train/{run}/metrics.csv", 20, csv_rows(1))
+    for run in ["nonlinear_mapped", "nonlinear_adapted", "nonlinear_adapted_early"]:
+        need(f"checkpoints/{run}/ckpt.pt", 10_000)
+        need(f"adapt/{run}/summary.json", 10)
+    for variant in VARIANTS:
+        need(f"eval/{variant}/results.csv", 20, csv_rows(2))
+    leak = r / "adapt" / "leakage"
+    if not leak.is_dir() or len(list(leak.glob("*.json"))) < 3:
+        problems.append("adapt/leakage: fewer than 3 leakage points")
+    need("hardware/estimates.json", 20)
+    need("hardware/gpu_baseline.json", 20)
+    need("samples/nonlinear_finetuned.txt", 20)
+    index_path = r / "figures" / "index.json"
+    if index_path.exists():
+        index = _json(index_path)
+        if index.get("failed"):
+            problems.append(f"figures failed: {index['failed']}")
+        if len(index.get("made", {})) < MIN_FIGURES:
+            problems.append(f"only {len(index.get('made', {}))} figures made (< {MIN_FIGURES})")
+        for name, entry in index.get("made", {}).items():
+            for f in entry["files"]:
+                if f.endswith(".png"):
+                    ok, why = _nonempty(Path(f), 10_000)
+                    if not ok:
+                        problems.append(f"figure {name}: {f}: {why}")
+    else:
+        problems.append("figures/index.json: missing")
+    for rule in RULES_WITH_BENCHMARKS:
+        need(f"logs/benchmarks/{rule}.tsv", 10)
+    return problems
+
+
+def main(argv: List[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m gaincell.workflow_check results/<profile>", file=sys.stderr)
+        return 2
+    problems = check(Path(argv[0]))
+    if problems:
+        print(f"workflow check: {len(problems)} problem(s) in {argv[0]}:")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"workflow check: every expected output of {argv[0]} is present and non-trivial")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

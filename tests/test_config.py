@@ -1,0 +1,73 @@
+"""The Hydra tree: profiles compose, overrides reach the sections, typos and wrong types fail at once."""
+import subprocess
+import sys
+
+import pytest
+
+from gaincell.attention.config import PAPER_COEFFICIENTS, analog_config_from_settings
+from gaincell.config import RootConfig, compose, to_object
+
+
+@pytest.mark.parametrize("profile", ["tiny", "paper", "ci"])
+def test_profiles_compose_to_the_schema(profile):
+    cfg = compose([f"profile={profile}"])
+    obj = to_object(cfg)
+    assert isinstance(obj, RootConfig)
+    assert obj.profile == profile
+    assert obj.results_dir == f"results/{profile}"
+    assert obj.attention.window % obj.attention.tile_rows == 0
+
+
+def test_paper_profile_is_the_papers_configuration():
+    cfg = to_object(compose(["profile=paper"]))
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+    assert cfg.attention.window == 1024
+    assert cfg.train.learning_rate == 6e-4 and cfg.train.weight_decay == 0.1
+    assert cfg.attention.coefficients == "paper"
+
+
+def test_ci_profile_is_smaller_than_tiny():
+    tiny, ci = to_object(compose(["profile=tiny"])), to_object(compose(["profile=ci"]))
+    assert ci.model.n_layer * ci.model.n_embd < tiny.model.n_layer * tiny.model.n_embd
+    assert ci.train.max_iters < tiny.train.max_iters
+
+
+def test_override_reaches_section():
+    cfg = compose(["attention=linear_hw", "attention.window=512"])
+    assert cfg.attention.kind == "linear_hw" and cfg.attention.window == 512
+
+
+def test_misspelt_key_fails_naming_it():
+    with pytest.raises(Exception) as err:
+        compose(["attention.windw=3"])
+    assert "windw" in str(err.value)
+
+
+def test_wrong_type_fails_naming_key_and_type():
+    with pytest.raises(Exception) as err:
+        compose(["attention.window=abc"])
+    text = str(err.value) + str(getattr(err.value, "__cause__", ""))
+    assert "window" in text and "int" in text.lower()
+
+
+def test_paper_coefficients_resolve_for_nonlinear_only():
+    cfg = compose(["attention=nonlinear_hw", "attention.coefficients=paper"])
+    assert analog_config_from_settings(cfg.attention).coefficients == PAPER_COEFFICIENTS
+    cfg = compose(["attention=linear_hw", "attention.coefficients=paper"])
+    assert analog_config_from_settings(cfg.attention).coefficients is None
+
+
+def test_fitted_coefficients_missing_file_is_a_clear_error(tmp_path):
+    cfg = compose(["attention=nonlinear_hw", "attention.coefficients=fitted",
+                   f"attention.fitted_coefficients_path={tmp_path}/none.json"])
+    with pytest.raises(FileNotFoundError, match="fit stage"):
+        analog_config_from_settings(cfg.attention)
+
+
+def test_cli_unknown_stage_and_print_config():
+    run = subprocess.run([sys.executable, "-m", "gaincell", "nosuchstage"], capture_output=True, text=True)
+    assert run.returncode != 0 and "unknown stage 'nosuchstage'" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "gaincell", "print_config", "profile=ci", "attention.window=128"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "window: 128" in run.stdout and "profile: ci" in run.stdout

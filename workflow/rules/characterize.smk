@@ -1,0 +1,17 @@
+rule characterize:
+    """SPICE (PySpice + ngspice) sweeps of the gain cell, retention, energy, and the array with parasitics."""
+    output:
+        summary=f"{R}/device/summary.json",
+    params:
+        cmd=stage_cmd('characterize'),
+        section=section("device"),
+    log:
+        f"{LOGS}/characterize.log",
+    benchmark:
+        f"{LOGS}/benchmarks/characterize.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "{params.cmd} > {log} 2>&1"

@@ -1,0 +1,53 @@
+# Shared by every rule: the composed Hydra config, the results folder, and how a stage is called.
+import hashlib
+import shlex
+import sys
+
+from omegaconf import OmegaConf
+
+from gaincell.config import compose
+
+PROFILE = str(config.get("profile", "tiny"))
+# Extra Hydra overrides for every stage, e.g. --config overrides="attention.window=512 train.max_iters=50"
+USER_OVERRIDES = shlex.split(str(config.get("overrides", "")))
+OVERRIDES = [f"profile={PROFILE}"] + USER_OVERRIDES
+CFG = compose(OVERRIDES)
+R = CFG.results_dir  # results/<profile>
+LOGS = f"{R}/logs"
+PY = shlex.quote(sys.executable)
+WF = CFG.workflow
+OVR = " ".join(shlex.quote(o) for o in OVERRIDES)
+
+wildcard_constraints:
+    run="[A-Za-z0-9_.-]+",
+
+
+def section(*names):
+    """A param value that changes exactly when one of these config sections changes (--rerun-triggers params)."""
+    text = "".join(OmegaConf.to_yaml(OmegaConf.select(CFG, n), resolve=True) for n in names)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_cmd(stage, *extra):
+    """Shell command of one stage with the pipeline's overrides plus rule-specific ones."""
+    return " ".join([PY, "-m", "gaincell", stage, OVR] + [shlex.quote(e) for e in extra])
+
+
+def train_launcher():
+    """torchrun on GPUs (paper profile), the plain interpreter on CPU."""
+    if WF.gpus_per_training > 0:
+        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={WF.gpus_per_training} -m gaincell"
+    return f"{PY} -m gaincell"
+
+
+def train_cmd(*extra):
+    return " ".join([train_launcher(), "train", OVR] + [shlex.quote(e) for e in extra])
+
+
+def ckpt(run):
+    return f"{R}/checkpoints/{run}/final.pt"
+
+
+# The model variants of the study (paper Table 1 / Fig. 4) and how each is evaluated.
+VARIANTS = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonlinear_adapted",
+            "nonlinear_finetuned"]

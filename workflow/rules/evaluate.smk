@@ -1,0 +1,28 @@
+def variant_checkpoint(run):
+    return adapted(run) if run in ADAPT_RUNS else ckpt(run)
+
+
+rule evaluate:
+    """Downstream tasks through lm-evaluation-harness for one model variant (local tasks offline)."""
+    input:
+        TRAIN_INPUTS,
+        rules.prepare_data.output.eval_text,
+        model=lambda w: variant_checkpoint(w.run),
+    output:
+        f"{R}/eval/{{run}}/results.csv",
+    wildcard_constraints:
+        run="|".join(VARIANTS),
+    params:
+        cmd=lambda w: stage_cmd("evaluate", f"+stage.name={w.run}", f"+stage.checkpoint={variant_checkpoint(w.run)}"),
+        section=section("eval", "data"),
+    log:
+        f"{LOGS}/evaluate_{{run}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/evaluate_{{run}}.tsv"
+    threads: WF.threads
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=min(1, WF.gpus_per_training),
+    shell:
+        "{params.cmd} > {log} 2>&1"

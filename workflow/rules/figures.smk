@@ -1,0 +1,31 @@
+FIGURES_DONE = f"{R}/figures"
+
+
+rule figures:
+    """Every paper figure and table at the profile's scale, into results/<profile>/figures/."""
+    input:
+        rules.fit.output,
+        rules.hardware_estimates.output,
+        rules.gpu_baseline.output,
+        rules.leakage_sweep.output,
+        expand(f"{R}/eval/{{run}}/results.csv", run=VARIANTS),
+        expand(f"{R}/adapt/{{run}}/summary.json", run=list(ADAPT_RUNS)),
+        ckpt("nonlinear_finetuned"),
+    output:
+        figures=report(
+            directory(FIGURES_DONE),
+            patterns=["{name}.png"],
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
+    log:
+        f"{LOGS}/figures.log",
+    benchmark:
+        f"{LOGS}/benchmarks/figures.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        cmd=stage_cmd("figures"),
+    shell:
+        "{params.cmd} > {log} 2>&1"

@@ -1,0 +1,18 @@
+rule fit:
+    """Third-order polynomial fit of the simulated cell response (spec §10 normalisation)."""
+    input:
+        rules.characterize.output.summary,
+    output:
+        f"{R}/fit/coefficients.json",
+    params:
+        cmd=stage_cmd('fit'),
+        section=section("device", "fit"),
+    log:
+        f"{LOGS}/fit.log",
+    benchmark:
+        f"{LOGS}/benchmarks/fit.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{params.cmd} > {log} 2>&1"

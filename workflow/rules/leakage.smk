@@ -1,0 +1,23 @@
+rule leakage_sweep:
+    """Supplementary Fig. 6: validation loss vs leakage per step, evaluated and briefly fine-tuned at each
+    value, as one Hydra multirun over attention.decay_per_step."""
+    input:
+        TRAIN_INPUTS,
+        model=ckpt("linear_hw"),
+    output:
+        directory(f"{R}/adapt/leakage"),
+    params:
+        cmd=" ".join([PY, "-m", "gaincell", "leakage_eval", "--multirun", OVR, "attention=linear_hw",
+                      f"+stage.init_from={ckpt('linear_hw')}",
+                      f"+stage.finetune_iters={WF.leakage_finetune_iters}",
+                      "attention.decay_per_step=" + ",".join(repr(float(v)) for v in WF.leakage_values)]),
+        section=section("attention", "train", "workflow"),
+    log:
+        f"{LOGS}/leakage_sweep.log",
+    benchmark:
+        f"{LOGS}/benchmarks/leakage_sweep.tsv"
+    threads: WF.train_threads
+    resources:
+        **TRAIN_RESOURCES,
+    shell:
+        "{params.cmd} > {log} 2>&1"
