@@ -38,5 +38,7 @@ rule adapt:
         mem_mb=16000,
         runtime=120,
         gpu=min(1, WF.gpus_per_training),
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -13,5 +13,7 @@ rule characterize:
     resources:
         mem_mb=8000,
         runtime=120,
+    conda:
+        "../../envs/device.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

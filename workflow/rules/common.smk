@@ -14,9 +14,22 @@ OVERRIDES = [f"profile={PROFILE}"] + USER_OVERRIDES
 CFG = compose(OVERRIDES)
 R = CFG.results_dir  # results/<profile>
 LOGS = f"{R}/logs"
-PY = shlex.quote(sys.executable)
+try:  # with --use-conda each rule runs `python` from its envs/*.yaml environment
+    from snakemake.settings.types import DeploymentMethod
+
+    USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+except Exception:  # pragma: no cover - older Snakemake
+    USE_CONDA = False
+PY = "python" if USE_CONDA else shlex.quote(sys.executable)
 WF = CFG.workflow
 OVR = " ".join(shlex.quote(o) for o in OVERRIDES)
+
+# One W&B group per pipeline invocation (not a param: it must not trigger reruns).
+import os
+import time
+
+os.environ.setdefault("WANDB_RUN_GROUP", f"{PROFILE}-{time.strftime('%Y%m%d-%H%M%S')}")
+os.environ.setdefault("WANDB_MODE", str(CFG.tracking.mode))
 
 wildcard_constraints:
     run="[A-Za-z0-9_.-]+",

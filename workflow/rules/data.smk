@@ -16,5 +16,7 @@ rule prepare_data:
     resources:
         mem_mb=16000,
         runtime=240,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

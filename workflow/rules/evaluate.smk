@@ -24,5 +24,7 @@ rule evaluate:
         mem_mb=16000,
         runtime=240,
         gpu=min(1, WF.gpus_per_training),
+    conda:
+        "../../envs/eval.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

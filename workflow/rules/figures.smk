@@ -27,5 +27,7 @@ rule figures:
         runtime=20,
     params:
         cmd=stage_cmd("figures"),
+    conda:
+        "../../envs/eval.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

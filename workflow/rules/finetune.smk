@@ -19,5 +19,7 @@ rule finetune:
     threads: WF.train_threads
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

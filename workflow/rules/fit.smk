@@ -14,5 +14,7 @@ rule fit:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../../envs/device.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -19,5 +19,7 @@ rule generate_sample:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -14,5 +14,7 @@ rule gpu_baseline:
         mem_mb=8000,
         runtime=60,
         gpu=min(1, WF.gpus_per_training),
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

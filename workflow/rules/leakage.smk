@@ -19,5 +19,7 @@ rule leakage_sweep:
     threads: WF.train_threads
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -22,6 +22,8 @@ rule pretrain:
     threads: WF.train_threads
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -44,5 +46,7 @@ rule train_window:
     threads: WF.train_threads
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -16,6 +16,8 @@ rule train_linear:
     threads: WF.train_threads
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -40,5 +42,7 @@ rule train_linear_early:
     threads: WF.train_threads
     resources:
         **TRAIN_RESOURCES,
+    conda:
+        "../../envs/train.yaml"
     shell:
         "{params.cmd} > {log} 2>&1"
