@@ -1,7 +1,68 @@
-"""Dispatch of ``analog_attention`` to an exact implementation (placeholder until reference lands)."""
+"""``analog_attention``: the analog gain-cell attention (spec analog-attention.md) on tensors, dispatched
+to one of its exact implementations.
+
+    dense    gaincell.attention.reference.analog_attention_dense   (T x T matrices; the oracle)
+    blocked  gaincell.attention.blocked.analog_attention_blocked   (CPU, memory O(T * tile))
+    triton   gaincell.attention.kernels.analog_attention_triton    (GPU kernels)
+    auto     triton on CUDA tensors when the kernels import, else blocked when it imports, else dense
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable
+
+import torch
+
+from .config import AnalogAttentionConfig
+from .reference import analog_attention_dense, validate_inputs
+
+IMPLEMENTATIONS = ("auto", "dense", "blocked", "triton")
+_MODULES = {"blocked": ("gaincell.attention.blocked", "analog_attention_blocked"),
+            "triton": ("gaincell.attention.kernels", "analog_attention_triton")}
 
 
-def analog_attention(q, k, v, cfg, implementation="auto"):
-    from .reference import analog_attention_dense
+def _load(name: str) -> Callable:
+    module_name, function_name = _MODULES[name]
+    return getattr(importlib.import_module(module_name), function_name)
 
-    return analog_attention_dense(q, k, v, cfg)
+
+@functools.lru_cache(maxsize=None)
+def _available(name: str) -> bool:
+    try:
+        _load(name)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def resolve_implementation(implementation: str, on_cuda: bool) -> str:
+    """The implementation ``analog_attention`` runs for ``implementation`` (resolves ``auto``)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    if on_cuda and _available("triton"):
+        return "triton"
+    if _available("blocked"):
+        return "blocked"
+    return "dense"
+
+
+def analog_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
+                     implementation: str = "auto") -> torch.Tensor:
+    """Analog attention (spec §2-§8) of q, k, v (B, H, T, D), already through the input scalers (§1).
+
+    Returns y (B, H, T, D) before the output scaler (§7). Every implementation computes the same
+    function; inputs are validated here once (4-D, equal shapes, same device, no NaN).
+    """
+    name = resolve_implementation(implementation, bool(getattr(q, "is_cuda", False)))
+    validate_inputs(q, k, v, cfg)
+    if name == "dense":
+        return analog_attention_dense(q, k, v, cfg)
+    try:
+        fn = _load(name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"implementation={name!r} is not available here ({err}); "
+                          f"use implementation='dense' or 'auto'") from err
+    return fn(q, k, v, cfg)

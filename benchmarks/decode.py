@@ -1,0 +1,152 @@
+"""Streaming decode speed versus position: the gain-cell KV arrays (``AnalogKVDecoder``) per token.
+
+Claim measured: once the window is full, the per-token cost of the analog decoder no longer depends on
+how many tokens came before (the arrays overwrite their oldest slot), while a softmax KV cache that
+keeps the whole history (measured side by side, same shapes) slows down as the sequence grows.
+
+Shape of the paper's decode loop (the GPU baseline of the hardware estimates uses the same): one layer
+of 12 heads, head dimension 64, window 1,024, batch 1. ``--quick`` shrinks the window to 256.
+
+    .venv/bin/python benchmarks/decode.py --quick
+    .venv/bin/python benchmarks/decode.py --window 1024 --steps 3072 --device cuda
+
+Writes one row per (decoder, position bucket) to ``results/benchmarks/decode.csv``: tokens/s and
+ms/token (median step time over the bucket; the three decoders are stepped in turn at every
+position, so a load spike from another process affects them alike).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder
+from gaincell.attention.config import PAPER_COEFFICIENTS
+from gaincell.io import atomic_to_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FullSoftmaxCache:
+    """Reference point: causal softmax over every past token, K/V cache preallocated (no copies)."""
+
+    def __init__(self, batch, heads, head_dim, max_steps, device, dtype):
+        self.k = torch.zeros(batch, heads, max_steps, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, q, k, v):
+        t = self.steps
+        self.k[:, :, t], self.v[:, :, t] = k, v
+        self.steps += 1
+        return F.scaled_dot_product_attention(q.unsqueeze(2), self.k[:, :, :t + 1],
+                                              self.v[:, :, :t + 1]).squeeze(2)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_decoders(makers, steps, batch, heads, head_dim, bucket, device, seed):
+    """Per-step wall time (s) of ``steps`` calls of every decoder, interleaved position by position (so
+    that load from other processes hits all of them alike), grouped into position buckets."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Pre-drawn inputs so the timing is of the decoders alone.
+    q = torch.rand(steps, batch, heads, head_dim, generator=gen).to(device)
+    k = (0.45 + 0.2 * torch.randn(steps, batch, heads, head_dim, generator=gen)).to(device)
+    v = (0.45 + 0.2 * torch.randn(steps, batch, heads, head_dim, generator=gen)).to(device)
+    for make in makers.values():  # warm-up (allocations, kernels) on separate instances
+        warm = make()
+        for t in range(min(8, steps)):
+            warm.step(q[t], k[t], v[t])
+    decoders = {name: make() for name, make in makers.items()}
+    times = {name: [] for name in makers}
+    for t in tqdm(range(steps), desc="decode", file=sys.stderr):
+        for name, decoder in decoders.items():
+            _sync(device)
+            start = time.perf_counter()
+            decoder.step(q[t], k[t], v[t])
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for name in makers:
+        for lo in range(0, steps, bucket):
+            chunk = times[name][lo:lo + bucket]
+            median = statistics.median(chunk)
+            rows.append({"decoder": name, "position_start": lo, "position_end": lo + len(chunk),
+                         "ms_per_token": 1e3 * median, "tokens_per_s": 1.0 / median,
+                         "mean_ms_per_token": 1e3 * statistics.fmean(chunk)})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--window", type=int, default=1024, help="window M, tokens (default 1024)")
+    parser.add_argument("--tile-rows", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="tokens decoded (default 3 x window)")
+    parser.add_argument("--buckets", type=int, default=12, help="position buckets reported")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: one token's work is too small to split, and "
+                             "a shared machine's other jobs make several threads stall)")
+    parser.add_argument("--quick", action="store_true", help="window 256 (unless --window is given)")
+    parser.add_argument("--no-softmax", action="store_true", help="skip the full softmax cache reference")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "decode.csv")
+    args = parser.parse_args(argv)
+    if args.quick and "--window" not in (argv if argv is not None else sys.argv[1:]):
+        args.window = 256
+    steps = args.steps or 3 * args.window
+    if steps < 2 * args.window:
+        parser.error(f"--steps={steps}: expected at least 2 x window ({2 * args.window}) to see the "
+                     f"full-window regime")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bucket = max(1, steps // args.buckets)
+    shape = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim)
+
+    makers = {
+        "analog_linear": lambda: AnalogKVDecoder(
+            AnalogAttentionConfig(window=args.window, tile_rows=args.tile_rows), device=device, **shape),
+        "analog_nonlinear": lambda: AnalogKVDecoder(
+            AnalogAttentionConfig(window=args.window, tile_rows=args.tile_rows,
+                                  coefficients=PAPER_COEFFICIENTS), device=device, **shape),
+    }
+    if not args.no_softmax:
+        makers["softmax_full_cache"] = lambda: FullSoftmaxCache(max_steps=steps, device=device,
+                                                                dtype=torch.float32, **shape)
+    rows = time_decoders(makers, steps, bucket=bucket, device=device, seed=0, **shape)
+    frame = pd.DataFrame(rows)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    meta = {"device": device_name, "threads": torch.get_num_threads(), "window": args.window,
+            "tile_rows": args.tile_rows, "steps": steps, **shape}
+    for key, value in meta.items():
+        frame[key] = value
+    atomic_to_csv(frame, args.out, index=False)
+
+    print(f"decode: {args.heads} heads x D={args.head_dim}, window {args.window}, batch {args.batch}, "
+          f"{steps} steps on {frame['device'].iloc[0]} ({torch.get_num_threads()} threads) -> {args.out}")
+    print(frame.pivot(index="position_start", columns="decoder", values="tokens_per_s").round(0).to_string())
+    for name in makers:
+        sub = frame[frame.decoder == name]
+        full = sub[sub.position_start >= args.window]  # window full from here on
+        first, last = full.iloc[0], full.iloc[-1]
+        print(f"{name:>20}: tokens/s {first.tokens_per_s:8.0f} at position {int(first.position_start)} -> "
+              f"{last.tokens_per_s:8.0f} at {int(last.position_start)} "
+              f"(ratio last/first {last.tokens_per_s / first.tokens_per_s:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Dense reference of the analog gain-cell attention (spec analog-attention.md, sections 2 to 8).
+
+The oracle every faster path is tested against: it materialises the T x T matrices (charge ``S``,
+pulse widths ``P``, leakage ``alpha``) and loops over the window's sub-tiles, one step of the spec per
+line. Memory is O(B * H * T * T): fine for T up to a few thousand on CPU in float32.
+
+The building blocks are public so that tests (e.g. against the authors' SPICE arrays) and other
+implementations exercise the same cell model:
+
+    dac_inputs            spec §2   clamp + quantize q~, k~, v~ -> Q, K, V
+    window_mask, leakage  spec §3   which keys a query sees; alpha = exp(-lambda (t - t'))
+    key_array_product     spec §4   S = sum_i c_i alpha**i (Q . W**i)     (linear: g alpha Q . W)
+    hard_sigmoid          spec §5   P = clamp(S / S_sat_qk, 0, 1)
+    value_array_product   spec §6   A = sum_i c_i (P alpha**i) . U**i / S_sat_av  (one sub-tile)
+    subtile_of_key        spec §6   r(t') = (t' mod M) // tile_rows
+    read_out_subtiles     spec §6   y = sum_r quant(clamp(A_r, -1, 1), 32 levels on [-1, 1])
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+
+from .config import AnalogAttentionConfig
+from .quantize import clamp, clamp_quantize, straight_through
+
+__all__ = ["validate_inputs", "dac_inputs", "window_mask", "leakage", "key_array_product", "hard_sigmoid",
+           "value_array_product", "subtile_of_key", "apply_read_noise", "analog_attention_dense"]
+
+OUTPUT_RANGE = (-1.0, 1.0)  # pulse-counter readout range of one sub-tile (spec §6)
+
+
+def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig) -> None:
+    """One-line ValueError/TypeError for inputs no implementation can take (shared by all paths)."""
+    if not isinstance(cfg, AnalogAttentionConfig):
+        raise TypeError(f"cfg is a {type(cfg).__name__}: expected gaincell.attention.AnalogAttentionConfig")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} is a {type(x).__name__}: expected a torch.Tensor of shape (B, H, T, D)")
+        if x.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} ({x.dim()} dims): expected 4 dims (B, H, T, D)")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} has dtype {x.dtype}: expected a floating-point tensor")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v shapes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         f"expected the same (B, H, T, D)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if torch.isnan(x).any():
+            raise ValueError(f"{name} contains NaN ({int(torch.isnan(x).sum())} of {x.numel()} values): "
+                             f"expected finite inputs")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32 (the oracle's precision); others as given."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dac_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spec §2: Q = quant(clamp(q~, 0, 1), 16), K, V = quant(clamp(., 0, 0.9 V), 8).
+
+    Straight-through quantizers; the clamps pass gradients only inside their range.
+    """
+    Q = clamp_quantize(q, cfg.query_levels, 0.0, 1.0)
+    K = clamp_quantize(k, cfg.stored_levels, 0.0, cfg.stored_max)
+    V = clamp_quantize(v, cfg.stored_levels, 0.0, cfg.stored_max)
+    return Q, K, V
+
+
+def window_mask(t_len: int, window: int, device=None) -> torch.Tensor:
+    """Boolean (T, T) mask, True where query t sees key t': t - window < t' <= t (spec §3)."""
+    t = torch.arange(t_len, device=device)
+    lag = t[:, None] - t[None, :]
+    return (lag >= 0) & (lag < window)
+
+
+def leakage(t_len: int, cfg: AnalogAttentionConfig, dtype=torch.float32, device=None) -> torch.Tensor:
+    """alpha[t, t'] = exp(-lambda (t - t')) inside the window, 0 outside (spec §3); (T, T)."""
+    t = torch.arange(t_len, device=device, dtype=torch.float64)
+    lag = t[:, None] - t[None, :]
+    alpha = torch.exp(-cfg.decay_per_step * lag)
+    alpha = torch.where(window_mask(t_len, cfg.window, device), alpha, torch.zeros_like(alpha))
+    return alpha.to(dtype)
+
+
+def _needs_surrogate(cfg: AnalogAttentionConfig, *tensors: torch.Tensor) -> bool:
+    return (cfg.nonlinear and not cfg.exact_nonlinear_grad and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors))
+
+
+def key_array_product(Q: torch.Tensor, W: torch.Tensor, cfg: AnalogAttentionConfig,
+                      alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Spec §4: the K array's charge S[t, t'] from queries Q (..., T, D) and stored weights
+    W = K - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. No window mask applied.
+
+    Linear cell: g * alpha * Q @ W^T. Nonlinear: sum_i c_i * alpha**i * Q @ (W**i)^T, where the i = 0
+    term, c_0 * sum_d Q[t, d], ignores the key and is not attenuated. With the surrogate gradient
+    (default, spec §8) the backward is the linear cell's.
+    """
+    linear = None
+    if not cfg.nonlinear or _needs_surrogate(cfg, Q, W):
+        linear = cfg.gain * (Q @ W.transpose(-1, -2))
+        if alpha is not None:
+            linear = linear * alpha
+        if not cfg.nonlinear:
+            return linear
+    c = cfg.folded_coefficients
+    grad_context = torch.no_grad() if linear is not None else contextlib.nullcontext()
+    with grad_context:
+        S = (c[0] * Q.sum(dim=-1, keepdim=True)).expand(*Q.shape[:-1], W.shape[-2])
+        for i in (1, 2, 3):
+            term = c[i] * (Q @ (W ** i).transpose(-1, -2))
+            S = S + (term if alpha is None else term * alpha ** i)
+    return S if linear is None else straight_through(S, linear)
+
+
+def hard_sigmoid(S: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
+    """Spec §5 (paper eq. 3): pulse width P = clamp(S / S_sat_qk, 0, 1), in units of T_max."""
+    return clamp(S / cfg.qk_saturation, 0.0, 1.0)
+
+
+def value_array_product(P: torch.Tensor, U: torch.Tensor, cfg: AnalogAttentionConfig,
+                        alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Spec §6: one V (sub-)array's output A[t, d] from pulse widths P (..., T, T') and stored
+    weights U = V - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. Not clamped.
+
+    Linear: (g / S_sat_av) (P * alpha) @ U. Nonlinear: (1 / S_sat_av) sum_i c_i (P * alpha**i) @ U**i
+    (the i = 0 term c_0 * sum_t' P[t, t'] is neither key- nor leakage-dependent). Surrogate gradient
+    as in ``key_array_product``.
+    """
+    linear = None
+    if not cfg.nonlinear or _needs_surrogate(cfg, P, U):
+        linear = (cfg.gain / cfg.av_saturation) * ((P if alpha is None else P * alpha) @ U)
+        if not cfg.nonlinear:
+            return linear
+    c = cfg.folded_coefficients
+    grad_context = torch.no_grad() if linear is not None else contextlib.nullcontext()
+    with grad_context:
+        A = (c[0] * P.sum(dim=-1, keepdim=True)).expand(*P.shape[:-1], U.shape[-1])
+        for i in (1, 2, 3):
+            weighted = P if alpha is None else P * alpha ** i
+            A = A + c[i] * (weighted @ U ** i)
+        A = A / cfg.av_saturation
+    return A if linear is None else straight_through(A, linear)
+
+
+def subtile_of_key(t_len: int, cfg: AnalogAttentionConfig, device=None) -> torch.Tensor:
+    """Spec §6: sub-tile r(t') = (t' mod M) // tile_rows holding key t' (memory slot t' mod M); (T,)."""
+    return (torch.arange(t_len, device=device) % cfg.window) // cfg.tile_rows
+
+
+def apply_read_noise(x: torch.Tensor, cfg: AnalogAttentionConfig,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Gaussian read noise relative to the signal: x * (1 + read_noise * N(0, 1)) (0: off)."""
+    if cfg.read_noise == 0:
+        return x
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x * (1.0 + cfg.read_noise * noise)
+
+
+def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
+                           *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Analog attention of spec §2-§8 on (B, H, T, D) inputs already scaled (spec §1).
+
+    Returns y (B, H, T, D) before the output scaler (spec §7), in the input dtype. ``generator`` seeds
+    the read noise (only used when ``cfg.read_noise > 0``).
+    """
+    validate_inputs(q, k, v, cfg)
+    out_dtype = q.dtype
+    dtype = compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    t_len, device = q.shape[-2], q.device
+
+    Q, K, V = dac_inputs(q, k, v, cfg)                      # §2
+    W = K - cfg.stored_offset
+    U = V - cfg.stored_offset
+    mask = window_mask(t_len, cfg.window, device)           # §3
+    alpha = leakage(t_len, cfg, dtype, device)
+
+    S = key_array_product(Q, W, cfg, alpha)                 # §4
+    S = apply_read_noise(S, cfg, generator)
+    P = hard_sigmoid(S, cfg)                                # §5
+    P = torch.where(mask, P, torch.zeros_like(P))           # keys outside the window: no pulse
+
+    # §6: the keys of each sub-tile; only sub-tiles that hold a key (an empty one reads exactly 0).
+    slot_tile = subtile_of_key(t_len, cfg, device)
+    used_tiles = min(cfg.tiles, -(-t_len // cfg.tile_rows))
+    y = torch.zeros_like(Q)
+    for r in range(used_tiles):
+        keys = torch.nonzero(slot_tile == r).squeeze(-1)
+        A_r = value_array_product(P[..., keys], U[..., keys, :], cfg, alpha[:, keys])
+        A_r = apply_read_noise(A_r, cfg, generator)
+        y = y + clamp_quantize(A_r, cfg.output_levels, *OUTPUT_RANGE)
+    return y.to(out_dtype)

@@ -1,0 +1,185 @@
+"""The streaming decoder (gain-cell K/V arrays as a ring buffer) against the parallel computation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder, analog_attention
+from gaincell.attention.config import PAPER_COEFFICIENTS
+
+OUTPUT_STEP = 2.0 / 31.0  # one level of the 32-level pulse counter on [-1, 1] (spec §2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Token-by-token work is tiny: with several torch threads per pytest-xdist worker on a loaded
+    2-core machine the threads stall on each other (measured 10x slower), so these tests use one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _inputs(batch, heads, tokens, dim, seed):
+    """Scaled inputs spread over (and a little beyond) the DAC ranges, so that clamps, several
+    quantization levels and both signs of the stored weights all occur."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(batch, heads, tokens, dim, generator=g) * 1.1 - 0.05
+    k = 0.45 + 0.3 * torch.randn(batch, heads, tokens, dim, generator=g)
+    v = 0.45 + 0.3 * torch.randn(batch, heads, tokens, dim, generator=g)
+    return q, k, v
+
+
+def _stream(cfg, q, k, v, **kwargs):
+    batch, heads, tokens, dim = q.shape
+    decoder = AnalogKVDecoder(cfg, batch=batch, heads=heads, head_dim=dim, **kwargs)
+    return torch.stack([decoder.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
+
+
+CELLS = {"linear": None, "nonlinear": PAPER_COEFFICIENTS}
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("ratio", [1.5, 3.0])
+def test_streaming_equals_parallel_quantized(cell, ratio):
+    """Token by token over 1.5x and 3x the window (ring buffer wrapped, slots t' mod M in their sub-tiles,
+    leakage on): identical quantized outputs, except where float rounding flips one level."""
+    # A strong leakage (alpha falls to ~0.5 across the window) so that wrong ages would show.
+    cfg = AnalogAttentionConfig(window=64, tile_rows=16, decay_per_step=1e-2, coefficients=CELLS[cell])
+    tokens = int(ratio * cfg.window)
+    q, k, v = _inputs(2, 3, tokens, 32, seed=int(ratio * 10) + len(cell))
+    parallel = analog_attention(q, k, v, cfg)
+    streamed = _stream(cfg, q, k, v)
+    assert streamed.shape == parallel.shape
+    # The test must see real signal: most outputs non-zero, several levels in use.
+    assert (parallel != 0).float().mean() > 0.5
+    assert parallel.abs().max() > 3 * OUTPUT_STEP
+    diff = (streamed - parallel).abs()
+    flipped = diff > 1e-5
+    assert flipped.float().mean() <= 1e-3, f"{int(flipped.sum())} of {diff.numel()} outputs differ"
+    assert diff.max() <= OUTPUT_STEP + 1e-5, f"largest difference {diff.max():.4g} exceeds one level"
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_streaming_equals_parallel_unquantized_float(cell):
+    """Without the quantizers the two computations agree to float rounding."""
+    cfg = AnalogAttentionConfig(window=64, tile_rows=16, decay_per_step=5e-3, coefficients=CELLS[cell],
+                                query_levels=None, stored_levels=None, output_levels=None)
+    q, k, v = _inputs(1, 2, 150, 16, seed=7)
+    parallel = analog_attention(q, k, v, cfg)
+    streamed = _stream(cfg, q, k, v)
+    torch.testing.assert_close(streamed, parallel, rtol=1e-5, atol=1e-6)
+
+
+def test_window_evicts_the_oldest_key_and_leakage_ages_it():
+    """Closed form, one head: a key is seen for exactly M steps, attenuated by exp(-lambda * age)."""
+    window, dim, decay = 16, 8, 0.05
+    # Stored levels off: the 0.45 V offset is not one of the 8 DAC levels.
+    cfg = AnalogAttentionConfig(window=window, tile_rows=8, decay_per_step=decay, stored_levels=None,
+                                output_levels=None)
+    decoder = AnalogKVDecoder(cfg, batch=1, heads=1, head_dim=dim)
+    query = torch.ones(1, 1, dim)
+    # Token 0 stores K = V = 0.9 V (W = U = 0.45 V); every later token stores the offset (W = U = 0).
+    high, mid = torch.full((1, 1, dim), 0.9), torch.full((1, 1, dim), 0.45)
+    outputs = [decoder.step(query, high, high)]
+    outputs += [decoder.step(query, mid, mid) for _ in range(window + 2)]
+    g = cfg.gain
+    for age, y in enumerate(outputs):
+        alpha = math.exp(-decay * age)
+        pulse = min(max(g * alpha * dim * 0.45 / cfg.qk_saturation, 0.0), 1.0)
+        expected = g / cfg.av_saturation * pulse * alpha * 0.45 if age < window else 0.0
+        assert y[0, 0, 0].item() == pytest.approx(expected, rel=1e-5, abs=1e-7), f"age {age}"
+    assert decoder.steps == window + 3 and decoder.write_pointer == 3 and decoder.filled_slots == window
+
+
+def test_single_token_closed_form_quantized():
+    """Spec §2-§6 by hand for one token, D = 8, full-scale key and value: y = round(A / step) * step."""
+    cfg = AnalogAttentionConfig(window=64, decay_per_step=0.0)
+    decoder = AnalogKVDecoder(cfg, batch=1, heads=1, head_dim=8)
+    q = torch.full((1, 1, 8), 0.97)  # quantizes to 1.0 (16 levels on [0, 1])
+    k = torch.full((1, 1, 8), 0.88)  # quantizes to 0.9 V (8 levels on [0, 0.9])
+    y = decoder.step(q, k, k)
+    charge = 19.3 * 8 * 1.0 * 0.45
+    readout = 19.3 / 40 * (charge / 80) * 0.45
+    expected = round(readout / OUTPUT_STEP) * OUTPUT_STEP
+    assert expected == pytest.approx(6 / 31)
+    torch.testing.assert_close(y, torch.full((1, 1, 8), expected))
+
+
+def test_nonlinear_key_independent_term_reads_empty_keys_as_zero():
+    """The i = 0 term c_0 * sum_d Q is present for stored keys only; slots never written read 0."""
+    cfg = AnalogAttentionConfig(window=32, tile_rows=8, coefficients=PAPER_COEFFICIENTS,
+                                decay_per_step=0.0, stored_levels=None, output_levels=None)
+    decoder = AnalogKVDecoder(cfg, batch=1, heads=1, head_dim=4)
+    q = torch.full((1, 1, 4), 0.4)
+    mid = torch.full((1, 1, 4), 0.45)  # W = U = 0: only the i = 0 terms remain
+    y = decoder.step(q, mid, mid)
+    c0 = cfg.folded_coefficients[0]
+    q_level = round(0.4 / (1 / 15)) / 15
+    pulse = min(c0 * 4 * q_level / cfg.qk_saturation, 1.0)
+    torch.testing.assert_close(y, torch.full((1, 1, 4), c0 * pulse / cfg.av_saturation))
+
+
+def test_batch_and_heads_are_independent():
+    cfg = AnalogAttentionConfig(window=32, tile_rows=8, decay_per_step=1e-3)
+    q, k, v = _inputs(2, 2, 40, 8, seed=3)
+    together = _stream(cfg, q, k, v)
+    for b in range(2):
+        for h in range(2):
+            alone = _stream(cfg, q[b:b + 1, h:h + 1], k[b:b + 1, h:h + 1], v[b:b + 1, h:h + 1])
+            torch.testing.assert_close(together[b:b + 1, h:h + 1], alone)
+
+
+def test_reset_starts_a_new_sequence():
+    cfg = AnalogAttentionConfig(window=32, tile_rows=8)
+    q, k, v = _inputs(1, 1, 20, 8, seed=4)
+    decoder = AnalogKVDecoder(cfg, batch=1, heads=1, head_dim=8)
+    first = [decoder.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(20)]
+    decoder.reset()
+    assert decoder.steps == 0
+    second = [decoder.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(20)]
+    torch.testing.assert_close(torch.stack(first), torch.stack(second))
+
+
+def test_float64_state_follows_the_inputs():
+    cfg = AnalogAttentionConfig(window=32, tile_rows=8, output_levels=None)
+    q, k, v = (x.double() for x in _inputs(1, 1, 10, 8, seed=5))
+    y = _stream(cfg, q, k, v)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, analog_attention(q, k, v, cfg))
+
+
+def test_wrong_heads_dim_batch_and_max_steps_fail_clearly():
+    cfg = AnalogAttentionConfig(window=32, tile_rows=8)
+    decoder = AnalogKVDecoder(cfg, batch=2, heads=3, head_dim=8, max_steps=2)
+    ok = torch.rand(2, 3, 8)
+    with pytest.raises(ValueError, match="4 heads.*heads=3"):
+        decoder.step(torch.rand(2, 4, 8), ok, ok)
+    with pytest.raises(ValueError, match="head dimension 16.*head_dim=8"):
+        decoder.step(ok, torch.rand(2, 3, 16), ok)
+    with pytest.raises(ValueError, match="batch 1.*batch=2"):
+        decoder.step(ok, ok, torch.rand(1, 3, 8))
+    with pytest.raises(ValueError, match="expected one token"):
+        decoder.step(torch.rand(2, 3, 5, 8), ok, ok)
+    decoder.step(ok, ok, ok)
+    decoder.step(ok, ok, ok)
+    with pytest.raises(RuntimeError, match="step 3 exceeds.*max_steps=2"):
+        decoder.step(ok, ok, ok)
+    with pytest.raises(ValueError, match="heads=0"):
+        AnalogKVDecoder(cfg, batch=1, heads=0, head_dim=8)
+    with pytest.raises(ValueError, match="max_steps=0"):
+        AnalogKVDecoder(cfg, batch=1, heads=1, head_dim=8, max_steps=0)
+
+
+def test_read_noise_is_seeded_and_perturbs_the_readout():
+    cfg = AnalogAttentionConfig(window=32, tile_rows=8, output_levels=None)
+    noisy_cfg = AnalogAttentionConfig(window=32, tile_rows=8, output_levels=None, read_noise=0.05)
+    q, k, v = _inputs(1, 2, 40, 8, seed=6)
+    clean = _stream(cfg, q, k, v)
+    first = _stream(noisy_cfg, q, k, v, generator=torch.Generator().manual_seed(1))
+    again = _stream(noisy_cfg, q, k, v, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first, again)
+    relative = ((first - clean).abs() / clean.abs().clamp_min(1e-3)).mean()
+    assert 0.005 < relative < 0.2, f"mean relative deviation {relative:.3g} for 5 % read noise"
