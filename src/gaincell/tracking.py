@@ -115,7 +115,7 @@ class Tracker:
             self.wandb_id = uuid.uuid4().hex[:8]
         self.wandb_run = wandb.init(
             project=str(_get(tracking, "project", "gaincell")), entity=_get(tracking, "entity"),
-            group=_get(tracking, "group"), name=self.run_name, job_type=self.job_type,
+            group=os.environ.get("WANDB_RUN_GROUP") or _get(tracking, "group"), name=self.run_name, job_type=self.job_type,
             config=resolved_config_dict(cfg), dir=str(wandb_dir), mode=self.mode, id=self.wandb_id,
             resume="allow", reinit="finish_previous")
 

@@ -403,6 +403,29 @@ def train(cfg: Any, env: DistEnv) -> Path:
     start_iter, tokens_seen, elapsed_offset, wandb_id = 0, 0, 0.0, None
     last_good = None
     resumed = ckpt_path.is_file()
+    # The workflow passes +stage.on_mismatch=restart: a checkpoint left by a run with other settings (a
+    # parameter changed since) is set aside and training starts afresh; by hand the mismatch is an error.
+    restart_on_mismatch = str(_stage_get(cfg, "on_mismatch", "error")) == "restart"
+    if resumed and restart_on_mismatch:
+        try:
+            probe = load_train_checkpoint(ckpt_path, signature, torch.device("cpu"))
+            stale = int(probe["iter"]) > max_iters
+            del probe
+        except CheckpointError as err:
+            stale = True
+            if env.is_main:
+                print(f"train[{run_name}]: {err}")
+        if stale:
+            if env.is_main:
+                aside = ckpt_path.with_name("ckpt.stale.pt")
+                os.replace(ckpt_path, aside)
+                print(f"train[{run_name}]: settings changed since {ckpt_path} was written: moved it to "
+                      f"{aside.name} and starting afresh")
+            if env.distributed:
+                import torch.distributed as dist
+
+                dist.barrier()
+            resumed = False
     if resumed:
         ckpt = load_train_checkpoint(ckpt_path, signature, env.device)
         load_model_weights(model, ckpt["model"], ckpt_path)

@@ -54,7 +54,8 @@ def train_launcher():
 
 
 def train_cmd(*extra):
-    return " ".join([train_launcher(), "train", OVR] + [shlex.quote(e) for e in extra])
+    # on_mismatch=restart: a rerun after a parameter change must not resume the old run's ckpt.pt
+    return " ".join([train_launcher(), "train", OVR, "+stage.on_mismatch=restart"] + [shlex.quote(e) for e in extra])
 
 
 def ckpt(run):

@@ -10,7 +10,8 @@ rule finetune:
         cmd=train_cmd("attention=nonlinear_hw", "+stage.name=nonlinear_finetuned",
                       f"+stage.init_from={adapted('nonlinear_adapted_early')}",
                       f"train.max_iters={WF.linear_iters - WF.linear_early_iters}",
-                      f"train.lr_decay_iters={WF.linear_iters - WF.linear_early_iters}"),
+                      f"train.lr_decay_iters={WF.linear_iters - WF.linear_early_iters}",
+                      f"train.learning_rate={WF.finetune_learning_rate}"),
         section=section(*TRAIN_SECTIONS),
     log:
         f"{LOGS}/finetune.log",

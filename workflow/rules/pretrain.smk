@@ -37,7 +37,8 @@ rule train_window:
         ckpt("softmax_window"),
     params:
         cmd=train_cmd("attention=softmax_window", "+stage.name=softmax_window", f"+stage.init_from={ckpt('softmax')}",
-                      f"train.max_iters={WF.window_iters}", f"train.lr_decay_iters={WF.window_iters}"),
+                      f"train.max_iters={WF.window_iters}", f"train.lr_decay_iters={WF.window_iters}",
+                      f"train.learning_rate={WF.finetune_learning_rate}"),
         section=section(*TRAIN_SECTIONS),
     log:
         f"{LOGS}/train_window.log",

@@ -7,7 +7,8 @@ rule train_linear:
         ckpt("linear_hw"),
     params:
         cmd=train_cmd("attention=linear_hw", "+stage.name=linear_hw", f"+stage.init_from={ckpt('softmax')}",
-                      f"train.max_iters={WF.linear_iters}", f"train.lr_decay_iters={WF.linear_iters}"),
+                      f"train.max_iters={WF.linear_iters}", f"train.lr_decay_iters={WF.linear_iters}",
+                      f"train.learning_rate={WF.finetune_learning_rate}"),
         section=section(*TRAIN_SECTIONS),
     log:
         f"{LOGS}/train_linear.log",
@@ -33,7 +34,8 @@ rule train_linear_early:
         ckpt("linear_hw_early"),
     params:
         cmd=train_cmd("attention=linear_hw", "+stage.name=linear_hw_early", f"+stage.init_from={ckpt('softmax')}",
-                      f"train.max_iters={WF.linear_early_iters}", f"train.lr_decay_iters={WF.linear_iters}"),
+                      f"train.max_iters={WF.linear_early_iters}", f"train.lr_decay_iters={WF.linear_iters}",
+                      f"train.learning_rate={WF.finetune_learning_rate}"),
         section=section(*TRAIN_SECTIONS),
     log:
         f"{LOGS}/train_linear_early.log",
