@@ -17,7 +17,9 @@ RULES_WITH_BENCHMARKS = ["characterize", "fit", "prepare_data", "pretrain", "tra
                          "train_linear_early", "finetune", "leakage_sweep", "gpu_baseline",
                          "hardware_estimates", "figures", "generate_sample"]
 # Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
-MIN_FIGURES = 10
+REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
+                    "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
+                    "hardware_breakdown", "hardware_scaling", "hardware_gpu_comparison"]
 
 
 def _json(path: Path) -> dict:
@@ -87,8 +89,9 @@ def check(results_dir: Path) -> List[str]:
         index = _json(index_path)
         if index.get("failed"):
             problems.append(f"figures failed: {index['failed']}")
-        if len(index.get("made", {})) < MIN_FIGURES:
-            problems.append(f"only {len(index.get('made', {}))} figures made (< {MIN_FIGURES})")
+        missing = [name for name in REQUIRED_FIGURES if name not in index.get("made", {})]
+        if missing:
+            problems.append(f"figures not made: {', '.join(missing)}")
         for name, entry in index.get("made", {}).items():
             for f in entry["files"]:
                 if f.endswith(".png"):

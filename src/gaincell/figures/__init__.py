@@ -44,7 +44,7 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
     from gaincell.io import atomic_write_json, atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    made, failed = {}, {}
+    made, failed, skipped = {}, {}, []
     captions = ["# Figures\n"]
     for name, (module_name, func) in figure_functions().items():
         if only and name not in only:
@@ -57,12 +57,16 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
             print(f"figure {name}: FAILED {failed[name]}", file=sys.stderr)
             traceback.print_exc()
             continue
+        if not paths:  # optional figure whose inputs this run does not make (e.g. benchmarks)
+            skipped.append(name)
+            print(f"figure {name}: skipped (no input)")
+            continue
         made[name] = {"module": module_name, "files": [str(p) for p in paths],
                       "caption": caption_of(func), "seconds": round(time.perf_counter() - start, 2)}
         captions.append(f"## {name}\n\n{caption_of(func)}\n\nFiles: " + ", ".join(Path(p).name for p in paths) + "\n")
         print(f"figure {name}: {', '.join(Path(p).name for p in paths)}")
     atomic_write_text(out_dir / "captions.md", "\n".join(captions))
-    index = {"results_dir": str(results_dir), "made": made, "failed": failed}
+    index = {"results_dir": str(results_dir), "made": made, "failed": failed, "skipped": skipped}
     atomic_write_json(out_dir / "index.json", index)
     if strict and failed:
         raise RuntimeError(f"{len(failed)} figure(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))

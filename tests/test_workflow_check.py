@@ -1,0 +1,60 @@
+"""The CI output checker finds what a pipeline run failed to make, and accepts a complete run."""
+import json
+
+from gaincell import workflow_check as wc
+
+
+def _complete_run(root):
+    def put(rel, data=b"x" * 20_000):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+
+    put("device/summary.json", json.dumps({"technology": "sky130", "mac_energy_j": 1e-15}))
+    put("fit/coefficients.json", json.dumps({"coefficients": [0.1 * i for i in range(10)], "pad": "x" * 50}))
+    put("data/meta.json", json.dumps({"vocab_size": 4096}))
+    put("data/train.bin"), put("data/val.bin")
+    for run in ["softmax", "softmax_window", "linear_hw", "linear_hw_early", "nonlinear_finetuned"]:
+        put(f"checkpoints/{run}/final.pt")
+        put(f"train/{run}/metrics.csv", "iter,train_loss\n1,5.0\n2,4.0\n")
+    for run in ["nonlinear_mapped", "nonlinear_adapted", "nonlinear_adapted_early"]:
+        put(f"checkpoints/{run}/ckpt.pt")
+        put(f"adapt/{run}/summary.json", json.dumps({"iterations": 3}))
+    for variant in wc.VARIANTS:
+        put(f"eval/{variant}/results.csv", "variant,task,metric,value\na,b,acc,0.5\na,b,acc_norm,0.5\n")
+    for value in ("0.0", "0.001", "0.1"):
+        put(f"adapt/leakage/{value}.json", json.dumps({"val_loss": 5.0}))
+    put("hardware/estimates.json", json.dumps({"latency_per_token_ns": 65.0}))
+    put("hardware/gpu_baseline.json", json.dumps({"device": "cpu", "latency_per_token_s": 1e-4}))
+    put("samples/nonlinear_finetuned.txt", "To be, or not to be, that is the question")
+    made = {}
+    for name in wc.REQUIRED_FIGURES:
+        put(f"figures/{name}.png")
+        made[name] = {"files": [str(root / f"figures/{name}.png")]}
+    put("figures/index.json", json.dumps({"made": made, "failed": {}}))
+    for rule in wc.RULES_WITH_BENCHMARKS:
+        put(f"logs/benchmarks/{rule}.tsv", "s\th:m:s\n1.0\t0:00:01\n")
+
+
+def test_complete_run_passes(tmp_path):
+    _complete_run(tmp_path)
+    assert wc.check(tmp_path) == []
+    assert wc.main([str(tmp_path)]) == 0
+
+
+def test_missing_trivial_and_failed_outputs_are_each_reported(tmp_path):
+    _complete_run(tmp_path)
+    (tmp_path / "checkpoints/linear_hw/final.pt").unlink()
+    (tmp_path / "fit/coefficients.json").write_text(json.dumps({"coefficients": [0.0] * 10, "pad": "x" * 50}))
+    (tmp_path / "eval/softmax/results.csv").write_text("variant,task,metric,value\n")
+    (tmp_path / "figures/study.png").write_bytes(b"tiny")
+    index = json.loads((tmp_path / "figures/index.json").read_text())
+    index["failed"] = {"leakage": "FileNotFoundError"}
+    del index["made"]["eval_tasks"]
+    (tmp_path / "figures/index.json").write_text(json.dumps(index))
+    problems = "\n".join(wc.check(tmp_path))
+    assert "checkpoints/linear_hw/final.pt: missing" in problems
+    assert "all coefficients are zero" in problems
+    assert "eval/softmax/results.csv" in problems
+    assert "figure study" in problems and "figures failed" in problems and "eval_tasks" in problems
+    assert wc.main([str(tmp_path)]) == 1
