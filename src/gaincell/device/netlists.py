@@ -1,0 +1,326 @@
+"""Netlists of the signed gain cell, its write and retention test benches, and the array (PySpice).
+
+The cell (per polarity, two per signed weight):
+
+    write bitline WBL --[write transistor, gate = write word line WWL]-- storage node SN --C_s-- gnd
+    read word line RWL --[read transistor, gate = SN]-- read bitline RBL (virtual ground, V_bl)
+
+An input is a pulse of width ``t`` and height ``V_read`` on RWL; the read transistor's current,
+set by the stored voltage, flows into the bitline, which a charge integrator holds at ``V_bl``
+(a voltage source here; its current is the signal). The output is the charge collected during the
+pulse. A signed weight uses two cells on two bitlines (positive and negative part); the output is
+``Q(RBL+) - Q(RBL-)``. How a weight maps onto the two stored voltages is ``signed_encoding``:
+
+* ``sign_magnitude`` (default): the positive cell stores ``v_min + max(W, 0) / 0.45 * (v_max - v_min)``,
+  the negative cell the same with ``max(-W, 0)``; zero weight is both cells at ``v_min``.
+* ``complementary``: the positive cell stores ``v_min + K / 0.9 * (v_max - v_min)``, the negative cell
+  the mirror voltage ``v_max + v_min - V+``.
+
+Here ``K`` in [0, 0.9] is the model's stored voltage (spec §2) and ``W = K - 0.45``; the device stage
+sweeps ``K`` levels and maps them to physical voltages with ``stored_voltages``.
+
+Test benches preset a storage node through an ideal switch that opens before the read (the
+authors' read current was also characterised against a forced stored voltage); the write bench
+simulates the real write path (discharge, then a DAC level through the write transistor).
+Every source whose value changes between points is set by an ngspice ``alter`` command, so the
+netlist is parsed once per worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from gaincell.device.technology import Technology, _fmt
+
+ENCODINGS = ("sign_magnitude", "complementary")
+MODEL_STORED_MAX_V = 0.9     # the model's stored-voltage range is [0, 0.9] V (spec §2)
+MODEL_OFFSET_V = 0.45        # weight W = K - 0.45 (spec §4)
+
+
+@dataclass(frozen=True)
+class CellDesign:
+    """Every electrical parameter of the cell and of its test benches (units in the names)."""
+
+    read_device: str
+    read_w_um: float
+    read_l_um: float
+    write_device: str
+    write_w_um: float
+    write_l_um: float
+    storage_capacitance_f: float
+    signed_encoding: str
+    stored_v_min: float
+    stored_v_max: float
+    bitline_v: float
+    write_wordline_v: float
+    hold_wordline_v: float
+    hold_bitline_v: float
+    edge_ns: float
+    preset_ns: float
+    read_start_ns: float
+    settle_ns: float
+    pulse_width_max_ns: float
+    discharge_ns: float
+    write_ns: float
+    time_step_ns: float
+    gmin_s: float
+    reltol: float
+
+    @classmethod
+    def from_config(cls, d) -> "CellDesign":
+        get = (lambda k: d[k]) if hasattr(d, "__getitem__") else (lambda k: getattr(d, k))
+        return cls(**{f: (str(get(f)) if f in ("read_device", "write_device", "signed_encoding")
+                          else float(get(f))) for f in cls.__dataclass_fields__})
+
+    # ---- timing -----------------------------------------------------------------------------------
+    @property
+    def read_stop_s(self) -> float:
+        """End of a read transient: preset, the longest pulse, then settling."""
+        return (self.read_start_ns + self.pulse_width_max_ns + self.settle_ns) * 1e-9
+
+    @property
+    def write_end_ns(self) -> float:
+        return self.edge_ns + self.discharge_ns + self.write_ns
+
+    @property
+    def write_stop_s(self) -> float:
+        return (self.write_end_ns + 2 * self.edge_ns + 5.0) * 1e-9
+
+    def options_line(self) -> str:
+        # gmin: ngspice puts gmin across every junction; its default 1e-12 S alone would discharge a
+        # 1 fF node with a 1 ms time constant and hide the transistors' own leakage (measured here).
+        return f".options gmin={_fmt(self.gmin_s)} reltol={_fmt(self.reltol)}"
+
+    def tran(self, stop_s: float) -> str:
+        return f"tran {_fmt(self.time_step_ns * 1e-9)} {_fmt(stop_s)}"
+
+    # ---- weights ----------------------------------------------------------------------------------
+    def stored_voltages(self, level_v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(V+, V-) physical stored voltages of the two cells for model stored voltages K in [0, 0.9]."""
+        k = np.asarray(level_v, dtype=float)
+        span = self.stored_v_max - self.stored_v_min
+        if self.signed_encoding == "sign_magnitude":
+            w = k - MODEL_OFFSET_V
+            pos = self.stored_v_min + np.clip(w, 0, None) / MODEL_OFFSET_V * span
+            neg = self.stored_v_min + np.clip(-w, 0, None) / MODEL_OFFSET_V * span
+        elif self.signed_encoding == "complementary":
+            pos = self.stored_v_min + k / MODEL_STORED_MAX_V * span
+            neg = self.stored_v_max + self.stored_v_min - pos
+        else:
+            raise ValueError(f"device.signed_encoding={self.signed_encoding!r}: expected one of {ENCODINGS}")
+        return pos, neg
+
+    def pulse_spec(self, width_ns: float, amplitude_v: float, delay_ns: float) -> List[float]:
+        """ngspice PULSE parameters (V1 V2 TD TR TF PW PER) of a pulse ``width_ns`` wide at half height.
+
+        A zero width is no pulse at all (amplitude 0), as a PWM generator would do.
+        """
+        edge = self.edge_ns
+        if width_ns <= 0:
+            return [0.0, 0.0, delay_ns * 1e-9, edge * 1e-9, edge * 1e-9, edge * 1e-9, 1.0]
+        flat = max(width_ns - edge, 0.0)   # 50 %-to-50 % width = flat top + one edge
+        return [0.0, float(amplitude_v), delay_ns * 1e-9, edge * 1e-9, edge * 1e-9, flat * 1e-9, 1.0]
+
+
+def pulse_alter(source: str, spec: Sequence[float]) -> str:
+    return f"alter @{source.lower()}[pulse] = [ " + " ".join(_fmt(v) for v in spec) + " ]"
+
+
+def pwl_alter(source: str, points: Sequence[Tuple[float, float]]) -> str:
+    return f"alter @{source.lower()}[pwl] = [ " + " ".join(f"{_fmt(t)} {_fmt(v)}" for t, v in points) + " ]"
+
+
+def dc_alter(source: str, value: float) -> str:
+    return f"alter {source.lower()} dc = {_fmt(value)}"
+
+
+def _circuit(title: str):
+    from PySpice.Spice.Netlist import Circuit
+
+    return Circuit(title)
+
+
+def _finish(circuit, tech: Technology, cell: CellDesign, transistors: List[str], extra: Sequence[str] = ()) -> str:
+    sizes = [(cell.read_device, cell.read_w_um, cell.read_l_um),
+             (cell.write_device, cell.write_w_um, cell.write_l_um)]
+    body = str(circuit).rstrip()
+    if body.endswith(".end"):
+        body = body[:-4].rstrip()
+    lines = [body.splitlines()[0], tech.preamble(sizes).rstrip()] + body.splitlines()[1:]
+    lines += transistors
+    lines += list(extra)
+    lines += [cell.options_line(), ".end", ""]
+    return "\n".join(lines)
+
+
+def _add_preset(circuit, node: str, name: str, cell: CellDesign) -> None:
+    """Ideal preset of a storage node: a switch from a DC source, open from ``preset_ns`` on."""
+    circuit.V(f"pre{name}", f"pre{name}", circuit.gnd, 0.0)
+    circuit.VoltageControlledSwitch(f"pre{name}", node, f"pre{name}", "pctl", circuit.gnd, model="gc_preset_sw")
+
+
+def _preset_control(circuit, cell: CellDesign) -> None:
+    t_open = cell.preset_ns * 1e-9
+    circuit.PieceWiseLinearVoltageSource("pctl", "pctl", circuit.gnd,
+                                         values=[(0, 1), (t_open, 1), (t_open + cell.edge_ns * 1e-9, 0)])
+    circuit.model("gc_preset_sw", "sw", vt=0.5, vh=0.0, ron=10.0, roff=1e18)
+
+
+def _cell_transistors(tech: Technology, cell: CellDesign, tag: str, sn: str, rwl: str, rbl: str,
+                      wwl: str, wbl: str, with_write: bool = True) -> List[str]:
+    lines = [tech.instance(f"r{tag}", rwl, sn, rbl, "0", cell.read_device, cell.read_w_um, cell.read_l_um)]
+    if with_write:
+        lines.append(tech.instance(f"w{tag}", wbl, wwl, sn, "0", cell.write_device, cell.write_w_um, cell.write_l_um))
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# test benches
+# --------------------------------------------------------------------------------------------------
+READ_SOURCES = {"rwl": "vrwl", "pos_preset": "vprep", "neg_preset": "vpren", "pos_bitline": "vblp",
+                "neg_bitline": "vbln"}
+
+
+def read_pair_netlist(tech: Technology, cell: CellDesign) -> str:
+    """Signed pair (two cells, two bitlines) read bench; alter ``vprep``/``vpren`` (stored voltages)
+    and ``@vrwl[pulse]`` (input pulse)."""
+    c = _circuit("gaincell signed pair read")
+    c.V("wwl", "wwl", c.gnd, cell.hold_wordline_v)
+    c.V("wbl", "wbl", c.gnd, cell.hold_bitline_v)
+    c.PulseVoltageSource("rwl", "rwl", c.gnd, initial_value=0, pulsed_value=0, pulse_width=1e-9,
+                         period=1.0, delay_time=cell.read_start_ns * 1e-9, rise_time=cell.edge_ns * 1e-9,
+                         fall_time=cell.edge_ns * 1e-9)
+    c.V("blp", "blp", c.gnd, cell.bitline_v)
+    c.V("bln", "bln", c.gnd, cell.bitline_v)
+    for p in ("p", "n"):
+        c.C(f"s{p}", f"sn{p}", c.gnd, cell.storage_capacitance_f)
+        _add_preset(c, f"sn{p}", p, cell)
+    _preset_control(c, cell)
+    transistors = (_cell_transistors(tech, cell, "p", "snp", "rwl", "blp", "wwl", "wbl")
+                   + _cell_transistors(tech, cell, "n", "snn", "rwl", "bln", "wwl", "wbl"))
+    return _finish(c, tech, cell, transistors)
+
+
+def write_cell_netlist(tech: Technology, cell: CellDesign) -> str:
+    """One cell written through its write transistor: discharge, then a DAC level; alter ``@vwbl[pwl]``."""
+    c = _circuit("gaincell write")
+    e = cell.edge_ns * 1e-9
+    t_on = e
+    t_off = cell.write_end_ns * 1e-9
+    c.PieceWiseLinearVoltageSource("wwl", "wwl", c.gnd, values=[
+        (0, cell.hold_wordline_v), (t_on, cell.write_wordline_v), (t_off, cell.write_wordline_v),
+        (t_off + e, cell.hold_wordline_v)])
+    c.PieceWiseLinearVoltageSource("wbl", "wbl", c.gnd, values=write_bitline_pwl(cell, cell.hold_bitline_v))
+    c.V("rwl", "rwl", c.gnd, 0.0)
+    c.V("bl", "bl", c.gnd, cell.bitline_v)
+    c.C("s", "sn", c.gnd, cell.storage_capacitance_f)
+    transistors = _cell_transistors(tech, cell, "0", "sn", "rwl", "bl", "wwl", "wbl")
+    # The storage node starts full (an old value), so the discharge phase is exercised too.
+    return _finish(c, tech, cell, transistors, extra=[f".ic v(sn)={_fmt(cell.stored_v_max)}"])
+
+
+def write_bitline_pwl(cell: CellDesign, level_v: float) -> List[Tuple[float, float]]:
+    """WBL waveform: 0 V during the discharge phase, the DAC level during the write, then hold."""
+    e = cell.edge_ns * 1e-9
+    t_write = (cell.edge_ns + cell.discharge_ns) * 1e-9
+    t_off = cell.write_end_ns * 1e-9
+    return [(0, 0.0), (t_write, 0.0), (t_write + e, float(level_v)), (t_off + e, float(level_v)),
+            (t_off + 2 * e, cell.hold_bitline_v)]
+
+
+def retention_netlist(tech: Technology, cell: CellDesign) -> str:
+    """A preset cell left alone (write transistor off): alter ``vprep`` (initial stored voltage)."""
+    c = _circuit("gaincell retention")
+    c.V("wwl", "wwl", c.gnd, cell.hold_wordline_v)
+    c.V("wbl", "wbl", c.gnd, cell.hold_bitline_v)
+    c.V("rwl", "rwl", c.gnd, 0.0)
+    c.V("bl", "bl", c.gnd, cell.bitline_v)
+    c.C("s", "snp", c.gnd, cell.storage_capacitance_f)
+    _add_preset(c, "snp", "p", cell)
+    _preset_control(c, cell)
+    transistors = _cell_transistors(tech, cell, "0", "snp", "rwl", "bl", "wwl", "wbl")
+    return _finish(c, tech, cell, transistors)
+
+
+# --------------------------------------------------------------------------------------------------
+# array
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArrayLayout:
+    rows: int                     # inputs (read word lines), e.g. the 64 features d
+    cols: int                     # outputs (signed bitline pairs), e.g. 64 keys
+    wire_resistance_ohm: float    # per array element, on each wire (RWL, RBL+, RBL-)
+    wire_capacitance_f: float     # per array element, on each wire node to ground
+    write_transistors: bool = True
+
+    def rwl_source(self, r: int) -> str:
+        return f"vrwl{r}"
+
+    def bitline_source(self, c: int, polarity: str) -> str:
+        return f"vbl{polarity}{c}"
+
+
+def array_netlist(tech: Technology, cell: CellDesign, layout: ArrayLayout,
+                  stored_pos_v: np.ndarray, stored_neg_v: np.ndarray) -> str:
+    """rows x cols signed array with wire parasitics; storage nodes start at the given voltages.
+
+    Row ``r``'s read word line is driven at column 0's side and runs past every column through
+    ``wire_resistance_ohm`` per element, with ``wire_capacitance_f`` at every element; each column's
+    two bitlines run past every row the same way to the integrator's virtual ground after the last
+    row (the element farthest from it sees the largest IR drop). Alter ``@vrwl<r>[pulse]``.
+    """
+    R, C = layout.rows, layout.cols
+    pos = np.asarray(stored_pos_v, float)
+    neg = np.asarray(stored_neg_v, float)
+    if pos.shape != (R, C) or neg.shape != (R, C):
+        raise ValueError(f"stored voltages must have shape {(R, C)}, got {pos.shape} and {neg.shape}")
+    c = _circuit(f"gaincell array {R}x{C}")
+    c.V("wwl", "wwl", c.gnd, cell.hold_wordline_v)
+    c.V("wbl", "wbl", c.gnd, cell.hold_bitline_v)
+    rw, cw = layout.wire_resistance_ohm, layout.wire_capacitance_f
+    transistors: List[str] = []
+    ics: List[str] = []
+    for r in range(R):
+        c.PulseVoltageSource(f"rwl{r}", f"rwl{r}_d", c.gnd, initial_value=0, pulsed_value=0, pulse_width=1e-9,
+                             period=1.0, delay_time=cell.read_start_ns * 1e-9, rise_time=cell.edge_ns * 1e-9,
+                             fall_time=cell.edge_ns * 1e-9)
+        prev = f"rwl{r}_d"
+        for col in range(C):
+            node = f"rwl{r}_{col}"
+            c.R(f"r{r}_{col}", prev, node, rw)
+            c.C(f"r{r}_{col}", node, c.gnd, cw)
+            prev = node
+    for col in range(C):
+        for p in ("p", "n"):
+            for r in range(R):
+                node, nxt = f"bl{p}{col}_{r}", f"bl{p}{col}_{r + 1}"
+                c.R(f"b{p}{col}_{r}", node, nxt, rw)
+                c.C(f"b{p}{col}_{r}", node, c.gnd, cw)
+            c.V(f"bl{p}{col}", f"bl{p}{col}_{R}", c.gnd, cell.bitline_v)
+    for r in range(R):
+        for col in range(C):
+            for p, v in (("p", pos[r, col]), ("n", neg[r, col])):
+                sn = f"sn{p}{r}_{col}"
+                c.C(f"s{p}{r}_{col}", sn, c.gnd, cell.storage_capacitance_f)
+                transistors += _cell_transistors(tech, cell, f"{p}{r}_{col}", sn, f"rwl{r}_{col}",
+                                                 f"bl{p}{col}_{r}", "wwl", "wbl",
+                                                 with_write=layout.write_transistors)
+                ics.append(f"v({sn})={_fmt(v)}")
+    extra = [".ic " + " ".join(ics[k:k + 16]) for k in range(0, len(ics), 16)]
+    return _finish(c, tech, cell, transistors, extra=extra)
+
+
+def closed_form_netlists() -> Dict[str, str]:
+    """Small circuits with textbook answers, run through the same simulation code by the tests."""
+    rc = _circuit("rc charge")
+    rc.PulseVoltageSource("in", "in", rc.gnd, initial_value=0, pulsed_value=1.0, pulse_width=1.0, period=2.0,
+                          delay_time=0.0, rise_time=1e-12, fall_time=1e-12)
+    rc.R("1", "in", "out", 1e3)
+    rc.C("1", "out", rc.gnd, 1e-12)          # tau = 1 ns
+    divider = _circuit("divider")
+    divider.V("in", "in", divider.gnd, 1.0)
+    divider.R("1", "in", "mid", 3e3)
+    divider.R("2", "mid", divider.gnd, 1e3)
+    return {"rc": str(rc), "divider": str(divider)}
