@@ -1,0 +1,320 @@
+"""Exact analog attention without T x T matrices: the banded (blocked) PyTorch path, default on CPU.
+
+Computes the same function as ``reference.analog_attention_dense`` (spec analog-attention.md §2-§8),
+forward and backward, in O(T * D) saved memory and O(T * tile_rows) working memory per head.
+
+The band. Split queries and keys into blocks of ``tile_rows`` (n) positions. Because the window M is a
+multiple of n, key block j lies entirely in sub-tile ``j mod (M / n)`` (spec §6: slot t' mod M). Query
+block i sees key blocks i - L .. i with L = min(M / n, blocks - 1): the lag in blocks ``delta = i - j``
+runs over 0..L. For one lag, every query block's n x n slab of S and P has the same leakage matrix
+``alpha = exp(-lambda (delta n + a - b))`` and the same window mask, so a lag is one batched product over
+all blocks and heads: a Python loop over L + 1 lags, not over blocks. Lags 0 and M / n (when the
+sequence is longer than the window) put their keys in the same sub-tile of query block i (the newest
+keys overwrite the oldest slots), so their two contributions are summed before the sub-tile's
+clamp + quantize; every other lag is a sub-tile of its own.
+
+Layout: blocks first, (blocks, B * H, n, D), so that the key blocks of one lag are a contiguous slice and
+each product is a single ``bmm`` without copies. The constants of each lag (g alpha / S_sat_qk, ...)
+are folded into one (n, n) matrix per product, so a slab costs few elementwise passes.
+
+Backward. A custom autograd function saves only q, k, v and recomputes each lag's pulses and sub-tile
+output (their clamp masks are needed) while accumulating dQ, dW, dU, FlashAttention-style. The linear
+cell and the nonlinear cell's surrogate use the linear model's gradient with the masks of the actual
+(nonlinear) forward values; ``exact_nonlinear_grad`` differentiates the polynomial. The nonlinear powers
+1..3 of W and U are stacked along the contracted axis so each polynomial product is one ``bmm``.
+
+Read noise (``cfg.read_noise > 0``) is not implemented here: it would need its random draws kept for
+the recomputing backward. Such calls fall back to the dense reference, with a one-time warning.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .config import AnalogAttentionConfig
+from .quantize import clamp_quantize
+from .reference import OUTPUT_RANGE, analog_attention_dense, compute_dtype, validate_inputs
+
+__all__ = ["analog_attention_blocked"]
+
+_warned_noise = False
+
+
+@dataclass
+class _Lag:
+    """Constant (n, n) matrices of one lag (zero outside the window), in the compute dtype."""
+
+    window_mask: Optional[torch.Tensor]  # bool, None when every entry is inside the window
+    key_scale: torch.Tensor      # linear: g alpha / S_qk (S / S_qk = R * key_scale, R = Q W^T)
+    value_scale: torch.Tensor    # linear: g alpha / S_av (A = (P * value_scale) @ U)
+    key_pow: List[torch.Tensor]  # nonlinear: c_i alpha**i / S_qk, i = 1..3
+    value_pow: List[torch.Tensor]  # nonlinear: c_i alpha**i / S_av, i = 1..3
+
+
+@dataclass
+class _Band:
+    n: int                       # positions per block = tile_rows
+    blocks: int                  # query (and key) blocks, ceil(T / n)
+    tiles: int                   # sub-tiles of the window, M / n
+    max_lag: int                 # L = min(tiles, blocks - 1), in blocks
+    merged: bool                 # lag 0 and lag ``tiles`` share a sub-tile (sequence longer than window)
+    lags: List[_Lag]
+
+
+@functools.lru_cache(maxsize=32)
+def _band(t_len: int, cfg: AnalogAttentionConfig, dtype: torch.dtype, device) -> _Band:
+    """The band's geometry and constants (cached: a model calls this with the same few shapes)."""
+    n, tiles = cfg.tile_rows, cfg.tiles
+    blocks = -(-t_len // n)
+    max_lag = min(tiles, blocks - 1)
+    offs = torch.arange(n, device=device, dtype=torch.float64)
+    c = cfg.folded_coefficients
+    lags = []
+    for delta in range(max_lag + 1):
+        lag = delta * n + offs[:, None] - offs[None, :]          # t - t' for query row a, key row b
+        inside = (lag >= 0) & (lag < cfg.window)
+        # As the reference: leakage in float64, then the compute dtype.
+        alpha = torch.where(inside, torch.exp(-cfg.decay_per_step * lag), torch.zeros_like(lag)).to(dtype)
+        powers = [alpha, alpha ** 2, alpha ** 3] if cfg.nonlinear else []
+        lags.append(_Lag(
+            window_mask=None if bool(inside.all()) else inside,
+            key_scale=alpha * (cfg.gain / cfg.qk_saturation),
+            value_scale=alpha * (cfg.gain / cfg.av_saturation),
+            key_pow=[p * (c[i + 1] / cfg.qk_saturation) for i, p in enumerate(powers)],
+            value_pow=[p * (c[i + 1] / cfg.av_saturation) for i, p in enumerate(powers)]))
+    return _Band(n, blocks, tiles, max_lag, max_lag == tiles, lags)
+
+
+def _to_blocks(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
+    """(B, H, T, D) -> (blocks, B * H, n, D), zero-padded at the end, contiguous."""
+    B, H, T, D = x.shape
+    if blocks * n > T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, blocks * n - T))
+    return x.reshape(B * H, blocks, n, D).transpose(0, 1).contiguous()
+
+
+def _from_blocks(x: torch.Tensor, shape) -> torch.Tensor:
+    B, H, T, D = shape
+    blocks, _, n, _ = x.shape
+    return x.transpose(0, 1).reshape(B, H, blocks * n, D)[:, :, :T]
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched product over the two leading dims of (m, BH, r, s) @ (m, BH, s, u)."""
+    m, bh = a.shape[:2]
+    return torch.bmm(a.reshape(m * bh, *a.shape[2:]), b.reshape(m * bh, *b.shape[2:])).view(m, bh, a.shape[2],
+                                                                                               b.shape[3])
+
+
+def _readout_(A: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
+    """In place: the sub-tile pulse counter, clamp to [-1, 1] and quantize (the operations of
+    ``quantize._quantize_forward``, so values equal the reference's bit for bit)."""
+    lo, hi = OUTPUT_RANGE
+    A.clamp_(lo, hi)
+    if cfg.output_levels is not None:
+        levels = cfg.output_levels
+        A.mul_((levels - 1) / (hi - lo)).round_().mul_((hi - lo) / (levels - 1)).clamp_(lo, hi)
+    return A
+
+
+class _Operands:
+    """Quantized, offset-removed operands in blocks, with the powers the nonlinear cell needs."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
+                 band: _Band) -> None:
+        Q = clamp_quantize(q, cfg.query_levels, 0.0, 1.0)
+        W = clamp_quantize(k, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
+        U = clamp_quantize(v, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
+        self.Q = _to_blocks(Q, band.blocks, band.n)
+        self.W = _to_blocks(W, band.blocks, band.n)
+        self.U = _to_blocks(U, band.blocks, band.n)
+        if cfg.nonlinear:
+            # [X; X**2; X**3] stacked along the key axis: one batched product gives all three powers.
+            self.W_pow = torch.cat([self.W, self.W ** 2, self.W ** 3], dim=-2)
+            self.U_pow = torch.cat([self.U, self.U ** 2, self.U ** 3], dim=-2)
+            self.Q_sum = self.Q.sum(dim=-1, keepdim=True)
+
+
+@dataclass
+class _LagState:
+    inside: torch.Tensor         # bool (m, BH, n, n): S / S_qk within [0, 1] and key in the window
+    P: torch.Tensor              # pulse widths, zero outside the window
+    P_weighted: torch.Tensor     # the value array's left operand: P * value_scale, or [P v_1 | P v_2 | P v_3]
+    A: torch.Tensor              # (m, BH, n, D) this lag's sub-tile output, before clamp/quantize
+
+
+def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int,
+                 need_grad: bool) -> _LagState:
+    """Pulses and sub-tile output for key blocks j = i - delta, query blocks i = delta..blocks-1."""
+    m = band.blocks - delta
+    n = band.n
+    lag = band.lags[delta]
+    Qs = ops.Q[delta:]
+    if not cfg.nonlinear:
+        X = _bmm(Qs, ops.W[:m].transpose(-1, -2)).mul_(lag.key_scale)          # S / S_qk
+    else:
+        c = cfg.folded_coefficients
+        R = _bmm(Qs, ops.W_pow[:m].transpose(-1, -2))                          # Q . (W**i)^T, i = 1..3
+        X = R[..., :n] * lag.key_pow[0]
+        X.addcmul_(R[..., n:2 * n], lag.key_pow[1]).addcmul_(R[..., 2 * n:], lag.key_pow[2])
+        X.add_(ops.Q_sum[delta:], alpha=c[0] / cfg.qk_saturation)
+        del R
+    P = X.clamp(0.0, 1.0)
+    inside = None
+    if need_grad:
+        inside = P == X  # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp)
+    if lag.window_mask is not None:
+        P.masked_fill_(~lag.window_mask, 0.0)
+        if need_grad:
+            inside &= lag.window_mask
+    del X
+    if not cfg.nonlinear:
+        P_weighted = P * lag.value_scale
+        A = _bmm(P_weighted, ops.U[:m])
+    else:
+        c = cfg.folded_coefficients
+        P_weighted = torch.cat([P * lag.value_pow[0], P * lag.value_pow[1], P * lag.value_pow[2]], dim=-1)
+        A = _bmm(P_weighted, ops.U_pow[:m])
+        A.add_(P.sum(dim=-1, keepdim=True), alpha=c[0] / cfg.av_saturation)
+    return _LagState(inside, P, P_weighted, A)
+
+
+def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int, st: _LagState,
+                  dA: torch.Tensor, dQ: torch.Tensor, dW: torch.Tensor, dU: torch.Tensor) -> None:
+    """Accumulate this lag's share of dQ, dW, dU (blocks) given dA = dL/dA of its sub-tile output."""
+    m = band.blocks - delta
+    n = band.n
+    lag = band.lags[delta]
+    Qs, Ws, Us = ops.Q[delta:], ops.W[:m], ops.U[:m]
+    if not (cfg.nonlinear and cfg.exact_nonlinear_grad):
+        # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (spec §8).
+        P_weighted = st.P_weighted if not cfg.nonlinear else st.P * lag.value_scale
+        dU[:m] += _bmm(P_weighted.transpose(-1, -2), dA)
+        del P_weighted
+        # dL/dR with R = Q W^T: through the value array (g alpha / S_av), the HardSigmoid mask and
+        # the key array (g alpha / S_qk).
+        dR = _bmm(dA, Us.transpose(-1, -2)).mul_(lag.value_scale).mul_(lag.key_scale).mul_(st.inside)
+        dQ[delta:] += _bmm(dR, Ws)
+        dW[:m] += _bmm(dR.transpose(-1, -2), Qs)
+        return
+    c = cfg.folded_coefficients
+    # Value array, exact: dP = sum_i v_i * (dA . (U**i)^T) + c_0 / S_av * sum_d dA.
+    G = _bmm(dA, ops.U_pow[:m].transpose(-1, -2))
+    dX = G[..., :n] * lag.value_pow[0]
+    dX.addcmul_(G[..., n:2 * n], lag.value_pow[1]).addcmul_(G[..., 2 * n:], lag.value_pow[2])
+    dX.add_(dA.sum(dim=-1, keepdim=True), alpha=c[0] / cfg.av_saturation)
+    del G
+    Hs = _bmm(st.P_weighted.transpose(-1, -2), dA)                 # (P v_i)^T . dA, i = 1..3
+    dU[:m] += Hs[..., :n, :] + 2 * Us * Hs[..., n:2 * n, :] + 3 * Us * Us * Hs[..., 2 * n:, :]
+    del Hs
+    dX.mul_(st.inside)                                              # HardSigmoid and window
+    # Key array, exact: S / S_qk = c_0 / S_qk * sum_d Q + sum_i k_i * (Q . (W**i)^T).
+    dR = torch.cat([dX * lag.key_pow[0], dX * lag.key_pow[1], dX * lag.key_pow[2]], dim=-1)
+    dQ[delta:] += _bmm(dR, ops.W_pow[:m])
+    dQ[delta:] += dX.sum(dim=-1, keepdim=True) * (c[0] / cfg.qk_saturation)
+    Xs = _bmm(dR.transpose(-1, -2), Qs)                            # (.., 3n, D)
+    dW[:m] += Xs[..., :n, :] + 2 * Ws * Xs[..., n:2 * n, :] + 3 * Ws * Ws * Xs[..., 2 * n:, :]
+
+
+def _forward(q, k, v, cfg: AnalogAttentionConfig) -> torch.Tensor:
+    band = _band(q.shape[-2], cfg, q.dtype, q.device)
+    ops = _Operands(q, k, v, cfg, band)
+    y = torch.zeros_like(ops.Q)
+    lags = list(range(band.max_lag + 1))
+    if band.merged:  # lag 0 and lag M/n read through the same sub-tile: sum, then clamp + quantize
+        A0 = _lag_forward(ops, band, cfg, 0, False).A
+        A0[band.tiles:] += _lag_forward(ops, band, cfg, band.tiles, False).A
+        y += _readout_(A0, cfg)
+        del A0
+        lags = lags[1:-1]
+    for delta in lags:
+        y[delta:] += _readout_(_lag_forward(ops, band, cfg, delta, False).A, cfg)
+    return _from_blocks(y, q.shape)
+
+
+def _in_range(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Where torch.clamp passes the gradient (inclusive bounds)."""
+    return (x >= lo) & (x <= hi)
+
+
+def _readout_grad(A: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """dL/dA of one sub-tile: the readout's clamp passes dy inside [-1, 1] (its quantizer is STE)."""
+    return torch.where(A.abs_() <= OUTPUT_RANGE[1], dy, 0.0)
+
+
+def _backward(q, k, v, cfg: AnalogAttentionConfig, dy: torch.Tensor):
+    band = _band(q.shape[-2], cfg, q.dtype, q.device)
+    ops = _Operands(q, k, v, cfg, band)
+    dyb = _to_blocks(dy.to(q.dtype), band.blocks, band.n)
+    dQ, dW, dU = torch.zeros_like(ops.Q), torch.zeros_like(ops.W), torch.zeros_like(ops.U)
+    lags = list(range(band.max_lag + 1))
+    if band.merged:
+        st0 = _lag_forward(ops, band, cfg, 0, True)
+        stL = _lag_forward(ops, band, cfg, band.tiles, True)
+        tile = st0.A
+        tile[band.tiles:] += stL.A
+        dA = _readout_grad(tile, dyb)
+        del tile, st0.A, stL.A
+        _lag_backward(ops, band, cfg, 0, st0, dA, dQ, dW, dU)
+        del st0
+        _lag_backward(ops, band, cfg, band.tiles, stL, dA[band.tiles:], dQ, dW, dU)
+        del stL, dA
+        lags = lags[1:-1]
+    for delta in lags:
+        st = _lag_forward(ops, band, cfg, delta, True)
+        dA = _readout_grad(st.A, dyb[delta:])
+        _lag_backward(ops, band, cfg, delta, st, dA, dQ, dW, dU)
+        del st, dA
+    # DAC clamps pass the gradient inside their range; the quantizers are straight-through.
+    dq = torch.where(_in_range(q, 0.0, 1.0), _from_blocks(dQ, q.shape), 0.0)
+    dk = torch.where(_in_range(k, 0.0, cfg.stored_max), _from_blocks(dW, k.shape), 0.0)
+    dv = torch.where(_in_range(v, 0.0, cfg.stored_max), _from_blocks(dU, v.shape), 0.0)
+    return dq, dk, dv
+
+
+class _BlockedAnalogAttention(torch.autograd.Function):
+    """Saves q, k, v only; the backward recomputes each lag (memory O(T * D) between the passes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cfg):
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v)
+        # Autocast off: the products must run in the compute dtype (a bf16 bmm would move levels).
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            return _forward(q, k, v, cfg)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        q, k, v = ctx.saved_tensors
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _backward(q, k, v, ctx.cfg, dy)
+        return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
+                dv if ctx.needs_input_grad[2] else None, None)
+
+
+def analog_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             cfg: AnalogAttentionConfig) -> torch.Tensor:
+    """Analog attention (spec §2-§8) on (B, H, T, D) inputs already scaled (spec §1), banded.
+
+    Same result as ``analog_attention_dense`` (up to float rounding order), without T x T tensors:
+    time O(T * (M + tile_rows) * D), memory O(T * D) saved for backward and O(T * tile_rows) working.
+    Returns y (B, H, T, D) in the input dtype (half precision is computed in float32). With read noise
+    on it falls back to the dense reference (warning once).
+    """
+    validate_inputs(q, k, v, cfg)
+    if cfg.read_noise > 0:
+        global _warned_noise
+        if not _warned_noise:
+            warnings.warn("analog_attention_blocked: read_noise > 0 is not implemented in the blocked path; "
+                          "using the dense reference (memory O(T^2))", RuntimeWarning, stacklevel=2)
+            _warned_noise = True
+        return analog_attention_dense(q, k, v, cfg)
+    out_dtype = q.dtype
+    dtype = compute_dtype(q.dtype)
+    y = _BlockedAnalogAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), cfg)
+    return y.to(out_dtype)

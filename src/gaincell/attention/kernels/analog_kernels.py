@@ -1,0 +1,340 @@
+"""Triton kernels of the analog gain-cell attention (spec analog-attention.md §2-§8), FlashAttention-2 style.
+
+What is fused, and why:
+* One program owns one block of ``tile_rows`` (BLOCK) queries (forward, dQ) or keys (dK, dV). Key blocks
+  are aligned to sub-tiles: key block j sits in sub-tile ``j mod (M / BLOCK)`` (slot t' mod M, spec §6),
+  so the per-sub-tile clamp + 32-level quantization of the pulse counters happens in registers before
+  the digital sum, and no (T x T) or (tiles x T x D) tensor ever reaches memory. Memory: O(T * D).
+* Only the key blocks of the window are visited (i - M/BLOCK .. i): cost O(T * M * D), not O(T^2 * D).
+  Block i - M/BLOCK holds the oldest keys in the same sub-tile as the newest block i; their two
+  contributions are added before that sub-tile's readout.
+* The DAC clamps + quantizers of q, k, v are applied at load time (no quantized copies in memory);
+  leakage alpha = exp(-lambda (t - t')) is computed from positions in registers.
+* No softmax bookkeeping: no running max, no rescaling; the output is a plain sum of readouts.
+* The nonlinear cell is four products (spec §4 note): the key-independent i = 0 term is a row sum, the
+  others are tl.dot with W**i / U**i formed in registers.
+* Backward: two kernels (dQ per query block; dK and dV per key block) recompute S, P and each
+  sub-tile's output A (whose clamp masks the gradient needs) instead of storing them. The linear cell and
+  the nonlinear surrogate (spec §8) use the linear model's gradient with the masks of the actual forward
+  values; EXACT differentiates the polynomial.
+
+Rounding: round-half-to-even is written with floor (no libdevice), so the same code runs in the
+interpreter (TRITON_INTERPRET=1) and on GPUs. Arithmetic is in float32 (float64 for float64 inputs);
+``PREC`` is tl.dot's input precision ("ieee" exact float32; "tf32x3" near-float32 on tensor cores).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_half_even(x):
+    a = tl.abs(x)
+    f = tl.floor(a)
+    d = a - f  # exact for |x| < 2**23
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _clamp_quantize(x, lo, hi, inv_step, step, QUANT: tl.constexpr):
+    """Spec §2: clamp to [lo, hi], then (QUANT) clamp(step * round(x * inv_step), lo, hi)."""
+    x = tl.minimum(tl.maximum(x, lo), hi)
+    if QUANT:
+        x = tl.minimum(tl.maximum(_round_half_even(x * inv_step) * step, lo), hi)
+    return x
+
+
+@triton.jit
+def _in_range(x, lo, hi):
+    """Where torch.clamp passes its gradient (inclusive bounds)."""
+    return (x >= lo) & (x <= hi)
+
+
+@triton.jit
+def _load_block(ptr, rows, T, offs_d, D):
+    mask = (rows < T)[:, None] & (offs_d < D)[None, :]
+    return tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_query(Qp, rows_m, T, offs_d, D, q_inv_step, q_step, Q_QUANT: tl.constexpr, dtype: tl.constexpr):
+    q = _load_block(Qp, rows_m, T, offs_d, D).to(dtype)
+    return q, _clamp_quantize(q, 0.0, 1.0, q_inv_step, q_step, Q_QUANT)
+
+
+@triton.jit
+def _load_stored(Xp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset,
+                 KV_QUANT: tl.constexpr, dtype: tl.constexpr):
+    """Raw x and the stored weight X - 0.45 V after the DAC (K or V array)."""
+    x = _load_block(Xp, rows_n, T, offs_d, D).to(dtype)
+    return x, _clamp_quantize(x, 0.0, kv_hi, kv_inv_step, kv_step, KV_QUANT) - stored_offset
+
+
+@triton.jit
+def _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat, c0, c1, c2, c3,
+                      NONLINEAR: tl.constexpr, PREC: tl.constexpr):
+    """Spec §3-§5 on one (query block, key block) slab: S, P = HardSigmoid(S), alpha, window mask."""
+    lag = rows_m[:, None] - rows_n[None, :]
+    inside = (lag >= 0) & (lag < window)
+    alpha = tl.where(inside, tl.exp(-lam * lag.to(Qv.dtype)), 0.0)
+    if NONLINEAR:
+        a2 = alpha * alpha
+        W2 = W * W
+        S = c0 * q_sum[:, None] + (c1 * tl.dot(Qv, tl.trans(W), input_precision=PREC)) * alpha
+        S += (c2 * tl.dot(Qv, tl.trans(W2), input_precision=PREC)) * a2
+        S += (c3 * tl.dot(Qv, tl.trans(W2 * W), input_precision=PREC)) * (a2 * alpha)
+    else:
+        S = (gain * tl.dot(Qv, tl.trans(W), input_precision=PREC)) * alpha
+    P = tl.where(inside, tl.minimum(tl.maximum(S / qk_sat, 0.0), 1.0), 0.0)
+    return S, P, alpha, inside
+
+
+@triton.jit
+def _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR: tl.constexpr, PREC: tl.constexpr):
+    """Spec §6: this key block's share of its sub-tile's output A (before clamp + quantize)."""
+    if NONLINEAR:
+        a2 = alpha * alpha
+        U2 = U * U
+        A = c0 * tl.sum(P, 1)[:, None] + c1 * tl.dot(P * alpha, U, input_precision=PREC)
+        A += c2 * tl.dot(P * a2, U2, input_precision=PREC)
+        A += c3 * tl.dot(P * (a2 * alpha), U2 * U, input_precision=PREC)
+        A = A / av_sat
+    else:
+        A = (gain / av_sat) * tl.dot(P * alpha, U, input_precision=PREC)
+    return A
+
+
+@triton.jit
+def _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3,
+                 EXACT: tl.constexpr, PREC: tl.constexpr):
+    """dL/dS of one slab from dL/dA of its sub-tile (value array, then HardSigmoid and window)."""
+    if EXACT:
+        a2 = alpha * alpha
+        U2 = U * U
+        dP = c0 * tl.sum(dA, 1)[:, None] + c1 * alpha * tl.dot(dA, tl.trans(U), input_precision=PREC)
+        dP += c2 * a2 * tl.dot(dA, tl.trans(U2), input_precision=PREC)
+        dP += c3 * (a2 * alpha) * tl.dot(dA, tl.trans(U2 * U), input_precision=PREC)
+        dP = dP / av_sat
+    else:  # linear cell, or the nonlinear cell's surrogate (spec §8)
+        dP = tl.dot(dA, tl.trans(U), input_precision=PREC) * (alpha * (gain / av_sat))
+    return tl.where(inside & _in_range(S / qk_sat, 0.0, 1.0), dP / qk_sat, 0.0)
+
+
+@triton.jit
+def _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT: tl.constexpr, PREC: tl.constexpr):
+    if EXACT:
+        a2 = alpha * alpha
+        W2 = W * W
+        dQ = c0 * tl.sum(dS, 1)[:, None] + tl.dot(dS * (c1 * alpha), W, input_precision=PREC)
+        dQ += tl.dot(dS * (c2 * a2), W2, input_precision=PREC)
+        dQ += tl.dot(dS * (c3 * a2 * alpha), W2 * W, input_precision=PREC)
+    else:
+        dQ = tl.dot(dS * (gain * alpha), W, input_precision=PREC)
+    return dQ
+
+
+@triton.jit
+def _grad_key(dS, alpha, W, Qv, gain, c1, c2, c3, EXACT: tl.constexpr, PREC: tl.constexpr):
+    if EXACT:
+        a2 = alpha * alpha
+        dW = c1 * tl.dot(tl.trans(dS * alpha), Qv, input_precision=PREC)
+        dW += (2.0 * c2) * W * tl.dot(tl.trans(dS * a2), Qv, input_precision=PREC)
+        dW += (3.0 * c3) * W * W * tl.dot(tl.trans(dS * (a2 * alpha)), Qv, input_precision=PREC)
+    else:
+        dW = tl.dot(tl.trans(dS * (gain * alpha)), Qv, input_precision=PREC)
+    return dW
+
+
+@triton.jit
+def _grad_value(dA, P, alpha, U, gain, av_sat, c1, c2, c3, EXACT: tl.constexpr, PREC: tl.constexpr):
+    if EXACT:
+        a2 = alpha * alpha
+        dU = c1 * tl.dot(tl.trans(P * alpha), dA, input_precision=PREC)
+        dU += (2.0 * c2) * U * tl.dot(tl.trans(P * a2), dA, input_precision=PREC)
+        dU += (3.0 * c3) * U * U * tl.dot(tl.trans(P * (a2 * alpha)), dA, input_precision=PREC)
+        dU = dU / av_sat
+    else:
+        dU = (gain / av_sat) * tl.dot(tl.trans(P * alpha), dA, input_precision=PREC)
+    return dU
+
+
+@triton.jit
+def _analog_fwd_kernel(
+        Qp, Kp, Vp, Yp, T, D, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
+        q_inv_step, q_step, kv_hi, kv_inv_step, kv_step, out_inv_step, out_step,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NONLINEAR: tl.constexpr, Q_QUANT: tl.constexpr,
+        KV_QUANT: tl.constexpr, OUT_QUANT: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0)
+    base = tl.program_id(1).to(tl.int64) * T * D
+    Qp += base
+    Kp += base
+    Vp += base
+    Yp += base
+    dtype = Yp.dtype.element_ty
+    rows_m = i * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    _, Qv = _load_query(Qp, rows_m, T, offs_d, D, q_inv_step, q_step, Q_QUANT, dtype)
+    q_sum = tl.sum(Qv, 1)
+    n_tiles = window // BLOCK
+
+    # Sub-tile of key block i: its keys plus those of block i - n_tiles (same slots, older tokens).
+    rows_n = i * BLOCK + tl.arange(0, BLOCK)
+    _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
+    _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
+    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
+                                            c0, c1, c2, c3, NONLINEAR, PREC)
+    tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+    if i >= n_tiles:
+        rows_n = (i - n_tiles) * BLOCK + tl.arange(0, BLOCK)
+        _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, PREC)
+        tile += _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+    y = _clamp_quantize(tile, -1.0, 1.0, out_inv_step, out_step, OUT_QUANT)
+
+    # Every other sub-tile of the window holds exactly one key block.
+    for j in range(tl.maximum(i - n_tiles + 1, 0), i):
+        rows_n = j * BLOCK + tl.arange(0, BLOCK)
+        _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, PREC)
+        tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        y += _clamp_quantize(tile, -1.0, 1.0, out_inv_step, out_step, OUT_QUANT)
+
+    mask = (rows_m < T)[:, None] & (offs_d < D)[None, :]
+    tl.store(Yp + rows_m[:, None] * D + offs_d[None, :], y.to(Yp.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _analog_bwd_dq_kernel(
+        Qp, Kp, Vp, dYp, dQp, T, D, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
+        q_inv_step, q_step, kv_hi, kv_inv_step, kv_step,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NONLINEAR: tl.constexpr, EXACT: tl.constexpr,
+        Q_QUANT: tl.constexpr, KV_QUANT: tl.constexpr, PREC: tl.constexpr):
+    """dq of one query block: recompute every sub-tile's output for its clamp mask, then dS -> dQ."""
+    i = tl.program_id(0)
+    base = tl.program_id(1).to(tl.int64) * T * D
+    Qp += base
+    Kp += base
+    Vp += base
+    dYp += base
+    dQp += base
+    dtype = dQp.dtype.element_ty
+    rows_m = i * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q, Qv = _load_query(Qp, rows_m, T, offs_d, D, q_inv_step, q_step, Q_QUANT, dtype)
+    q_sum = tl.sum(Qv, 1)
+    dy = _load_block(dYp, rows_m, T, offs_d, D).to(dtype)
+    n_tiles = window // BLOCK
+    dQ = tl.zeros((BLOCK, BLOCK_D), dtype=dtype)
+
+    # The merged sub-tile (key blocks i and i - n_tiles): both outputs first, for the clamp mask.
+    rows_n = i * BLOCK + tl.arange(0, BLOCK)
+    _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
+    _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
+    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
+                                            c0, c1, c2, c3, NONLINEAR, PREC)
+    tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+    old_rows = (i - n_tiles) * BLOCK + tl.arange(0, BLOCK)
+    if i >= n_tiles:
+        _, W_o = _load_stored(Kp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                              dtype)
+        _, U_o = _load_stored(Vp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                              dtype)
+        S_o, P_o, alpha_o, inside_o = _charge_and_pulse(Qv, q_sum, W_o, rows_m, old_rows, window, lam, gain,
+                                                        qk_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        tile += _value_array(P_o, alpha_o, U_o, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+    dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
+    dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
+    dQ += _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT, PREC)
+    if i >= n_tiles:  # recomputed rather than kept alive through the block above (register pressure)
+        _, W = _load_stored(Kp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        _, U = _load_stored(Vp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, old_rows, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, PREC)
+        dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
+        dQ += _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT, PREC)
+
+    for j in range(tl.maximum(i - n_tiles + 1, 0), i):
+        rows_n = j * BLOCK + tl.arange(0, BLOCK)
+        _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
+                            dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, PREC)
+        tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
+        dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
+        dQ += _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT, PREC)
+
+    dq = tl.where(_in_range(q, 0.0, 1.0), dQ, 0.0)  # DAC clamp; the quantizer is straight-through
+    mask = (rows_m < T)[:, None] & (offs_d < D)[None, :]
+    tl.store(dQp + rows_m[:, None] * D + offs_d[None, :], dq.to(dQp.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _analog_bwd_dkdv_kernel(
+        Qp, Kp, Vp, dYp, dKp, dVp, T, D, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
+        q_inv_step, q_step, kv_hi, kv_inv_step, kv_step,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NONLINEAR: tl.constexpr, EXACT: tl.constexpr,
+        Q_QUANT: tl.constexpr, KV_QUANT: tl.constexpr, PREC: tl.constexpr):
+    """dk, dv of one key block j: visit the query blocks j .. j + M/BLOCK that see it."""
+    j = tl.program_id(0)
+    base = tl.program_id(1).to(tl.int64) * T * D
+    Qp += base
+    Kp += base
+    Vp += base
+    dYp += base
+    dKp += base
+    dVp += base
+    dtype = dKp.dtype.element_ty
+    rows_n = j * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    k, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
+    v, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
+    n_tiles = window // BLOCK
+    n_blocks = tl.cdiv(T, BLOCK)
+    dW = tl.zeros((BLOCK, BLOCK_D), dtype=dtype)
+    dU = tl.zeros((BLOCK, BLOCK_D), dtype=dtype)
+    for i in range(j, tl.minimum(j + n_tiles, n_blocks - 1) + 1):
+        rows_m = i * BLOCK + tl.arange(0, BLOCK)
+        _, Qv = _load_query(Qp, rows_m, T, offs_d, D, q_inv_step, q_step, Q_QUANT, dtype)
+        q_sum = tl.sum(Qv, 1)
+        dy = _load_block(dYp, rows_m, T, offs_d, D).to(dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, PREC)
+        tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        # The other key block sharing this sub-tile for query block i, if any: j - n_tiles when i == j,
+        # i when i == j + n_tiles. Its output joins the clamp mask only.
+        partner = tl.where(i == j, j - n_tiles, tl.where(i - j == n_tiles, i, -1))
+        if partner >= 0:
+            rows_p = partner * BLOCK + tl.arange(0, BLOCK)
+            _, W_p = _load_stored(Kp, rows_p, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset,
+                                  KV_QUANT, dtype)
+            _, U_p = _load_stored(Vp, rows_p, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset,
+                                  KV_QUANT, dtype)
+            S_p, P_p, alpha_p, inside_p = _charge_and_pulse(Qv, q_sum, W_p, rows_m, rows_p, window, lam, gain,
+                                                            qk_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+            tile += _value_array(P_p, alpha_p, U_p, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
+        dU += _grad_value(dA, P, alpha, U, gain, av_sat, c1, c2, c3, EXACT, PREC)
+        dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
+        dW += _grad_key(dS, alpha, W, Qv, gain, c1, c2, c3, EXACT, PREC)
+
+    mask = (rows_n < T)[:, None] & (offs_d < D)[None, :]
+    dk = tl.where(_in_range(k, 0.0, kv_hi), dW, 0.0)
+    dv = tl.where(_in_range(v, 0.0, kv_hi), dU, 0.0)
+    tl.store(dKp + rows_n[:, None] * D + offs_d[None, :], dk.to(dKp.dtype.element_ty), mask=mask)
+    tl.store(dVp + rows_n[:, None] * D + offs_d[None, :], dv.to(dVp.dtype.element_ty), mask=mask)
