@@ -518,3 +518,18 @@ def test_read_noise_hits_both_arrays(monkeypatch):
     q, k, v = random_inputs(2, 3, 10, 5)  # 10 keys: sub-tiles 0, 1, 2 of 4 keys
     reference.analog_attention_dense(q, k, v, cfg)
     assert shapes == [(2, 3, 10, 10)] + [(2, 3, 10, 5)] * 3
+
+
+@pytest.mark.parametrize("implementation", ["dense", "blocked"])
+def test_autocast_does_not_change_the_quantized_result(implementation):
+    """Inside a bf16 autocast region (training on GPU) the analog math still runs in float32."""
+    from gaincell.attention import analog_attention
+
+    cfg = AnalogAttentionConfig(window=128, decay_per_step=1e-3)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.rand(1, 2, 150, 64, generator=g) for _ in range(3))
+    expected = analog_attention(q, k, v, cfg, implementation=implementation)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = analog_attention(q, k, v, cfg, implementation=implementation)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)

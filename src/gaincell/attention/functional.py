@@ -58,6 +58,14 @@ def analog_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Ana
     """
     name = resolve_implementation(implementation, bool(getattr(q, "is_cuda", False)))
     validate_inputs(q, k, v, cfg)
+    if torch.is_autocast_enabled(q.device.type):
+        # bf16/fp16 products would move values across quantization levels: the analog math runs in
+        # float32 (at least) whatever the surrounding autocast region, and returns the input dtype.
+        out_dtype = q.dtype
+        work = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            y = analog_attention(q.to(work), k.to(work), v.to(work), cfg, implementation=name)
+        return y.to(out_dtype)
     if name == "dense":
         return analog_attention_dense(q, k, v, cfg)
     try:
