@@ -22,6 +22,7 @@ def _complete_run(root):
         put(f"adapt/{run}/summary.json", json.dumps({"iterations": 3}))
     for variant in wc.VARIANTS:
         put(f"eval/{variant}/results.csv", "variant,task,metric,value\na,b,acc,0.5\na,b,acc_norm,0.5\n")
+        put(f"adapt/study/{variant}.json", json.dumps({"val_loss": 5.0}))
     for value in ("0.0", "0.001", "0.1"):
         put(f"adapt/leakage/{value}.json", json.dumps({"val_loss": 5.0}))
     put("hardware/estimates.json", json.dumps({"latency_per_token_ns": 65.0}))

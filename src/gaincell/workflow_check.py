@@ -78,6 +78,7 @@ def check(results_dir: Path) -> List[str]:
         need(f"adapt/{run}/summary.json", 10)
     for variant in VARIANTS:
         need(f"eval/{variant}/results.csv", 20, csv_rows(2))
+        need(f"adapt/study/{variant}.json", 10)
     leak = r / "adapt" / "leakage"
     if not leak.is_dir() or len(list(leak.glob("*.json"))) < 3:
         problems.append("adapt/leakage: fewer than 3 leakage points")

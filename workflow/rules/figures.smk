@@ -9,6 +9,7 @@ rule figures:
         rules.gpu_baseline.output,
         rules.leakage_sweep.output,
         expand(f"{R}/eval/{{run}}/results.csv", run=VARIANTS),
+        expand(f"{R}/adapt/study/{{run}}.json", run=VARIANTS),
         expand(f"{R}/adapt/{{run}}/summary.json", run=list(ADAPT_RUNS)),
         ckpt("nonlinear_finetuned"),
     output:
