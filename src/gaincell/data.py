@@ -40,6 +40,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from gaincell.io import atomic_write_json, atomic_write_text
+from gaincell.io import sha256_file as _sha256
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +122,6 @@ def _bytes_to_unicode() -> Dict[int, str]:
             n += 1
     return dict(zip(bs, (chr(c) for c in cs)))
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gpt2_encoding_from_files(folder: Path):

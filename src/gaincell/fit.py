@@ -36,6 +36,7 @@ import pandas as pd
 
 from gaincell.attention.config import COEFFICIENT_ORDER, PAPER_COEFFICIENTS, fold_coefficients
 from gaincell.io import atomic_to_csv, atomic_write_json
+from gaincell.io import finite_or_none as _finite
 
 PAPER_LINEAR_SLOPE = 19.3
 
@@ -278,11 +279,3 @@ def run(cfg) -> Dict[str, Any]:
     return result
 
 
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

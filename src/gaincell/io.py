@@ -77,3 +77,27 @@ def atomic_to_csv(df, path: PathLike, **kwargs: Any) -> Path:
     """Write a pandas DataFrame to CSV atomically (index off unless asked)."""
     kwargs.setdefault("index", False)
     return atomic_write_text(path, df.to_csv(**kwargs))
+
+
+def finite_or_none(obj: Any) -> Any:
+    """NaN/inf floats (nested in dicts, lists, tuples) become None, so the result is strict JSON."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

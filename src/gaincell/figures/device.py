@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from gaincell.attention.config import PAPER_COEFFICIENTS, fold_coefficients  # noqa: E402
+from gaincell.figures._common import save_figure as _save
 
 PAPER_SOURCE = "Leroux et al. 2025, TSMC 28 nm cell (spec §10 coefficients)"
 
@@ -33,15 +34,6 @@ def _read_json(path: Path) -> Dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
     return json.loads(path.read_text())
 
-
-def _save(fig, out_dir: Path, name: str) -> List[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
 
 
 def _tech_label(summary: Dict[str, Any]) -> str:

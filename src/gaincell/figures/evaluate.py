@@ -157,10 +157,6 @@ def fig_eval_tasks(results_dir: Path, out_dir: Path) -> List[Path]:
     fig.suptitle("Downstream evaluation (lm-evaluation-harness)" + (f", up to {n} examples per task" if n else ""),
                  y=1.06 if len(panels) == 1 else 1.04, fontsize=11)
     fig.tight_layout()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "eval_tasks.png", out_dir / "eval_tasks.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    from gaincell.figures._common import save_figure
+
+    return save_figure(fig, Path(out_dir), "eval_tasks")

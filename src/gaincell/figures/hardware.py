@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from gaincell.figures._common import save_figure as _save
 
 ENERGY_PARTS = ["qk_arrays_charge_to_pulse", "av_arrays_readout", "dac_write", "digital_routing"]
 ENERGY_LABELS = {"qk_arrays_charge_to_pulse": r"$\phi(QK^T)$ arrays + charge-to-pulse",
@@ -46,15 +47,6 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path} not found: run `python -m gaincell hardware_estimates` first")
     return pd.read_csv(path)
 
-
-def _save(fig: plt.Figure, out_dir: Path, name: str) -> List[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
 
 
 def _eng(value: float, unit: str) -> str:

@@ -16,6 +16,7 @@ from typing import Dict, List
 
 import numpy as np
 import pandas as pd
+from gaincell.figures._common import save_figure as _save
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,6 @@ def _summary(results_dir: Path, run: str) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
 
-
-def _save(fig, out_dir: Path, stem: str) -> List[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    return paths
 
 
 def fig_training_curves(results_dir: Path, out_dir: Path) -> List[Path]:
