@@ -45,7 +45,6 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     made, failed, skipped = {}, {}, []
-    captions = ["# Figures\n"]
     for name, (module_name, func) in figure_functions().items():
         if only and name not in only:
             continue
@@ -63,10 +62,19 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
             continue
         made[name] = {"module": module_name, "files": [str(p) for p in paths],
                       "caption": caption_of(func), "seconds": round(time.perf_counter() - start, 2)}
-        captions.append(f"## {name}\n\n{caption_of(func)}\n\nFiles: " + ", ".join(Path(p).name for p in paths) + "\n")
         print(f"figure {name}: {', '.join(Path(p).name for p in paths)}")
-    atomic_write_text(out_dir / "captions.md", "\n".join(captions))
     index = {"results_dir": str(results_dir), "made": made, "failed": failed, "skipped": skipped}
+    if only and (out_dir / "index.json").is_file():  # a partial remake keeps the other figures' entries
+        import json
+
+        previous = json.loads((out_dir / "index.json").read_text())
+        for key in ("made", "failed"):
+            kept = {k: v for k, v in previous.get(key, {}).items() if k not in only}
+            index[key] = {**kept, **index[key]}
+        index["skipped"] = [k for k in previous.get("skipped", []) if k not in only] + skipped
+    captions = ["# Figures\n"] + [f"## {k}\n\n{v['caption']}\n\nFiles: " + ", ".join(Path(f).name for f in v["files"]) + "\n"
+                                 for k, v in index["made"].items()]
+    atomic_write_text(out_dir / "captions.md", "\n".join(captions))
     atomic_write_json(out_dir / "index.json", index)
     if strict and failed:
         raise RuntimeError(f"{len(failed)} figure(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))

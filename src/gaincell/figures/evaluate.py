@@ -106,7 +106,11 @@ def fig_eval_tasks(results_dir: Path, out_dir: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     table = load_eval_table(results_dir)
-    variants = list(dict.fromkeys(table["variant"]))
+    # the study's order (paper Table 1), then any other variant in the order found
+    study_order = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonlinear_adapted",
+                   "nonlinear_finetuned"]
+    found = list(dict.fromkeys(table["variant"]))
+    variants = [v for v in study_order if v in found] + [v for v in found if v not in study_order]
     cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
     colors = [cmap(i % cmap.N) for i in range(len(variants))]
     panels = []
