@@ -1,18 +1,3 @@
-# Variants 4 and 5 (and the input of 6): the linear model mapped onto the nonlinear gain-cell model.
-FIT_INPUT = [rules.fit.output[0]] if CFG.attention.coefficients == "fitted" else []
-
-
-def adapted(run):
-    return f"{R}/checkpoints/{run}/ckpt.pt"
-
-
-ADAPT_RUNS = {  # output run -> (linear checkpoint it starts from, mode)
-    "nonlinear_mapped": ("linear_hw", "map_only"),        # variant 4: no adaptation
-    "nonlinear_adapted": ("linear_hw", "adapt"),          # variant 5: adapted, no fine-tuning
-    "nonlinear_adapted_early": ("linear_hw_early", "adapt"),  # input of variant 6
-}
-
-
 rule adapt:
     """Equation 9: a <- a*sigma_L/sigma_NL, b <- b + mu_L - mu_NL until the statistics match."""
     input:

@@ -65,3 +65,25 @@ def ckpt(run):
 # The model variants of the study (paper Table 1 / Fig. 4) and how each is evaluated.
 VARIANTS = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonlinear_adapted",
             "nonlinear_finetuned"]
+
+# Inputs shared by the training-like rules: the token shards, and the fitted cell when the nonlinear
+# model uses the pipeline's own fit.
+TRAIN_INPUTS = [f"{R}/data/meta.json"]
+TRAIN_SECTIONS = ("data", "model", "train", "attention", "workflow")
+TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training)
+FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fitted" else []
+
+# Variants 4 and 5 (and the input of 6): output run -> (linear checkpoint it starts from, mode).
+ADAPT_RUNS = {
+    "nonlinear_mapped": ("linear_hw", "map_only"),  # variant 4: no adaptation
+    "nonlinear_adapted": ("linear_hw", "adapt"),  # variant 5: adapted, no fine-tuning
+    "nonlinear_adapted_early": ("linear_hw_early", "adapt"),  # input of variant 6
+}
+
+
+def adapted(run):
+    return f"{R}/checkpoints/{run}/ckpt.pt"
+
+
+def variant_checkpoint(run):
+    return adapted(run) if run in ADAPT_RUNS else ckpt(run)

@@ -1,7 +1,3 @@
-def variant_checkpoint(run):
-    return adapted(run) if run in ADAPT_RUNS else ckpt(run)
-
-
 rule evaluate:
     """Downstream tasks through lm-evaluation-harness for one model variant (local tasks offline)."""
     input:

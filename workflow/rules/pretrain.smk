@@ -1,10 +1,5 @@
 # The software baselines. tiny: trained here from scratch (no pretrained weights offline);
 # paper: public GPT-2 (model.init=gpt2) exported as a checkpoint without training (max_iters=0).
-TRAIN_INPUTS = [rules.prepare_data.output.meta]
-TRAIN_SECTIONS = ("data", "model", "train", "attention", "workflow")
-TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training)
-
-
 rule pretrain:
     """Software baseline, softmax attention (variant 1)."""
     input:
