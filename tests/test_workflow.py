@@ -11,7 +11,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def dry_run(*args: str) -> str:
-    run = subprocess.run(SNAKEMAKE + ["-n", "--cores", "2", "--quiet", "rules", *args], cwd=REPO,
+    run = subprocess.run(SNAKEMAKE + ["-n", "--forceall", "--cores", "2", "--quiet", "rules", *args], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout + run.stderr
@@ -26,7 +26,7 @@ def test_dag_builds(profile):
 
 
 def test_overrides_reach_the_stage_commands():
-    run = subprocess.run(SNAKEMAKE + ["-n", "-p", "--cores", "2", "--config", "profile=ci",
+    run = subprocess.run(SNAKEMAKE + ["-n", "-p", "--forceall", "--cores", "2", "--config", "profile=ci",
                                       "overrides=attention.window=128 train.max_iters=7"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
