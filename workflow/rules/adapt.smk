@@ -13,7 +13,7 @@ rule adapt:
         cmd=lambda w: stage_cmd("adapt", "attention=nonlinear_hw", f"+stage.name={w.run}",
                                 f"+stage.init_from={ckpt(ADAPT_RUNS[w.run][0])}",
                                 f"+stage.mode={ADAPT_RUNS[w.run][1]}"),
-        section=section("attention", "adapt", "data"),
+        section=section("attention", "adapt", "data", "model", "train", kind="nonlinear_hw"),
     log:
         f"{LOGS}/adapt_{{run}}.log",
     benchmark:

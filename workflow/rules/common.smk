@@ -1,5 +1,6 @@
 # Shared by every rule: the composed Hydra config, the results folder, and how a stage is called.
 import hashlib
+import os
 import shlex
 import sys
 
@@ -22,10 +23,16 @@ except Exception:  # pragma: no cover - older Snakemake
     USE_CONDA = False
 PY = "python" if USE_CONDA else shlex.quote(sys.executable)
 WF = CFG.workflow
-OVR = " ".join(shlex.quote(o) for o in OVERRIDES)
+# Rules see the user's overrides through the environment, not in their command line: a command is a
+# param, and params trigger reruns (--rerun-triggers params), which must follow only the config sections
+# a rule depends on (its `section` param), not every override given.
+for _override in USER_OVERRIDES:
+    if any(c.isspace() for c in _override):
+        raise ValueError(f"override {_override!r} contains whitespace: give values without spaces")
+os.environ["GAINCELL_OVERRIDES"] = " ".join(USER_OVERRIDES)
+OVR = f"profile={shlex.quote(PROFILE)} $GAINCELL_OVERRIDES"
 
 # One W&B group per pipeline invocation (not a param: it must not trigger reruns).
-import os
 import time
 
 os.environ.setdefault("WANDB_RUN_GROUP", f"{PROFILE}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -35,10 +42,22 @@ wildcard_constraints:
     run="[A-Za-z0-9_.-]+",
 
 
-def section(*names):
-    """A param value that changes exactly when one of these config sections changes (--rerun-triggers params)."""
-    text = "".join(OmegaConf.to_yaml(OmegaConf.select(CFG, n), resolve=True) for n in names)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# The attention settings each kind actually reads (softmax ignores the hardware knobs).
+ATTENTION_KEYS = {"softmax": ["kind"], "softmax_window": ["kind", "window"]}
+
+
+def section(*names, kind=None):
+    """A param value that changes exactly when one of these config sections changes (--rerun-triggers
+    params). With ``kind``, the attention section counts only the settings that attention kind reads."""
+    parts = []
+    for name in names:
+        node = OmegaConf.to_container(OmegaConf.select(CFG, name), resolve=True)
+        if name == "attention" and kind is not None:
+            node = dict(node, kind=kind)
+            keys = ATTENTION_KEYS.get(kind)
+            node = {k: node[k] for k in keys} if keys else node
+        parts.append(OmegaConf.to_yaml(OmegaConf.create({name: node})))
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
 def stage_cmd(stage, *extra):
@@ -69,7 +88,7 @@ VARIANTS = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonli
 # Inputs shared by the training-like rules: the token shards, and the fitted cell when the nonlinear
 # model uses the pipeline's own fit.
 TRAIN_INPUTS = [f"{R}/data/meta.json"]
-TRAIN_SECTIONS = ("data", "model", "train", "attention", "workflow")
+TRAIN_SECTIONS = ("data", "model", "train", "attention")
 TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training)
 FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fitted" else []
 

@@ -12,7 +12,7 @@ rule finetune:
                       f"train.max_iters={WF.linear_iters - WF.linear_early_iters}",
                       f"train.lr_decay_iters={WF.linear_iters - WF.linear_early_iters}",
                       f"train.learning_rate={WF.finetune_learning_rate}"),
-        section=section(*TRAIN_SECTIONS),
+        section=section(*TRAIN_SECTIONS, kind="nonlinear_hw"),
     log:
         f"{LOGS}/finetune.log",
     benchmark:

@@ -11,7 +11,7 @@ rule leakage_sweep:
                       f"+stage.init_from={ckpt('linear_hw')}",
                       f"+stage.finetune_iters={WF.leakage_finetune_iters}",
                       "attention.decay_per_step=" + ",".join(repr(float(v)) for v in WF.leakage_values)]),
-        section=section("attention", "train", "workflow"),
+        section=section("attention", "train", "data", "model", kind="linear_hw"),
     log:
         f"{LOGS}/leakage_sweep.log",
     benchmark:

@@ -9,7 +9,7 @@ rule pretrain:
     params:
         cmd=train_cmd("attention=softmax", "+stage.name=softmax",
                       *(["train.max_iters=0"] if PROFILE == "paper" else [])),
-        section=section(*TRAIN_SECTIONS),
+        section=section(*TRAIN_SECTIONS, kind="softmax"),
     log:
         f"{LOGS}/pretrain.log",
     benchmark:
@@ -34,7 +34,7 @@ rule train_window:
         cmd=train_cmd("attention=softmax_window", "+stage.name=softmax_window", f"+stage.init_from={ckpt('softmax')}",
                       f"train.max_iters={WF.window_iters}", f"train.lr_decay_iters={WF.window_iters}",
                       f"train.learning_rate={WF.finetune_learning_rate}"),
-        section=section(*TRAIN_SECTIONS),
+        section=section(*TRAIN_SECTIONS, kind="softmax_window"),
     log:
         f"{LOGS}/train_window.log",
     benchmark:

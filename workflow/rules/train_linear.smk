@@ -9,7 +9,7 @@ rule train_linear:
         cmd=train_cmd("attention=linear_hw", "+stage.name=linear_hw", f"+stage.init_from={ckpt('softmax')}",
                       f"train.max_iters={WF.linear_iters}", f"train.lr_decay_iters={WF.linear_iters}",
                       f"train.learning_rate={WF.finetune_learning_rate}"),
-        section=section(*TRAIN_SECTIONS),
+        section=section(*TRAIN_SECTIONS, kind="linear_hw"),
     log:
         f"{LOGS}/train_linear.log",
     benchmark:
@@ -36,7 +36,7 @@ rule train_linear_early:
         cmd=train_cmd("attention=linear_hw", "+stage.name=linear_hw_early", f"+stage.init_from={ckpt('softmax')}",
                       f"train.max_iters={WF.linear_early_iters}", f"train.lr_decay_iters={WF.linear_iters}",
                       f"train.learning_rate={WF.finetune_learning_rate}"),
-        section=section(*TRAIN_SECTIONS),
+        section=section(*TRAIN_SECTIONS, kind="linear_hw"),
     log:
         f"{LOGS}/train_linear_early.log",
     benchmark:
