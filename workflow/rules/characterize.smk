@@ -9,7 +9,7 @@ rule characterize:
         f"{LOGS}/characterize.log",
     benchmark:
         f"{LOGS}/benchmarks/characterize.tsv"
-    threads: workflow.cores
+    threads: 16  # the SPICE process pool; Snakemake lowers it to --cores
     resources:
         mem_mb=8000,
         runtime=120,
