@@ -14,16 +14,6 @@ from gaincell.model import GPT, GPTConfig
 VOCAB, BLOCK, WINDOW = 97, 96, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Token-by-token work is tiny: with several torch threads per pytest-xdist worker on a loaded
-    2-core machine the threads stall on each other (measured 10x slower), so these tests use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _model(kind: str, block_size: int = BLOCK, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     analog = AnalogAttentionConfig(window=WINDOW, tile_rows=16, decay_per_step=2e-3,

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -18,20 +18,28 @@ def _tmp_beside(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+def _write_atomically(path: PathLike, write: Callable[[int, str], None]) -> Path:
+    """Call ``write(fd, tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     fd, tmp = _tmp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(fd, tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    def write(fd: int, tmp: str) -> None:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _write_atomically(path, write)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
@@ -60,17 +68,11 @@ def _json_default(obj: Any) -> Any:
 def atomic_save_torch(obj: Any, path: PathLike) -> Path:
     import torch
 
-    path = Path(path)
-    fd, tmp = _tmp_beside(path)
-    os.close(fd)
-    try:
+    def write(fd: int, tmp: str) -> None:
+        os.close(fd)
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return _write_atomically(path, write)
 
 
 def atomic_to_csv(df, path: PathLike, **kwargs: Any) -> Path:

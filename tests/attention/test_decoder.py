@@ -12,16 +12,6 @@ from gaincell.attention.config import PAPER_COEFFICIENTS
 OUTPUT_STEP = 2.0 / 31.0  # one level of the 32-level pulse counter on [-1, 1] (spec §2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Token-by-token work is tiny: with several torch threads per pytest-xdist worker on a loaded
-    2-core machine the threads stall on each other (measured 10x slower), so these tests use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _inputs(batch, heads, tokens, dim, seed):
     """Scaled inputs spread over (and a little beyond) the DAC ranges, so that clamps, several
     quantization levels and both signs of the stored weights all occur."""
