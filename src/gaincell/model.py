@@ -259,19 +259,12 @@ class GPT(nn.Module):
                  top_k: Optional[int] = None, **kwargs: Any) -> torch.Tensor:
         """Sample ``max_new_tokens`` continuation tokens of idx (B, T) -> (B, T + max_new_tokens).
 
-        Delegates to ``gaincell.generate.generate`` (incremental decoding with streaming KV arrays)
-        when that module exists; otherwise recomputes the whole (cropped) context per token.
+        Delegates to ``gaincell.generate.generate``: incremental decoding, with the streaming KV arrays
+        for the hardware attention (imported here, not at the top: that module builds on this one).
         """
-        try:
-            from gaincell.generate import generate as _streaming_generate
-        except ImportError as exc:
-            if exc.name not in ("gaincell.generate",):
-                raise
-            _streaming_generate = None
-        if _streaming_generate is not None:
-            return _streaming_generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, **kwargs)
-        return self.generate_recompute(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                       generator=kwargs.get("generator"))
+        from gaincell.generate import generate as streaming_generate
+
+        return streaming_generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, **kwargs)
 
     @torch.no_grad()
     def generate_recompute(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

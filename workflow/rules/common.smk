@@ -3,6 +3,7 @@ import hashlib
 import os
 import shlex
 import sys
+import time
 
 from omegaconf import OmegaConf
 
@@ -33,8 +34,6 @@ os.environ["GAINCELL_OVERRIDES"] = " ".join(USER_OVERRIDES)
 OVR = f"profile={shlex.quote(PROFILE)} $GAINCELL_OVERRIDES"
 
 # One W&B group per pipeline invocation (not a param: it must not trigger reruns).
-import time
-
 os.environ.setdefault("WANDB_RUN_GROUP", f"{PROFILE}-{time.strftime('%Y%m%d-%H%M%S')}")
 os.environ.setdefault("WANDB_MODE", str(CFG.tracking.mode))
 

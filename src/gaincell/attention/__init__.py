@@ -8,15 +8,9 @@ fastest exact path), ``blocked`` (CPU path), ``kernels`` (Triton), ``decoder`` (
 ``module`` (``AttentionCore`` with the learnable scalers, for models).
 """
 from .config import COEFFICIENT_ORDER, PAPER_COEFFICIENTS, AnalogAttentionConfig, fold_coefficients
+from .decoder import AnalogKVDecoder
 from .functional import analog_attention
 from .module import KINDS, AttentionCore
 
-__all__ = ["AnalogAttentionConfig", "analog_attention", "AttentionCore", "KINDS",
+__all__ = ["AnalogAttentionConfig", "analog_attention", "AnalogKVDecoder", "AttentionCore", "KINDS",
            "PAPER_COEFFICIENTS", "COEFFICIENT_ORDER", "fold_coefficients"]
-
-try:  # the streaming decoder (issue on streaming inference) lands separately
-    from .decoder import AnalogKVDecoder  # noqa: F401
-
-    __all__.append("AnalogKVDecoder")
-except ImportError:  # pragma: no cover
-    pass

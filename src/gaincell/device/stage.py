@@ -290,11 +290,9 @@ def characterize(cfg) -> Dict[str, Any]:
 
 
 def _log(cfg, summary: Dict[str, Any]) -> None:
-    """Headline numbers to the experiment tracker (W&B offline + CSV); skipped when unavailable."""
-    try:
-        from gaincell.tracking import Tracker
-    except ImportError:  # pragma: no cover
-        return
+    """Headline numbers to the experiment tracker (W&B offline + CSV); a tracking failure never fails the stage."""
+    from gaincell.tracking import Tracker
+
     try:
         tracker = Tracker(cfg, run_name="characterize", job_type="characterize")
     except Exception as err:  # tracking must never fail the stage

@@ -325,11 +325,8 @@ def local_task_params(eval_cfg) -> LocalTaskParams:
 
 
 def _log_to_tracker(cfg, variant: str, table: pd.DataFrame) -> None:
-    try:
-        from gaincell.tracking import Tracker
-    except ImportError:  # tracking lands separately; the CSV/JSON above are the record
-        log.warning("gaincell.tracking not available: evaluation results not logged to W&B")
-        return
+    from gaincell.tracking import Tracker
+
     tracker = Tracker(cfg, run_name=f"eval-{variant}", job_type="evaluate")
     try:
         flat = {f"eval/{r.task}/{r.metric}": float(r.value) for r in table.itertuples()}

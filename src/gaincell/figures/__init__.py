@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-# Modules in pipeline order; a module that is not there yet is reported, not fatal at import.
+# Modules in pipeline order.
 FIGURE_MODULES = ("device", "train", "adapt", "evaluate", "hardware", "benchmarks")
 
 
@@ -22,12 +22,7 @@ def figure_functions() -> Dict[str, Tuple[str, Callable]]:
     """name -> (module, function) of every ``fig_*`` function, in pipeline order."""
     found: Dict[str, Tuple[str, Callable]] = {}
     for module_name in FIGURE_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"{__name__}.{module_name}":
-                continue
-            raise
+        module = importlib.import_module(f"{__name__}.{module_name}")
         for name, func in inspect.getmembers(module, inspect.isfunction):
             if name.startswith("fig_") and func.__module__ == module.__name__:
                 found[name[4:]] = (module_name, func)

@@ -653,11 +653,9 @@ def run(cfg: Any) -> Dict[str, Any]:
 
 
 def _log(cfg: Any, summary: Dict[str, Any]) -> None:
-    """Best-effort W&B/CSV logging through gaincell.tracking (absent or disabled: nothing)."""
-    try:
-        from gaincell.tracking import Tracker
-    except ImportError:
-        return
+    """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage)."""
+    from gaincell.tracking import Tracker
+
     try:
         tracker = Tracker(cfg, run_name="gpu_baseline", job_type="gpu_baseline")
         for i, m in enumerate(summary["measurements"]):

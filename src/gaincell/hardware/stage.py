@@ -191,11 +191,9 @@ def run(cfg: Any) -> Dict[str, Any]:
 
 
 def _log(cfg: Any, design: Dict[str, Any]) -> None:
-    """Best-effort W&B/CSV logging through gaincell.tracking (absent or disabled: nothing)."""
-    try:
-        from gaincell.tracking import Tracker
-    except ImportError:
-        return
+    """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage)."""
+    from gaincell.tracking import Tracker
+
     try:
         tracker = Tracker(cfg, run_name="hardware_estimates", job_type="hardware_estimates")
         flat = {}
