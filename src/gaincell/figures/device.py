@@ -264,7 +264,8 @@ def fig_device_array(results_dir: Path, out_dir: Path) -> List[Path]:
             transform=ax.transAxes, va="top", fontsize=8, bbox=dict(fc="white", ec="0.8"))
     ax = axes[1]
     err = 100 * arr["error_c"] / fs
-    ax.scatter(arr["ideal_charge_c"] / fs, err, s=8, alpha=0.6, c=arr["input_sum_ns"], cmap="viridis")
+    points = ax.scatter(arr["ideal_charge_c"] / fs, err, s=8, alpha=0.6, c=arr["input_sum_ns"], cmap="viridis")
+    fig.colorbar(points, ax=ax, label="sum of the input pulse widths (ns)")
     ax.axhline(0, color="0.5", lw=0.6)
     ax.set_xlabel("ideal output / full scale")
     ax.set_ylabel("error (% of full scale)")
