@@ -25,7 +25,7 @@ import pandas as pd
 
 from gaincell.device import array as array_mod
 from gaincell.device import simulate, sweeps
-from gaincell.device.netlists import ENCODINGS, ArrayLayout, CellDesign
+from gaincell.device.netlists import ArrayLayout, CellDesign, cell_kind_name, reference_voltage
 from gaincell.device.technology import TECHNOLOGIES, make_technology
 from gaincell.io import atomic_to_csv, atomic_write_json
 from gaincell.io import finite_or_none as _finite
@@ -40,8 +40,7 @@ def validate_device_config(d) -> None:
     g = lambda k: _get(d, k)  # noqa: E731
     if g("technology") not in TECHNOLOGIES:
         raise ValueError(f"device.technology={g('technology')!r}: expected one of {', '.join(TECHNOLOGIES)}")
-    if g("signed_encoding") not in ENCODINGS:
-        raise ValueError(f"device.signed_encoding={g('signed_encoding')!r}: expected one of {', '.join(ENCODINGS)}")
+    cell_kind_name(g("cell"))
     positive = ["supply_v", "read_w_um", "read_l_um", "write_w_um", "write_l_um", "storage_capacitance_f",
                 "pulse_width_max_ns", "edge_ns", "time_step_ns", "gmin_s", "reltol", "retention_time_s",
                 "write_ns", "read_v_max", "preset_ns", "settle_ns"]
@@ -57,6 +56,9 @@ def validate_device_config(d) -> None:
     lo, hi = float(g("stored_v_min")), float(g("stored_v_max"))
     if not (0 <= lo < hi <= supply):
         raise ValueError(f"device.stored_v_min={lo}, stored_v_max={hi}: expected 0 <= min < max <= supply_v={supply}")
+    ref = reference_voltage(g("reference_v"), supply)
+    if not (math.isfinite(ref) and 0 <= ref <= supply):
+        raise ValueError(f"device.reference_v={g('reference_v')!r}: expected a voltage in [0, supply_v={supply}]")
     rlo, rhi = float(g("read_v_min")), float(g("read_v_max"))
     if not (0 < rlo <= rhi <= supply):
         raise ValueError(f"device.read_v_min={rlo}, read_v_max={rhi}: expected 0 < min <= max <= supply_v={supply}")
@@ -269,7 +271,9 @@ def characterize(cfg) -> Dict[str, Any]:
         "write_error_max_v": float(write_df["write_error_v"].abs().max()) if not write_df.empty else float("nan"),
         "stored_window_v": [float(d.stored_v_min), float(d.stored_v_max)],
         "read_window_v": [float(d.read_v_min), float(d.read_v_max)], "read_voltage_v": read_v,
-        "signed_encoding": str(d.signed_encoding), "pulse_width_max_ns": t_max,
+        "cell_kind": cell.cell,
+        "reference_v": cell.reference_v if cell.cell == "single_ended" else None,
+        "pulse_width_max_ns": t_max,
         "supply_v": float(d.supply_v),
         "cell": {k: getattr(cell, k) for k in cell.__dataclass_fields__},
         "grid": {k: [float(x) for x in v] for k, v in grid.items()},
