@@ -310,6 +310,68 @@ def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], p
     return result, pts
 
 
+def fit_mismatch(mm: pd.DataFrame, nominal: pd.DataFrame, scale: float, pulse_width_max_ns: float,
+                 order: int = 3, offset_v: float = 0.45) -> Tuple[Dict[str, Any], pd.DataFrame]:
+    """One cubic per Monte-Carlo cell (``mismatch.csv``: every stored level at V_read and T_max), in the
+    nominal fit's units (its current ``scale``, NOT renormalised per cell, so gain differences survive).
+
+    Returns the spread of each folded c_i across cells (standard deviation, ddof=1, with its own standard
+    error sigma / sqrt(2 (N - 1)) of a Gaussian sample), the gain spread sigma(c_1)/mean(c_1) (what
+    ``attention.cell_variation`` models: one gain factor per physical cell) and the offset spread
+    sigma(c_0), plus the per-cell table. ``nominal`` holds the same points of the nominal cell.
+    """
+    def folded_of(df: pd.DataFrame) -> np.ndarray:
+        y = df["level_v"].to_numpy(float) - offset_v
+        t = df["charge_c"].to_numpy(float) / (pulse_width_max_ns * 1e-9) * 1e6 * scale
+        c, _ = fit_folded(y, np.ones_like(y), t, order, min_points=order + 1)
+        return c
+
+    rows = []
+    for index, grp in mm.groupby("mc_cell"):
+        c = folded_of(grp)
+        rows.append({"mc_cell": int(index), "delvto_pos_v": float(grp["delvto_pos_v"].iloc[0]),
+                     "delvto_neg_v": float(grp["delvto_neg_v"].iloc[0]), **{f"c{i}": float(v) for i, v in enumerate(c)}})
+    cells = pd.DataFrame(rows)
+    n = len(cells)
+    nominal_c = folded_of(nominal)
+    spread = {}
+    for i in range(order + 1):
+        v = cells[f"c{i}"].to_numpy()
+        sd = float(np.std(v, ddof=1)) if n > 1 else float("nan")
+        spread[f"c{i}"] = {"nominal": float(nominal_c[i]), "mean": float(v.mean()), "std": sd,
+                           "std_standard_error": sd / math.sqrt(2 * (n - 1)) if n > 1 else float("nan")}
+    c1 = spread["c1"]["mean"]
+    gain = spread["c1"]["std"] / abs(c1) if c1 else float("nan")
+    # what the offset spread does to a readout, beside what the gain spread does at a typical weight
+    # (|y| = 0.225 V, half the range): the offset is negligible only when this ratio is small
+    offset_vs_gain = spread["c0"]["std"] / (spread["c1"]["std"] * 0.225) if spread["c1"]["std"] else float("nan")
+    result = {"cells": n, "coefficients": spread, "gain_spread_relative": gain,
+              "gain_spread_relative_standard_error": gain / math.sqrt(2 * (n - 1)) if n > 1 else float("nan"),
+              "offset_spread": spread["c0"]["std"], "offset_spread_over_c1": spread["c0"]["std"] / abs(c1) if c1 else None,
+              "offset_over_gain_effect_at_half_range": offset_vs_gain,
+              "units": "folded c_i in the nominal fit's normalised units (paper uA); spreads across Monte-Carlo cells",
+              "note": ("cell_variation (attention) models the gain spread: one factor per cell multiplying every "
+                       "term; the offset spread sigma(c_0) is reported beside it and is not part of that model")}
+    return result, cells
+
+
+def _mismatch_result(device_dir: Path, df: pd.DataFrame, summary: Dict[str, Any], result: Dict[str, Any],
+                     out_dir: Path, fit_cfg) -> Dict[str, Any]:
+    """Per-cell fits of ``device/mismatch.csv`` (written to ``fit/mismatch_fits.csv``), or why there are none."""
+    info = dict(summary.get("mismatch") or {})
+    path = device_dir / "mismatch.csv"
+    mm = pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+    if mm.empty or "mc_cell" not in mm.columns:
+        return {**info, "available": False, "reason": info.get("reason", f"{path} has no Monte-Carlo cells")}
+    read_v, width = float(mm["read_v"].iloc[0]), float(mm["pulse_width_ns"].iloc[0])
+    nominal = df[np.isclose(df["read_v"], read_v) & np.isclose(df["pulse_width_ns"], width)]
+    spread, cells = fit_mismatch(mm, nominal, result["normalisation"]["scale_factor"],
+                                 float(summary["pulse_width_max_ns"]), int(fit_cfg.order),
+                                 float(fit_cfg.model_offset_v))
+    atomic_to_csv(cells, out_dir / "mismatch_fits.csv")
+    return {**info, **spread}
+
+
 def run(cfg) -> Dict[str, Any]:
     """Fit ``results/<profile>/device/cell_sweep.csv``; write ``results/<profile>/fit/``."""
     started = time.time()
@@ -340,6 +402,7 @@ def run(cfg) -> Dict[str, Any]:
     result["normalisation"]["cell_kind"] = summary.get("cell_kind")
     result["normalisation"]["reference_v"] = summary.get("reference_v")
     out_dir.mkdir(parents=True, exist_ok=True)
+    result["mismatch"] = _mismatch_result(device_dir, df, summary, result, out_dir, cfg.fit)
     atomic_to_csv(pts, out_dir / "fit_points.csv")
     atomic_write_json(out_dir / "coefficients.json", _finite(result))
     f, p = result["folded"], result["paper"]["folded"]
@@ -352,6 +415,12 @@ def run(cfg) -> Dict[str, Any]:
           f"of full scale); scale {result['normalisation']['scale_factor']:.4g}"
           + (f"; full grid folds to {', '.join(f'{c:.4g}' for c in fg)}" if fg else "")
           + f" -> {out_dir / 'coefficients.json'}")
+    mm = result["mismatch"]
+    if mm.get("available"):
+        print(f"fit: Monte-Carlo mismatch, {mm['cells']} cells, sigma(vth) {mm['vth_sigma_v'] * 1e3:.3g} mV: gain spread "
+              f"sigma(c1)/c1 = {mm['gain_spread_relative']:.4f} +- {mm['gain_spread_relative_standard_error']:.4f}, "
+              f"offset spread sigma(c0) = {mm['offset_spread']:.4g}, sigma(c2) = {mm['coefficients']['c2']['std']:.4g}, "
+              f"sigma(c3) = {mm['coefficients']['c3']['std']:.4g}")
     return result
 
 

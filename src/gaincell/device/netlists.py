@@ -212,8 +212,9 @@ def _preset_control(circuit, cell: CellDesign) -> None:
 
 
 def _cell_transistors(tech: Technology, cell: CellDesign, tag: str, sn: str, rwl: str, rbl: str,
-                      wwl: str, wbl: str, with_write: bool = True) -> List[str]:
-    lines = [tech.instance(f"r{tag}", rwl, sn, rbl, "0", cell.read_device, cell.read_w_um, cell.read_l_um)]
+                      wwl: str, wbl: str, with_write: bool = True, read_delvto_v: float = 0.0) -> List[str]:
+    lines = [tech.instance(f"r{tag}", rwl, sn, rbl, "0", cell.read_device, cell.read_w_um, cell.read_l_um,
+                           delvto_shift_v=read_delvto_v)]
     if with_write:
         lines.append(tech.instance(f"w{tag}", wbl, wwl, sn, "0", cell.write_device, cell.write_w_um, cell.write_l_um))
     return lines
@@ -226,9 +227,10 @@ READ_SOURCES = {"rwl": "vrwl", "pos_preset": "vprep", "neg_preset": "vpren", "po
                 "neg_bitline": "vbln"}
 
 
-def read_pair_netlist(tech: Technology, cell: CellDesign) -> str:
+def read_pair_netlist(tech: Technology, cell: CellDesign, read_delvto_v: Tuple[float, float] = (0.0, 0.0)) -> str:
     """Signed pair (two cells, two bitlines) read bench; alter ``vprep``/``vpren`` (stored voltages)
-    and ``@vrwl[pulse]`` (input pulse)."""
+    and ``@vrwl[pulse]`` (input pulse). ``read_delvto_v``: threshold shifts of the positive and the
+    negative (reference) read transistor, V (Monte-Carlo mismatch; 0 = nominal)."""
     c = _circuit("gaincell signed pair read")
     c.V("wwl", "wwl", c.gnd, cell.hold_wordline_v)
     c.V("wbl", "wbl", c.gnd, cell.hold_bitline_v)
@@ -241,8 +243,10 @@ def read_pair_netlist(tech: Technology, cell: CellDesign) -> str:
         c.C(f"s{p}", f"sn{p}", c.gnd, cell.storage_capacitance_f)
         _add_preset(c, f"sn{p}", p, cell)
     _preset_control(c, cell)
-    transistors = (_cell_transistors(tech, cell, "p", "snp", "rwl", "blp", "wwl", "wbl")
-                   + _cell_transistors(tech, cell, "n", "snn", "rwl", "bln", "wwl", "wbl"))
+    transistors = (_cell_transistors(tech, cell, "p", "snp", "rwl", "blp", "wwl", "wbl",
+                                     read_delvto_v=read_delvto_v[0])
+                   + _cell_transistors(tech, cell, "n", "snn", "rwl", "bln", "wwl", "wbl",
+                                       read_delvto_v=read_delvto_v[1]))
     return _finish(c, tech, cell, transistors)
 
 
