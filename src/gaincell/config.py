@@ -127,7 +127,9 @@ class AttentionSettings:
     query_levels: Optional[int] = 16    # input pulse-width levels (None: no quantization)
     stored_levels: Optional[int] = 8    # stored-voltage (DAC) levels for K and V
     output_levels: Optional[int] = 32   # pulse-counter levels per sub-tile readout
-    gain: float = 19.3                  # slope g of the linear cell model
+    gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
+    #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
+    #                                     gaincell.attention.config.resolve_gain
     qk_saturation: float = 80.0         # S_sat of the charge-to-pulse HardSigmoid (first array)
     av_saturation: float = 40.0         # S_sat of the second array readout
     stored_offset: float = 0.45         # V_DD/2 offset of the stored weight, V

@@ -2,6 +2,7 @@ rule train_linear:
     """Linear intermediate hardware model (variant 3), fine-tuned from the baseline."""
     input:
         TRAIN_INPUTS,
+        GAIN_INPUT,
         base=ckpt("softmax"),
     output:
         ckpt("linear_hw"),
@@ -29,6 +30,7 @@ rule train_linear_early:
     Same schedule as train_linear (lr_decay_iters), stopped early, as the paper's earlier checkpoint."""
     input:
         TRAIN_INPUTS,
+        GAIN_INPUT,
         base=ckpt("softmax"),
     output:
         ckpt("linear_hw_early"),
