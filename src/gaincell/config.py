@@ -138,7 +138,9 @@ class AttentionSettings:
     coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
     fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw
-    read_noise: float = 0.0             # relative Gaussian read noise on array outputs (0 = off)
+    cell_variation: float = 0.0         # relative std of each cell's gain, fixed per chip (0 = identical cells)
+    readout_noise: float = 0.0          # std of Gaussian noise on each sub-tile readout before its ADC (0 = off)
+    noise_seed: int = 0                 # seed of the chip and the readout noise (each layer derives its own)
     implementation: str = "auto"        # auto | dense | blocked | triton
 
 
