@@ -8,8 +8,8 @@ rule study_val_loss:
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
-        cmd=stage_cmd("adapt"),
-        args=lambda w: args(*stage_overrides(mode="evaluate", name=w.run, init_from=ckpt(w.run))),
+        cmd=stage_cmd("study_eval"),
+        args=lambda w: args(*stage_overrides(name=w.run, init_from=ckpt(w.run))),
         section=section("adapt", "data", "seed"),
     log:
         f"{LOGS}/study_val_loss_{{run}}.log",
