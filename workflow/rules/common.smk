@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -188,10 +189,23 @@ localrules: all, fit, hardware_estimates, figures, leakage_sweep
 # Only one pipeline run writes a results folder at a time, wherever it was started from (Snakemake's own
 # lock is per working directory). Taken when jobs are about to run (not for -n, --lint or --report).
 RESULTS_LOCK = []
+RUN_RECORD = Path(LOGS) / "pipeline_run.json"  # start and end of the run (benchmarks/pipeline_schedule.py)
+
+
+def record_run(**times):
+    record = dict(profile=PROFILE, overrides=USER_OVERRIDES, cores=workflow.cores, **times)
+    if "end" in times and RUN_RECORD.is_file():
+        record = {**json.loads(RUN_RECORD.read_text()), **times}
+    atomic_write_json(RUN_RECORD, record)
 
 
 onstart:
     RESULTS_LOCK.append(results_lock.acquire(R))
+    record_run(start=time.time())
+
+
+onsuccess:
+    record_run(end=time.time())
 
 
 def keep_only_points(points, index_path, log_path):
