@@ -56,9 +56,9 @@ def test_printed_commands_carry_the_overrides():
         assert "profile=ci attention.window=64 train.eval_iters=3" in command, command
 
 
-def test_one_job_per_leakage_point_and_multinode_training_launcher():
-    run = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "profile=paper",
-                    "overrides=workflow.nodes_per_training=2 workflow.leakage_values=[0.0,0.001]")
+def test_slurm_profile_one_job_per_leakage_point_and_multinode_training():
+    run = snakemake("-n", "-p", "--forceall", "--workflow-profile", "workflow/profiles/slurm", "--config",
+                    "profile=paper", "overrides=workflow.nodes_per_training=2 workflow.leakage_values=[0.0,0.001]")
     assert run.returncode == 0, run.stderr
     assert len(re.findall(r"^rule leakage_point:", run.stdout, flags=re.M)) == 2
     train = [line for line in run.stdout.splitlines() if " -m gaincell train " in line]
