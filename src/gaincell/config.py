@@ -17,6 +17,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
+
 
 # --------------------------------------------------------------------------------------------------
 # device characterization (SPICE) and fit
@@ -130,6 +132,18 @@ class AttentionSettings:
     exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw
     read_noise: float = 0.0             # relative Gaussian read noise on array outputs (0 = off)
     implementation: str = "auto"        # auto | dense | blocked | triton
+
+
+# --------------------------------------------------------------------------------------------------
+# linear projections: digital or on analog weight tiles
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ProjectionSettings(AnalogProjectionConfig):
+    """The Hydra group ``projections`` (``digital`` | ``analog``): which block projections run on analog
+    weight tiles and their RPU settings (the fields of ``gaincell.analog_projections.AnalogProjectionConfig``,
+    each with its source), plus ``inference``: the evaluation noise drawn per seed (not stored in models)."""
+
+    inference: InferenceNoiseConfig = field(default_factory=InferenceNoiseConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,6 +383,7 @@ class RootConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     attention: AttentionSettings = field(default_factory=AttentionSettings)
+    projections: ProjectionSettings = field(default_factory=ProjectionSettings)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
