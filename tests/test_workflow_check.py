@@ -14,10 +14,10 @@ def _complete_run(root):
     put("fit/coefficients.json", json.dumps({"coefficients": [0.1 * i for i in range(10)], "pad": "x" * 50}))
     put("data/meta.json", json.dumps({"vocab_size": 4096}))
     put("data/train.bin"), put("data/val.bin")
-    for run in ["softmax", "softmax_window", "linear_hw", "linear_hw_early", "nonlinear_finetuned"]:
+    for run in wc.TRAINED_RUNS:
         put(f"checkpoints/{run}/final.pt")
         put(f"train/{run}/metrics.csv", "iter,train_loss\n1,5.0\n2,4.0\n")
-    for run in ["nonlinear_mapped", "nonlinear_adapted", "nonlinear_adapted_early"]:
+    for run in wc.ADAPTED_RUNS:
         put(f"checkpoints/{run}/ckpt.pt")
         put(f"adapt/{run}/summary.json", json.dumps({"iterations": 3}))
     for variant in wc.VARIANTS:

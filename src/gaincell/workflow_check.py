@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-VARIANTS = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonlinear_adapted",
-            "nonlinear_finetuned"]
-RULES_WITH_BENCHMARKS = ["characterize", "fit", "prepare_data", "pretrain", "train_window", "train_linear",
-                         "train_linear_early", "finetune", "leakage_sweep", "gpu_baseline",
-                         "hardware_estimates", "figures", "generate_sample"]
+from gaincell import study
+
+VARIANTS = list(study.VARIANT_RUNS)
+TRAINED_RUNS = [r.name for r in study.runs("train")]      # checkpoints/<run>/final.pt + train/<run>/metrics.csv
+ADAPTED_RUNS = [r.name for r in study.runs("adapt")]      # checkpoints/<run>/ckpt.pt + adapt/<run>/summary.json
+RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"] + [r.rule for r in study.runs("train")]
+                         + ["leakage_sweep", "gpu_baseline", "hardware_estimates", "figures", "generate_sample"])
 # Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
 REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
                     "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
@@ -70,11 +72,11 @@ def check(results_dir: Path) -> List[str]:
     need("data/meta.json", 10)
     need("data/train.bin", 10_000)
     need("data/val.bin", 1_000)
-    for run in ["softmax", "softmax_window", "linear_hw", "linear_hw_early", "nonlinear_finetuned"]:
-        need(f"checkpoints/{run}/final.pt", 10_000)
+    for run in TRAINED_RUNS:
+        need(study.checkpoint(run), 10_000)
         need(f"train/{run}/metrics.csv", 20, csv_rows(1))
-    for run in ["nonlinear_mapped", "nonlinear_adapted", "nonlinear_adapted_early"]:
-        need(f"checkpoints/{run}/ckpt.pt", 10_000)
+    for run in ADAPTED_RUNS:
+        need(study.checkpoint(run), 10_000)
         need(f"adapt/{run}/summary.json", 10)
     for variant in VARIANTS:
         need(f"eval/{variant}/results.csv", 20, csv_rows(2))
@@ -84,7 +86,7 @@ def check(results_dir: Path) -> List[str]:
         problems.append("adapt/leakage: fewer than 3 leakage points")
     need("hardware/estimates.json", 20)
     need("hardware/gpu_baseline.json", 20)
-    need("samples/nonlinear_finetuned.txt", 20)
+    need(f"samples/{study.SAMPLE_RUN}.txt", 20)
     index_path = r / "figures" / "index.json"
     if index_path.exists():
         index = _json(index_path)

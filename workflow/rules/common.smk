@@ -7,6 +7,7 @@ import time
 
 from omegaconf import OmegaConf
 
+from gaincell import study
 from gaincell.config import compose
 
 PROFILE = str(config.get("profile", "tiny"))
@@ -45,12 +46,15 @@ wildcard_constraints:
 ATTENTION_KEYS = {"softmax": ["kind"], "softmax_window": ["kind", "window"]}
 
 
-def section(*names, kind=None):
+def section(*names, kind=None, extra=()):
     """A param value that changes exactly when one of these config sections changes (--rerun-triggers
-    params). With ``kind``, the attention section counts only the settings that attention kind reads."""
+    params). With ``kind``, the attention section counts only the settings that attention kind reads.
+    ``extra``: a run's own Hydra overrides; the top-level sections they name count too."""
+    names = list(dict.fromkeys(list(names) + [o.lstrip("+~").split("=")[0].split(".")[0] for o in extra]))
     parts = []
     for name in names:
-        node = OmegaConf.to_container(OmegaConf.select(CFG, name), resolve=True)
+        node = OmegaConf.select(CFG, name)
+        node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if name == "attention" and kind is not None:
             node = dict(node, kind=kind)
             keys = ATTENTION_KEYS.get(kind)
@@ -76,13 +80,30 @@ def train_cmd(*extra):
     return " ".join([train_launcher(), "train", OVR, "+stage.on_mismatch=restart"] + [shlex.quote(e) for e in extra])
 
 
-def ckpt(run):
-    return f"{R}/checkpoints/{run}/final.pt"
+def ckpt(run, training=None):
+    """A run's checkpoint (``final.pt`` of the trainer, ``ckpt.pt`` of an adaptation; study.RUNS)."""
+    if training is None:
+        return f"{R}/{study.checkpoint(run)}"
+    return f"{R}/checkpoints/{run}/{study.TRAINING[training]}"
 
 
-# The model variants of the study (paper Table 1 / Fig. 4) and how each is evaluated.
-VARIANTS = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonlinear_adapted",
-            "nonlinear_finetuned"]
+def run_overrides(run):
+    """The Hydra overrides that make one run of the study table (gaincell.study.RUNS)."""
+    out = [f"attention={run.kind}", f"+stage.name={run.name}"]
+    if run.start:
+        out.append(f"+stage.init_from={ckpt(run.start)}")
+    if run.training == "adapt":
+        out.append(f"+stage.mode={run.mode}")
+    else:
+        iters, decay = run.max_iters(CFG), run.lr_decay_iters(CFG)
+        out += [f"train.max_iters={iters}"] if iters is not None else []
+        out += [f"train.lr_decay_iters={decay}"] if decay is not None else []
+        out += [f"train.learning_rate={WF.finetune_learning_rate}"] if run.start else []
+    return out + list(run.overrides)
+
+
+# The model variants of the study (paper Table 1 / Fig. 4), evaluated and compared.
+VARIANTS = list(study.VARIANT_RUNS)
 
 # Inputs shared by the training-like rules: the token shards, and the fitted cell when the nonlinear
 # model uses the pipeline's own fit.
@@ -90,18 +111,3 @@ TRAIN_INPUTS = [f"{R}/data/meta.json"]
 TRAIN_SECTIONS = ("data", "model", "train", "attention")
 TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training)
 FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fitted" else []
-
-# Variants 4 and 5 (and the input of 6): output run -> (linear checkpoint it starts from, mode).
-ADAPT_RUNS = {
-    "nonlinear_mapped": ("linear_hw", "map_only"),  # variant 4: no adaptation
-    "nonlinear_adapted": ("linear_hw", "adapt"),  # variant 5: adapted, no fine-tuning
-    "nonlinear_adapted_early": ("linear_hw_early", "adapt"),  # input of variant 6
-}
-
-
-def adapted(run):
-    return f"{R}/checkpoints/{run}/ckpt.pt"
-
-
-def variant_checkpoint(run):
-    return adapted(run) if run in ADAPT_RUNS else ckpt(run)

@@ -3,13 +3,13 @@ rule evaluate:
     input:
         TRAIN_INPUTS,
         rules.prepare_data.output.eval_text,
-        model=lambda w: variant_checkpoint(w.run),
+        model=lambda w: ckpt(w.run),
     output:
         f"{R}/eval/{{run}}/results.csv",
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
-        cmd=lambda w: stage_cmd("evaluate", f"+stage.name={w.run}", f"+stage.checkpoint={variant_checkpoint(w.run)}"),
+        cmd=lambda w: stage_cmd("evaluate", f"+stage.name={w.run}", f"+stage.checkpoint={ckpt(w.run)}"),
         section=section("eval", "data"),
     log:
         f"{LOGS}/evaluate_{{run}}.log",

@@ -10,8 +10,8 @@ rule figures:
         rules.leakage_sweep.output,
         expand(f"{R}/eval/{{run}}/results.csv", run=VARIANTS),
         expand(f"{R}/adapt/study/{{run}}.json", run=VARIANTS),
-        expand(f"{R}/adapt/{{run}}/summary.json", run=list(ADAPT_RUNS)),
-        ckpt("nonlinear_finetuned"),
+        expand(f"{R}/adapt/{{run}}/summary.json", run=[r.name for r in study.runs("adapt")]),
+        ckpt(study.SAMPLE_RUN),
     output:
         figures=report(
             directory(FIGURES_DONE),

@@ -3,12 +3,12 @@ rule leakage_sweep:
     value, as one Hydra multirun over attention.decay_per_step."""
     input:
         TRAIN_INPUTS,
-        model=ckpt("linear_hw"),
+        model=ckpt(study.LEAKAGE_RUN),
     output:
         directory(f"{R}/adapt/leakage"),
     params:
         cmd=" ".join([PY, "-m", "gaincell", "leakage_eval", "--multirun", OVR, "attention=linear_hw",
-                      f"+stage.init_from={ckpt('linear_hw')}",
+                      f"+stage.init_from={ckpt(study.LEAKAGE_RUN)}",
                       f"+stage.finetune_iters={WF.leakage_finetune_iters}",
                       "attention.decay_per_step=" + ",".join(repr(float(v)) for v in WF.leakage_values)]),
         section=section("attention", "train", "data", "model", kind="linear_hw"),

@@ -2,14 +2,14 @@ rule study_val_loss:
     """Validation loss of one variant on the same fixed batches as every other (paper Table 1 / Fig. 4)."""
     input:
         TRAIN_INPUTS,
-        model=lambda w: variant_checkpoint(w.run),
+        model=lambda w: ckpt(w.run),
     output:
         f"{R}/adapt/study/{{run}}.json",
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
         cmd=lambda w: stage_cmd("adapt", "+stage.mode=evaluate", f"+stage.name={w.run}",
-                                f"+stage.init_from={variant_checkpoint(w.run)}"),
+                                f"+stage.init_from={ckpt(w.run)}"),
         section=section("adapt", "data"),
     log:
         f"{LOGS}/study_val_loss_{{run}}.log",

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
+from gaincell import study
 from gaincell.figures._common import save_figure as _save
 
 log = logging.getLogger(__name__)
@@ -34,24 +34,7 @@ OSFET_LEAKAGE = 1.56e-7       # tau three orders of magnitude longer (OSFET gain
 PAPER_LAYERS, PAPER_STEP_S = 12, 65e-9
 
 
-@dataclass(frozen=True)
-class Variant:
-    number: int
-    run: str                      # checkpoint / result name the workflow uses
-    label: str
-    curve_runs: Tuple[str, ...]   # training runs whose metrics.csv make its training curve, in order
-    group: str                    # software | linear | nonlinear
-
-
-STUDY_VARIANTS: Tuple[Variant, ...] = (
-    Variant(1, "softmax", "software baseline (softmax)", ("softmax",), "software"),
-    Variant(2, "softmax_window", "software sliding window", ("softmax_window",), "software"),
-    Variant(3, "linear_hw", "linear hardware model", ("linear_hw",), "linear"),
-    Variant(4, "nonlinear_mapped", "nonlinear HW, mapped without adaptation", (), "nonlinear"),
-    Variant(5, "nonlinear_adapted", "nonlinear HW, adapted (no fine-tuning)", (), "nonlinear"),
-    Variant(6, "nonlinear_finetuned", "nonlinear HW, adapted early + fine-tuned",
-            ("linear_hw_early", "nonlinear_finetuned"), "nonlinear"),
-)
+STUDY_VARIANTS = study.VARIANTS   # the study's variants (paper Table 1 / Fig. 4), defined once
 GROUP_COLORS = {"software": "#7f7f7f", "linear": "#1f77b4", "nonlinear": "#d62728"}
 VARIANT_COLORS = {1: "#4d4d4d", 2: "#9e9e9e", 3: "#1f77b4", 4: "#ff7f0e", 5: "#d62728", 6: "#2ca02c"}
 

@@ -8,6 +8,8 @@ from typing import List
 import numpy as np
 import pandas as pd
 
+from gaincell import study
+
 ACCURACY_METRICS = (("acc", "Accuracy"), ("acc_norm", "Accuracy, length-normalised (acc_norm)"))
 # Perplexity-like metrics, lower is better; word_perplexity is the paper's WikiText-2 number.
 PERPLEXITY_METRICS = ("word_perplexity", "perplexity")
@@ -107,8 +109,7 @@ def fig_eval_tasks(results_dir: Path, out_dir: Path) -> List[Path]:
 
     table = load_eval_table(results_dir)
     # the study's order (paper Table 1), then any other variant in the order found
-    study_order = ["softmax", "softmax_window", "linear_hw", "nonlinear_mapped", "nonlinear_adapted",
-                   "nonlinear_finetuned"]
+    study_order = list(study.VARIANT_RUNS)
     found = list(dict.fromkeys(table["variant"]))
     variants = [v for v in study_order if v in found] + [v for v in found if v not in study_order]
     cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")

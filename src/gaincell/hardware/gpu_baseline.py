@@ -538,7 +538,12 @@ def _measure_one(choice: DeviceChoice, backend: str, mode: str, batch: int, head
 def baseline(hw: Any, choice: DeviceChoice, progress: bool = True) -> Dict[str, Any]:
     """Measure every (batch, backend, mode) the config asks for on the chosen device."""
     import torch
-    from tqdm.auto import tqdm
+
+    if progress:
+        from tqdm.auto import tqdm
+    else:  # no progress bar, and no tqdm needed (the one-shot GPU check runs without it)
+        def tqdm(items, **_):
+            return items
 
     on_gpu = choice.kind == "cuda"
     steps = int(hw.baseline_steps if on_gpu else hw.baseline_cpu_steps)
@@ -552,7 +557,7 @@ def baseline(hw: Any, choice: DeviceChoice, progress: bool = True) -> Dict[str, 
         raise ValueError(f"hardware.baseline_dtype={dtype_name!r}: expected a torch dtype name such as float16")
     plan = [(b, be, m) for b in batches for be in backends for m in modes]
     measurements, skipped = [], []
-    for batch, backend, mode in tqdm(plan, desc=f"{choice.kind} decode baseline", disable=not progress):
+    for batch, backend, mode in tqdm(plan, desc=f"{choice.kind} decode baseline"):
         if mode == "cuda_graph" and not on_gpu:
             skipped.append({"batch": batch, "backend": backend, "mode": mode, "reason": "CUDA graphs need a GPU"})
             continue

@@ -1,0 +1,170 @@
+"""The study, defined once: the model variants of paper Table 1 / Fig. 4 and every run that makes them.
+
+The Snakefile generates its training rules from :data:`RUNS`, the CI output check
+(`gaincell.workflow_check`) expects their outputs, and the figures label and order the variants from
+:data:`VARIANTS`. Adding a run is one :class:`Run` entry (plus, for a variant, one :class:`Variant`).
+
+Kept free of heavy imports (torch, hydra): the Snakefile imports it at parse time. Iteration counts and
+learning rates are read from the composed config (the ``workflow`` section) by the small functions below,
+so the table says *which* setting each run uses and the profiles say *how much*.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+# How a run makes its checkpoint: the trainer (``train`` stage, writes ``final.pt``) or the adaptation of
+# equation 9 (``adapt`` stage, writes ``ckpt.pt`` and ``adapt/<run>/summary.json``).
+TRAINING = {"train": "final.pt", "adapt": "ckpt.pt"}
+ADAPT_MODES = ("adapt", "map_only")        # adapt: eq. 9; map_only: switch the cell, keep the scalers
+
+IterFn = Callable[[Any], Optional[int]]   # composed config -> train.max_iters (None: the profile's own)
+
+
+def _profile_iters(cfg: Any) -> Optional[int]:
+    """The profile's ``train.max_iters``; 0 (export without training) when ``model.init`` is a pretrained
+    model (paper: the public GPT-2 is the software baseline)."""
+    return None if str(cfg.model.init) == "scratch" else 0
+
+
+def _window_iters(cfg: Any) -> int:
+    return int(cfg.workflow.window_iters)
+
+
+def _linear_iters(cfg: Any) -> int:
+    return int(cfg.workflow.linear_iters)
+
+
+def _linear_early_iters(cfg: Any) -> int:
+    return int(cfg.workflow.linear_early_iters)
+
+
+def _finetune_iters(cfg: Any) -> int:
+    """Variant 6 fine-tunes for the rest of the linear run's budget (paper: 13,000 - 3,000)."""
+    return int(cfg.workflow.linear_iters) - int(cfg.workflow.linear_early_iters)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the study: it writes ``checkpoints/<name>/`` (``final.pt`` or ``ckpt.pt``, see TRAINING).
+
+    ``rule`` names the Snakemake rule (default ``train_<name>``; adapt runs share the wildcard rule
+    ``adapt``). A run with a ``start`` fine-tunes from that run's checkpoint at
+    ``workflow.finetune_learning_rate``; without one it trains from ``model.init``.
+    """
+
+    name: str                           # checkpoint folder and W&B run name
+    kind: str                           # attention kind: softmax | softmax_window | linear_hw | nonlinear_hw
+    training: str = "train"             # train | adapt (key of TRAINING)
+    start: Optional[str] = None         # name of the run whose checkpoint this one starts from
+    iters: Optional[IterFn] = None      # train: train.max_iters from the config (None: profile's own)
+    decay_iters: Optional[IterFn] = None  # train: train.lr_decay_iters (None: same as iters)
+    mode: str = "adapt"                 # adapt runs: adapt | map_only (ADAPT_MODES)
+    rule: str = ""                      # Snakemake rule name ("" : train_<name>, or adapt)
+    overrides: Tuple[str, ...] = ()     # extra Hydra overrides of this run only (e.g. a config group)
+    doc: str = ""                       # one line: what the run is (the rule's docstring)
+
+    def __post_init__(self) -> None:
+        if self.training not in TRAINING:
+            raise ValueError(f"run {self.name!r}: training {self.training!r}, expected one of {sorted(TRAINING)}")
+        if self.training == "adapt" and (self.mode not in ADAPT_MODES or self.start is None):
+            raise ValueError(f"run {self.name!r}: an adapt run needs a start run and mode in {ADAPT_MODES}")
+        if not self.rule:
+            object.__setattr__(self, "rule", "adapt" if self.training == "adapt" else f"train_{self.name}")
+
+    @property
+    def checkpoint_file(self) -> str:
+        """``final.pt`` (trainer) or ``ckpt.pt`` (adaptation)."""
+        return TRAINING[self.training]
+
+    def max_iters(self, cfg: Any) -> Optional[int]:
+        return self.iters(cfg) if self.iters is not None else None
+
+    def lr_decay_iters(self, cfg: Any) -> Optional[int]:
+        """``train.lr_decay_iters``: ``decay_iters``, else ``max_iters`` (nothing when it trains 0 steps)."""
+        if self.decay_iters is not None:
+            return self.decay_iters(cfg)
+        iters = self.max_iters(cfg)
+        return iters if iters else None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of the study's comparison (paper Table 1 / Fig. 4), evaluated and plotted."""
+
+    number: int                         # the paper's variant number (Table 1 row)
+    run: str                            # the Run whose checkpoint is this variant
+    label: str                          # legend / table label
+    curve_runs: Tuple[str, ...]         # training runs whose metrics.csv make its training curve, in order
+    group: str                          # software | linear | nonlinear (colour group)
+
+
+RUNS: Tuple[Run, ...] = (
+    Run("softmax", "softmax", iters=_profile_iters, rule="pretrain",
+        doc="Software baseline, softmax attention (variant 1); paper profile: the public GPT-2, untrained."),
+    Run("softmax_window", "softmax_window", start="softmax", iters=_window_iters, rule="train_window",
+        doc="Software sliding-window model (variant 2), fine-tuned from the baseline."),
+    Run("linear_hw", "linear_hw", start="softmax", iters=_linear_iters, rule="train_linear",
+        doc="Linear intermediate hardware model (variant 3), fine-tuned from the baseline."),
+    Run("linear_hw_early", "linear_hw", start="softmax", iters=_linear_early_iters, decay_iters=_linear_iters,
+        rule="train_linear_early",
+        doc="The linear run stopped early (paper: 3,000 of 13,000 iterations, same schedule) for variant 6."),
+    Run("nonlinear_mapped", "nonlinear_hw", "adapt", start="linear_hw", mode="map_only",
+        doc="Variant 4: the linear model on the nonlinear cell, scalers kept (no adaptation)."),
+    Run("nonlinear_adapted", "nonlinear_hw", "adapt", start="linear_hw",
+        doc="Variant 5: equation 9 adaptation onto the nonlinear cell, no fine-tuning."),
+    Run("nonlinear_adapted_early", "nonlinear_hw", "adapt", start="linear_hw_early",
+        doc="The early linear model adapted by equation 9: the start of variant 6."),
+    Run("nonlinear_finetuned", "nonlinear_hw", start="nonlinear_adapted_early", iters=_finetune_iters,
+        rule="finetune",
+        doc="Variant 6: the adapted early linear model fine-tuned as a nonlinear model (surrogate gradient)."),
+)
+
+VARIANTS: Tuple[Variant, ...] = (
+    Variant(1, "softmax", "software baseline (softmax)", ("softmax",), "software"),
+    Variant(2, "softmax_window", "software sliding window", ("softmax_window",), "software"),
+    Variant(3, "linear_hw", "linear hardware model", ("linear_hw",), "linear"),
+    Variant(4, "nonlinear_mapped", "nonlinear HW, mapped without adaptation", (), "nonlinear"),
+    Variant(5, "nonlinear_adapted", "nonlinear HW, adapted (no fine-tuning)", (), "nonlinear"),
+    Variant(6, "nonlinear_finetuned", "nonlinear HW, adapted early + fine-tuned",
+            ("linear_hw_early", "nonlinear_finetuned"), "nonlinear"),
+)
+
+SAMPLE_RUN = "nonlinear_finetuned"      # the model whose generated text sample the pipeline keeps
+LEAKAGE_RUN = "linear_hw"               # the trained hardware model of the leakage sweep (Supp. Fig. 6)
+
+RUNS_BY_NAME: Dict[str, Run] = {r.name: r for r in RUNS}
+VARIANT_RUNS: Tuple[str, ...] = tuple(v.run for v in VARIANTS)
+
+
+def runs(training: Optional[str] = None) -> Tuple[Run, ...]:
+    """The study's runs, optionally only those of one training kind (``train`` or ``adapt``)."""
+    return tuple(r for r in RUNS if training is None or r.training == training)
+
+
+def checkpoint(run: str) -> str:
+    """Checkpoint path of a run relative to the results folder: ``checkpoints/<run>/<final.pt|ckpt.pt>``."""
+    try:
+        return f"checkpoints/{run}/{RUNS_BY_NAME[run].checkpoint_file}"
+    except KeyError:
+        raise KeyError(f"unknown run {run!r}: expected one of {', '.join(RUNS_BY_NAME)}") from None
+
+
+def _validate() -> None:
+    names = [r.name for r in RUNS]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"study runs defined twice: {duplicates}")
+    train_rules = [r.rule for r in runs("train")]
+    if len(set(train_rules)) != len(train_rules):
+        raise ValueError(f"two training runs share a rule name: {train_rules}")
+    for r in RUNS:
+        if r.start is not None and r.start not in RUNS_BY_NAME:
+            raise ValueError(f"run {r.name!r} starts from unknown run {r.start!r}")
+    for v in VARIANTS:
+        unknown = [n for n in (v.run, *v.curve_runs) if n not in RUNS_BY_NAME]
+        if unknown:
+            raise ValueError(f"variant {v.number} names unknown runs {unknown}")
+
+
+_validate()

@@ -1,0 +1,74 @@
+"""The study defined once (gaincell.study): the table is consistent, and the Snakefile's training rules,
+the CI output check and the figures all come from it."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gaincell import study, workflow_check
+from gaincell.config import compose
+from gaincell.figures import adapt as adapt_figures
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_table_rule_names_and_outputs_are_the_pipeline_contract():
+    rules = {r.name: r.rule for r in study.RUNS}
+    assert rules["softmax"] == "pretrain" and rules["linear_hw"] == "train_linear"
+    assert rules["nonlinear_finetuned"] == "finetune" and rules["softmax_window"] == "train_window"
+    assert {r.rule for r in study.runs("adapt")} == {"adapt"}
+    assert study.checkpoint("softmax") == "checkpoints/softmax/final.pt"
+    assert study.checkpoint("nonlinear_adapted") == "checkpoints/nonlinear_adapted/ckpt.pt"
+    with pytest.raises(KeyError, match="unknown run 'nope'"):
+        study.checkpoint("nope")
+
+
+def test_bad_runs_are_refused_with_the_run_named():
+    with pytest.raises(ValueError, match="run 'x': training 'fit'"):
+        study.Run("x", "softmax", "fit")
+    with pytest.raises(ValueError, match="run 'y': an adapt run needs a start"):
+        study.Run("y", "nonlinear_hw", "adapt")
+    assert study.Run("z", "linear_hw").rule == "train_z"
+
+
+def test_iterations_follow_the_profile():
+    cfg = compose(["profile=ci"])
+    wf = cfg.workflow
+    runs = study.RUNS_BY_NAME
+    assert runs["linear_hw"].max_iters(cfg) == wf.linear_iters == runs["linear_hw"].lr_decay_iters(cfg)
+    # the early run follows the full run's schedule, stopped early (the paper's earlier checkpoint)
+    assert runs["linear_hw_early"].max_iters(cfg) == wf.linear_early_iters
+    assert runs["linear_hw_early"].lr_decay_iters(cfg) == wf.linear_iters
+    assert runs["nonlinear_finetuned"].max_iters(cfg) == wf.linear_iters - wf.linear_early_iters
+    assert runs["softmax"].max_iters(cfg) is None                      # trained from scratch: the profile's
+    assert runs["softmax"].max_iters(compose(["profile=paper"])) == 0  # public GPT-2: exported untrained
+
+
+def test_consumers_read_the_one_table():
+    assert adapt_figures.STUDY_VARIANTS is study.VARIANTS
+    assert workflow_check.VARIANTS == [v.run for v in study.VARIANTS]
+    assert set(workflow_check.TRAINED_RUNS) | set(workflow_check.ADAPTED_RUNS) == set(study.RUNS_BY_NAME)
+    assert [v.number for v in study.VARIANTS] == list(range(1, 7))
+
+
+def test_snakefile_generates_one_rule_per_training_run():
+    """Every trainer run is a rule with the table's name, output and iteration count; adapt runs go
+    through the wildcard rule with their mode."""
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "2",
+                          "--config", "profile=ci"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    cfg = compose(["profile=ci"])
+    jobs = re.split(r"\n(?=rule |localrule )", out.stdout)
+    for run in study.RUNS:
+        job = next((j for j in jobs if re.search(rf"^(local)?rule {run.rule}:", j)
+                    and f"+stage.name={run.name} " in j), None)
+        assert job is not None, f"no job of rule {run.rule} for run {run.name}"
+        assert f"{cfg.results_dir}/{study.checkpoint(run.name)}" in job
+        if run.training == "adapt":
+            assert f"+stage.mode={run.mode}" in job
+        elif run.max_iters(cfg) is not None:
+            assert f"train.max_iters={run.max_iters(cfg)} " in job
+        if run.start:
+            assert f"+stage.init_from={cfg.results_dir}/{study.checkpoint(run.start)}" in job
