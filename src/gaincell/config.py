@@ -371,6 +371,8 @@ class WorkflowConfig:
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
     sample_tokens: int = 200            # tokens of the generated text sample
+    analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run
+    #                                     fully_analog_hwa), iterations at finetune_learning_rate
 
 
 @dataclass
