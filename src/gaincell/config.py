@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
+from gaincell.device.netlists import CellKind
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,7 +48,10 @@ class DeviceConfig:
     write_w_um: float = 0.42            # write transistor width, um
     write_l_um: float = 0.15            # write transistor length, um
     storage_capacitance_f: float = 2e-15  # explicit storage-node capacitor, F (plus the gate's own)
-    signed_encoding: str = "sign_magnitude"  # sign_magnitude | complementary (two cells per weight)
+    cell: CellKind = CellKind.single_ended  # single_ended: one cell read against a reference cell |
+    #                                     differential_pair (sign-magnitude matched pair; odd by construction) |
+    #                                     complementary_pair (V- = mirror of V+); see gaincell.device.netlists
+    reference_v: Optional[float] = None  # single_ended: the reference cell's stored voltage, V (None: supply_v / 2)
     stored_v_min: float = 0.6           # per-cell stored-voltage window, low end (weight 0 in sign_magnitude), V
     stored_v_max: float = 1.0           # per-cell stored-voltage window, high end (|weight| max), V
     read_v_min: float = 0.9             # read word-line voltage sweep, low end (half supply, as the authors), V
@@ -85,6 +89,9 @@ class DeviceConfig:
     square_law_lambda_per_v: float = 0.0  # square_law: channel-length modulation, 1/V
     workers: int = 0                    # process-pool size; 0 = all cores
     seed: int = 0                       # random arrays
+    mismatch_cells: int = 32            # Monte-Carlo cells (each one fit); 0: no mismatch run
+    mismatch_seed: int = 0              # seed of the per-transistor threshold shifts (delvto)
+    mismatch_sigma_scale: float = 1.0   # multiplies the library's vth0 mismatch sigma (1: the sky130 models')
 
 
 @dataclass
@@ -121,7 +128,9 @@ class AttentionSettings:
     query_levels: Optional[int] = 16    # input pulse-width levels (None: no quantization)
     stored_levels: Optional[int] = 8    # stored-voltage (DAC) levels for K and V
     output_levels: Optional[int] = 32   # pulse-counter levels per sub-tile readout
-    gain: float = 19.3                  # slope g of the linear cell model
+    gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
+    #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
+    #                                     gaincell.attention.config.resolve_gain
     qk_saturation: float = 80.0         # S_sat of the charge-to-pulse HardSigmoid (first array)
     av_saturation: float = 40.0         # S_sat of the second array readout
     stored_offset: float = 0.45         # V_DD/2 offset of the stored weight, V
@@ -130,7 +139,9 @@ class AttentionSettings:
     coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
     fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw
-    read_noise: float = 0.0             # relative Gaussian read noise on array outputs (0 = off)
+    cell_variation: float = 0.0         # relative std of each cell's gain, fixed per chip (0 = identical cells)
+    readout_noise: float = 0.0          # std of Gaussian noise on each sub-tile readout before its ADC (0 = off)
+    noise_seed: int = 0                 # seed of the chip and the readout noise (each layer derives its own)
     implementation: str = "auto"        # auto | dense | blocked | triton
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AnalogAttentionConfig
+from .noise import layer_config
 
 KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
 HW_KINDS = ("linear_hw", "nonlinear_hw")
@@ -45,16 +46,19 @@ class AttentionCore(nn.Module):
         analog: the hardware config (its ``window`` is also the softmax_window's window). For
             ``linear_hw`` its coefficients must be None, for ``nonlinear_hw`` ten floats.
         implementation: ``auto`` | ``dense`` | ``blocked`` | ``triton`` (see ``analog_attention``).
+        layer_index: the layer's place in the model: its chip and readout-noise stream are those of a
+            seed derived from ``analog.noise_seed`` and this index (``layer_analog``).
     """
 
     def __init__(self, kind: str, n_head: int, analog: Optional[AnalogAttentionConfig] = None,
-                 implementation: str = "auto") -> None:
+                 implementation: str = "auto", layer_index: int = 0) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"attention kind {kind!r}: expected one of {KINDS}")
         self.kind = kind
         self.n_head = n_head
         self.implementation = implementation
+        self.layer_index = layer_index
         self.analog = analog if analog is not None else AnalogAttentionConfig()
         self._check_kind_matches_config()
         for stage in SCALER_STAGES:
@@ -62,6 +66,11 @@ class AttentionCore(nn.Module):
             self.register_parameter(f"{stage}_bias", nn.Parameter(torch.full((n_head,), _INIT_BIAS[stage])))
         self.capture_stats = False
         self.captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def layer_analog(self) -> AnalogAttentionConfig:
+        """The config this layer's arrays run: ``analog`` with the layer's own noise seed."""
+        return layer_config(self.analog, self.layer_index)
 
     def _check_kind_matches_config(self) -> None:
         if self.kind == "linear_hw" and self.analog.coefficients is not None:
@@ -97,7 +106,7 @@ class AttentionCore(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         from .functional import analog_attention
 
-        y = analog_attention(self._scale("q", q), self._scale("k", k), self._scale("v", v), self.analog,
+        y = analog_attention(self._scale("q", q), self._scale("k", k), self._scale("v", v), self.layer_analog,
                              implementation=self.implementation)
         return self._scale("out", y)
 
