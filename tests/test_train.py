@@ -47,6 +47,7 @@ def _overrides(root: Path, name: str, **extra) -> list:
         "train.grad_accum": 1, "train.max_iters": 12, "train.warmup_iters": 2, "train.lr_decay_iters": 12,
         "train.eval_interval": 4, "train.eval_iters": 2, "train.checkpoint_interval": 4, "train.threads": 1,
         "train.progress": "false", "train.device": "cpu", "tracking.mode": "disabled", "+stage.name": name,
+        "attention.gain": 19.3,  # the linear cell's slope given, not taken from a fit result
     }
     base.update(extra)
     return ["profile=ci"] + [f"{k}={v}" for k, v in base.items()]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from gaincell.io import atomic_write_json, atomic_write_text, tmp_path_beside
 from gaincell.io import sha256_file as _sha256
@@ -656,6 +657,61 @@ def open_tokens(data_dir: os.PathLike | str, split: str) -> np.memmap:
     return np.memmap(path, dtype=np.dtype(str((meta or {}).get("dtype", "uint16"))), mode="r")
 
 
+# ----------------------------------------------------------------------------------------------------
+# batches of token windows (the trainer, adaptation and the study evaluation read the shards this way)
+# ----------------------------------------------------------------------------------------------------
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def read_windows(tokens: np.ndarray, offsets: Sequence[int], block_size: int) -> Batch:
+    """Inputs and next-token targets at ``offsets``: (x, y), each int64 of shape (len(offsets), block_size).
+
+    Window ``i`` is ``tokens[offsets[i] : offsets[i] + block_size + 1]``; ``x`` is its first
+    ``block_size`` tokens, ``y`` the same shifted by one.
+    """
+    windows = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in offsets])
+    t = torch.from_numpy(windows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def sample_batches(path: Path, n_batches: int, batch_size: int, block_size: int, seed: int,
+                   vocab_size: Optional[int] = None) -> List[Batch]:
+    """``n_batches`` fixed (x, y) batches of ``block_size`` tokens from a uint16 token file.
+
+    The offsets depend only on ``seed``: every pass (linear, each iteration, every variant) sees the
+    same tokens. Tokens >= ``vocab_size`` (data tokenized for another model) are an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {path} does not exist: run the prepare_data stage first")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    if len(tokens) < block_size + 2:
+        raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one sequence of block_size={block_size}")
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n_batches):
+        x, y = read_windows(tokens, rng.integers(0, len(tokens) - block_size - 1, size=batch_size), block_size)
+        largest = max(int(x.max()), int(y.max()))
+        if vocab_size is not None and largest >= vocab_size:
+            raise ValueError(f"{path} contains token id {largest} but the model's vocabulary has "
+                             f"{vocab_size} entries: the data was tokenized for another model")
+        batches.append((x, y))
+    return batches
+
+
+def check_vocabulary(meta_path: Path, model_vocab: int) -> int:
+    """The data's vocabulary size from meta.json; it must be the model's (else: another tokenizer)."""
+    meta_path = Path(meta_path)
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist: run the prepare_data stage first")
+    data_vocab = int(json.loads(meta_path.read_text())["vocab_size"])
+    if data_vocab != model_vocab:
+        raise ValueError(f"data vocabulary is {data_vocab} tokens ({meta_path}) but the model's is "
+                         f"{model_vocab}: the checkpoint was trained on another tokenizer")
+    return data_vocab
+
+
 __all__ = ["run", "load_tokenizer", "read_meta", "open_tokens", "check_token_file", "tokenizer_fingerprint",
            "check_tokenizer", "TokenizerMismatch", "gpt2_tokenizer", "gpt2_encoding_from_files",
-           "train_bpe_tokenizer", "TrainedBPETokenizer", "GPT2Tokenizer", "EOT_TEXT"]
+           "train_bpe_tokenizer", "TrainedBPETokenizer", "GPT2Tokenizer", "EOT_TEXT", "read_windows",
+           "sample_batches", "check_vocabulary"]

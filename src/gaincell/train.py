@@ -53,6 +53,7 @@ import torch
 
 from gaincell.analog_projections import projection_config_from_dict, set_projections
 from gaincell.attention.module import HW_KINDS
+from gaincell.data import read_windows
 from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached
 from gaincell.model import (GPT, CheckpointError, config_from_settings, load_checkpoint_file,
                             load_model_weights, model_from_checkpoint_dict)
@@ -138,9 +139,7 @@ class BatchSampler:
     def batch(self, offsets: torch.Tensor, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         # A fresh memmap per batch: np.memmap keeps pages resident otherwise (nanoGPT's note).
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        T = self.block_size
-        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in offsets.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in offsets.tolist()])
+        x, y = read_windows(data, offsets.tolist(), self.block_size)
         if device.type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
