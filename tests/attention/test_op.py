@@ -12,6 +12,8 @@ CONFIGS = {
     "surrogate": AnalogAttentionConfig(window=32, tile_rows=16, coefficients=PAPER_COEFFICIENTS),
     "exact": AnalogAttentionConfig(window=32, tile_rows=16, coefficients=PAPER_COEFFICIENTS,
                                    exact_nonlinear_grad=True),
+    "cell_variation": AnalogAttentionConfig(window=32, tile_rows=16, coefficients=PAPER_COEFFICIENTS,
+                                            cell_variation=0.1, noise_seed=3),
 }
 
 
@@ -56,9 +58,9 @@ def test_opcheck_schema_fake_and_autograd_registration():
 def test_config_key_round_trips_and_unsupported_calls_are_refused():
     for cfg in CONFIGS.values():
         assert config_from_key(config_key(cfg)) == cfg
-    noisy = AnalogAttentionConfig(window=32, tile_rows=16, read_noise=0.1)
-    assert "read_noise=0.1" in op_supports(noisy)
-    with pytest.raises(ValueError, match="read_noise=0.1"):
+    noisy = AnalogAttentionConfig(window=32, tile_rows=16, readout_noise=0.1)
+    assert "readout_noise=0.1" in op_supports(noisy)
+    with pytest.raises(ValueError, match="readout_noise=0.1"):
         analog_attention_op(*_inputs()[:3], noisy)
     assert "implementation 'dense'" in op_supports(CONFIGS["linear"], "dense")
     with pytest.raises(TypeError, match="AnalogAttentionConfig"):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import AnalogAttentionConfig
 from .functional import analog_attention
+from .noise import layer_config
 from .op import config_key, op_supports
 
 KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
@@ -47,16 +48,19 @@ class AttentionCore(nn.Module):
         analog: the hardware config (its ``window`` is also the softmax_window's window). For
             ``linear_hw`` its coefficients must be None, for ``nonlinear_hw`` ten floats.
         implementation: ``auto`` | ``dense`` | ``blocked`` | ``triton`` (see ``analog_attention``).
+        layer_index: the layer's place in the model: its chip and readout-noise stream are those of a
+            seed derived from ``analog.noise_seed`` and this index (``layer_analog``).
     """
 
     def __init__(self, kind: str, n_head: int, analog: Optional[AnalogAttentionConfig] = None,
-                 implementation: str = "auto") -> None:
+                 implementation: str = "auto", layer_index: int = 0) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"attention kind {kind!r}: expected one of {KINDS}")
         self.kind = kind
         self.n_head = n_head
         self.implementation = implementation
+        self.layer_index = layer_index
         self.analog = analog if analog is not None else AnalogAttentionConfig()
         self._check_kind_matches_config()
         for stage in SCALER_STAGES:
@@ -83,15 +87,31 @@ class AttentionCore(nn.Module):
         self._implementation = name
         self._update_op_config()
 
+    @property
+    def layer_index(self) -> int:
+        return self._layer_index
+
+    @layer_index.setter
+    def layer_index(self, index: int) -> None:
+        self._layer_index = index
+        self._update_op_config()
+
+    @property
+    def layer_analog(self) -> AnalogAttentionConfig:
+        """The config this layer's arrays run: ``analog`` with the layer's own noise seed."""
+        return layer_config(self.analog, self.layer_index)
+
     def _update_op_config(self) -> None:
-        """The custom operator's config argument per device kind (False: CPU, True: CUDA), computed here
-        and not while torch.compile traces; None where the operator does not apply (compiled code then
-        traces the eager path)."""
-        cfg, name = getattr(self, "_analog", None), getattr(self, "_implementation", None)
-        if cfg is None or name is None:
+        """The custom operator's config argument (of ``layer_analog``) per device kind (False: CPU, True:
+        CUDA), computed here and not while torch.compile traces; None where the operator does not apply
+        (compiled code then traces the eager path)."""
+        cfg = getattr(self, "_analog", None)
+        name, index = getattr(self, "_implementation", None), getattr(self, "_layer_index", None)
+        if cfg is None or name is None or index is None:
             return
-        key = config_key(cfg)
-        self._op_config = {on_cuda: key if op_supports(cfg, name, on_cuda) is None else None
+        layer_cfg = layer_config(cfg, index)
+        key = config_key(layer_cfg)
+        self._op_config = {on_cuda: key if op_supports(layer_cfg, name, on_cuda) is None else None
                            for on_cuda in (False, True)}
 
     def _check_kind_matches_config(self) -> None:
@@ -132,7 +152,7 @@ class AttentionCore(nn.Module):
             # One opaque node for torch.compile (gaincell.attention.op): no graph break inside the model.
             y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)
         else:
-            y = analog_attention(q, k, v, self.analog, implementation=self.implementation)
+            y = analog_attention(q, k, v, self.layer_analog, implementation=self.implementation)
         return self._scale("out", y)
 
     def extra_repr(self) -> str:

@@ -14,8 +14,8 @@ and autograd cannot run inside an operator's implementation).
 The configuration travels as a JSON string (custom operators take tensors, numbers and strings, not
 dataclasses); ``config_key`` and ``config_from_key`` convert, the latter cached. ``AttentionCore`` uses
 this operator only while ``torch.compile`` traces it (eager calls keep the direct path) and only where
-``op_supports`` says so: deterministic configurations (a random draw would differ between the forward and
-the recomputing backward) on a path the operator covers.
+``op_supports`` says so: configurations without readout noise (its per-call seed would not reach the operator's backward;
+cell variation is fixed per chip and fine) on a path the operator covers.
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def config_from_key(key: str) -> AnalogAttentionConfig:
 
 def op_supports(cfg: AnalogAttentionConfig, implementation: str = "auto", on_cuda: bool = False) -> Optional[str]:
     """None when the operator computes ``cfg`` exactly as the eager path does; else why not (one line)."""
-    if cfg.read_noise > 0:
-        return f"read_noise={cfg.read_noise}: random draws would differ between forward and recomputed backward"
+    if cfg.readout_noise > 0:
+        return (f"readout_noise={cfg.readout_noise}: each call draws the next seed of a stream, which the "
+                f"operator's backward would not see")
     name = resolve_implementation(implementation, on_cuda)
     if name not in OP_IMPLEMENTATIONS:
         return f"implementation {name!r}: the operator covers {OP_IMPLEMENTATIONS}"
@@ -94,7 +95,7 @@ def _blocked_backward(q, k, v, dy, cfg: AnalogAttentionConfig):
     (computed in ``compute_dtype``, gradients returned in the input dtypes)."""
     dtype = compute_dtype(q.dtype)
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        dq, dk, dv = blocked._backward(q.to(dtype), k.to(dtype), v.to(dtype), cfg, dy.to(dtype))
+        dq, dk, dv = blocked._backward(q.to(dtype), k.to(dtype), v.to(dtype), cfg, None, dy.to(dtype))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
