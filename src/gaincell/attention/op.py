@@ -14,8 +14,8 @@ and autograd cannot run inside an operator's implementation).
 The configuration travels as a JSON string (custom operators take tensors, numbers and strings, not
 dataclasses); ``config_key`` and ``config_from_key`` convert, the latter cached. ``AttentionCore`` uses
 this operator only while ``torch.compile`` traces it (eager calls keep the direct path) and only where
-``op_supports`` says so: configurations without readout noise (its per-call seed would not reach the operator's backward;
-cell variation is fixed per chip and fine) on a path the operator covers.
+``op_supports`` says so: no readout noise (its per-call seed would not reach the operator's backward;
+cell variation, fixed per chip, is fine) and a path the operator covers.
 """
 from __future__ import annotations
 
