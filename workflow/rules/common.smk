@@ -111,3 +111,6 @@ TRAIN_INPUTS = [f"{R}/data/meta.json"]
 TRAIN_SECTIONS = ("data", "model", "train", "attention")
 TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training)
 FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fitted" else []
+# The linear hardware model's gain g: attention.gain=null with the fitted cell takes the fit's slope
+# (gaincell.attention.config.resolve_gain), so every hardware training run waits for the fit.
+GAIN_INPUT = FIT_INPUT if CFG.attention.gain is None else []

@@ -8,7 +8,7 @@ for _run in study.runs("train"):
             _run.rule
         input:
             TRAIN_INPUTS,
-            FIT_INPUT if _run.kind == "nonlinear_hw" else [],
+            FIT_INPUT if _run.kind == "nonlinear_hw" else GAIN_INPUT if _run.kind == "linear_hw" else [],
             base=[ckpt(_run.start)] if _run.start else [],
         output:
             ckpt(_run.name),

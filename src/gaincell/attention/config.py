@@ -160,10 +160,45 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
     return tuple(float(c) for c in coefficients)
 
 
+PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (spec §10)
+HARDWARE_KINDS = ("linear_hw", "nonlinear_hw")
+
+
+def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float:
+    """The linear hardware model's slope g (``attention.gain``; README, "The linear model's gain").
+
+    A number is used as given. ``None`` means "the cell's own slope": with ``coefficients=fitted`` the
+    least-squares slope of the fitted cell (``linear_slope`` in the fit stage's coefficients.json), so
+    the linear model and the nonlinear cell it is adapted to share one scale; with ``coefficients=paper``
+    the paper's 19.3. The gain is fixed when the linear model is trained and travels in its checkpoint:
+    one linear model (the default cell's g) then serves every cell of the nonlinearity study, and
+    adaptation (eq. 9) absorbs the gain ratio of any other cell.
+    """
+    if gain is not None:
+        return float(gain)
+    if isinstance(coefficients, str) and coefficients == "paper":
+        return PAPER_GAIN
+    if isinstance(coefficients, str) and coefficients == "fitted":
+        import json
+        from pathlib import Path
+
+        if not fitted_path or not Path(fitted_path).is_file():
+            raise FileNotFoundError(f"attention.gain=null with coefficients='fitted' takes g from the fit "
+                                    f"result {fitted_path!r}, which does not exist: run the fit stage first")
+        with open(fitted_path) as fh:
+            data = json.load(fh)
+        if "linear_slope" not in data:
+            raise ValueError(f"{fitted_path} has no 'linear_slope': rerun the fit stage")
+        return float(data["linear_slope"])
+    raise ValueError(f"attention.gain=null with coefficients={coefficients!r}: the slope g is taken from "
+                     f"'paper' or 'fitted' only; set attention.gain to a number")
+
+
 def analog_config_from_settings(settings) -> AnalogAttentionConfig:
     """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``).
 
     The coefficient set is resolved for ``nonlinear_hw`` only; every other kind gets the linear cell.
+    The gain g is resolved (``resolve_gain``) for the hardware kinds; softmax kinds never read it.
     """
     get = (lambda k: settings[k]) if hasattr(settings, "__getitem__") else (lambda k: getattr(settings, k))
 
@@ -180,7 +215,9 @@ def analog_config_from_settings(settings) -> AnalogAttentionConfig:
             raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
     return AnalogAttentionConfig(
         window=int(get("window")), tile_rows=int(get("tile_rows")), query_levels=get("query_levels"),
-        stored_levels=get("stored_levels"), output_levels=get("output_levels"), gain=float(get("gain")),
+        stored_levels=get("stored_levels"), output_levels=get("output_levels"),
+        gain=(resolve_gain(get("gain"), get("coefficients"), get("fitted_coefficients_path"))
+              if get("kind") in HARDWARE_KINDS else (PAPER_GAIN if get("gain") is None else float(get("gain")))),
         qk_saturation=float(get("qk_saturation")), av_saturation=float(get("av_saturation")),
         stored_offset=float(get("stored_offset")), read_voltage=float(get("read_voltage")),
         decay_per_step=float(get("decay_per_step")), coefficients=coeffs,
