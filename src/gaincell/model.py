@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaincell.analog_projections import AnalogProjectionConfig, convert_projections, projection_config_from_dict
 from gaincell.attention import AnalogAttentionConfig, AttentionCore
 from gaincell.attention.config import analog_config_from_settings
 from gaincell.attention.module import HW_KINDS, KINDS
@@ -50,6 +51,8 @@ class GPTConfig:
         pad_vocab_multiple: embedding rows are padded up to a multiple of this (1: no padding).
         attention_implementation: passed to ``AttentionCore`` (auto | dense | blocked | triton).
         layer_norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
+        projections: which block projections run on analog weight tiles, and how
+            (``gaincell.analog_projections``; default digital: the model is unchanged).
     """
 
     vocab_size: int = 50257
@@ -64,10 +67,12 @@ class GPTConfig:
     pad_vocab_multiple: int = 64
     attention_implementation: str = "auto"
     layer_norm_eps: float = 1e-5
+    projections: AnalogProjectionConfig = field(default_factory=AnalogProjectionConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.analog, dict):
             self.analog = analog_config_from_dict(self.analog)
+        self.projections = projection_config_from_dict(self.projections)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -200,6 +205,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         with torch.no_grad():  # padded rows: never predicted, never embedded
             self.transformer.wte.weight[config.vocab_size:].zero_()
+        convert_projections(self, config.projections)  # analog weight tiles, if configured
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
