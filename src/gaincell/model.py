@@ -441,9 +441,9 @@ def config_from_settings(model_section: Any, attention_section: Any, vocab_size:
     """GPTConfig from the Hydra ``model`` and ``attention`` sections (and the data's vocabulary)."""
     m = model_section
     return GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, attention=attention_section.kind,
+                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, attention=str(attention_section.kind),
                      analog=analog_config_from_settings(attention_section), pad_vocab_multiple=m.pad_vocab_multiple,
-                     attention_implementation=attention_section.implementation)
+                     attention_implementation=str(attention_section.implementation))
 
 
 __all__ = ["GPT", "GPTConfig", "CheckpointError", "load_checkpoint_file", "model_from_checkpoint_dict",
