@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from gaincell.attention import AnalogKVDecoder
 from gaincell.attention.module import HW_KINDS
 from gaincell.config import GenerateStage, stage_settings
-from gaincell.data import load_tokenizer
+from gaincell.data import check_tokenizer, load_tokenizer
 from gaincell.io import atomic_write_json, atomic_write_text
 from gaincell.model import GPT
 
@@ -283,9 +283,14 @@ def run(cfg) -> Dict[str, Any]:
     name, threads = stage.name, stage.threads
     device = stage.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"generate: +stage.device={device} but no CUDA GPU is available here: expected cpu")
     model = GPT.from_checkpoint(str(checkpoint), map_location=device)
     model.to(device)
     tokenizer = load_tokenizer(cfg.data.data_dir)
+    warning = check_tokenizer(model.tokenizer_info, tokenizer.data_dir, checkpoint, tokenizer.fingerprint)
+    if warning:
+        print(f"[generate] warning: {warning}")
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if not prompt_ids:
         prompt_ids = [int(tokenizer.eot_token)]
