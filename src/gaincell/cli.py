@@ -19,6 +19,7 @@ STAGES: Dict[str, str] = {
     "adapt": "gaincell.adapt:run",
     "evaluate": "gaincell.evaluate.stage:run",
     "leakage_eval": "gaincell.adapt:leakage_eval",
+    "variation_eval": "gaincell.variation:variation_eval",
     "hardware_estimates": "gaincell.hardware.stage:run",
     "gpu_baseline": "gaincell.hardware.gpu_baseline:run",
     "generate": "gaincell.generate:run",

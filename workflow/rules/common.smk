@@ -114,3 +114,5 @@ FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fit
 # The linear hardware model's gain g: attention.gain=null with the fitted cell takes the fit's slope
 # (gaincell.attention.config.resolve_gain), so every hardware training run waits for the fit.
 GAIN_INPUT = FIT_INPUT if CFG.attention.gain is None else []
+# The models of the variation / readout-noise sweep (workflow/rules/variation.smk): variants 5 and 6.
+VARIATION_MODELS = ("nonlinear_adapted", "nonlinear_finetuned")
