@@ -10,12 +10,12 @@ module: they take their own small config objects, built from these sections by t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gaincell.device.netlists import CellKind
 
@@ -374,6 +374,100 @@ class WorkflowConfig:
     sample_tokens: int = 200            # tokens of the generated text sample
 
 
+# --------------------------------------------------------------------------------------------------
+# per-stage extras: ``+stage.<key>=value`` on the command line (paths and names chosen by the rules)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainStage:
+    """``train``: which run to write and where it starts."""
+
+    name: Optional[str] = None          # run name: checkpoints/<name>/ (None: the attention kind)
+    init_from: Optional[str] = None     # checkpoint file, run folder or run name (None: model.init)
+    on_mismatch: str = "error"          # a ckpt.pt of other settings: error | restart (discard it)
+
+
+@dataclass
+class AdaptStage:
+    """``adapt``: equation 9 (``adapt``), or the nonlinear cell with the linear scalers (``map_only``)."""
+
+    init_from: Optional[str] = None     # the linear hardware model: checkpoint file, run folder or run name
+    name: Optional[str] = None          # output run: checkpoints/<name>/ckpt.pt and adapt/<name>/
+    mode: str = "adapt"                 # adapt | map_only | evaluate (alias of the study_eval stage)
+
+
+@dataclass
+class StudyEvalStage:
+    """``study_eval``: validation loss of one variant on the study's fixed batches."""
+
+    init_from: Optional[str] = None     # the variant's checkpoint: file, run folder or run name
+    name: Optional[str] = None          # variant name: adapt/study/<name>.json (None: the run folder's name)
+
+
+@dataclass
+class LeakageStage:
+    """``leakage_eval``: one value of the leakage sweep (``attention.decay_per_step``)."""
+
+    init_from: Optional[str] = None     # the trained hardware model
+    finetune_iters: int = 0             # fine-tuning iterations at this leakage (0: evaluate only)
+    finetune_lr: Optional[float] = None  # peak learning rate of that fine-tune (None: train.min_lr)
+
+
+@dataclass
+class EvaluateStage:
+    """``evaluate``: downstream tasks of one variant."""
+
+    name: Optional[str] = None          # variant name: eval/<name>/
+    checkpoint: Optional[str] = None    # the variant's checkpoint file
+
+
+@dataclass
+class GenerateStage:
+    """``generate``: a text sample from a checkpoint, token by token on the simulated arrays."""
+
+    checkpoint: Optional[str] = None    # checkpoint file
+    prompt: str = ""                    # empty: start from the end-of-text token
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: Optional[int] = None         # sample among the k most likely tokens (None: all)
+    seed: Optional[int] = None          # None: the config's seed
+    name: Optional[str] = None          # with a name: samples/<name>.{txt,json}
+    device: Optional[str] = None        # cpu | cuda (None: cuda when available)
+    threads: int = 1                    # torch CPU threads (one token's work is too small to split)
+
+
+@dataclass
+class FiguresStage:
+    """``figures``: which figures to make."""
+
+    strict: bool = True                 # a figure whose inputs exist but fails is an error
+    only: Optional[List[str]] = None    # figure names to make (None: all)
+
+
+StageT = TypeVar("StageT")
+
+
+def stage_settings(cfg: Any, schema: Type[StageT]) -> StageT:
+    """``cfg.stage`` (the ``+stage.<key>=value`` extras) as the stage's typed dataclass ``schema``.
+
+    An unknown key or a value of the wrong type is an error naming it and what was expected.
+    """
+    given = cfg.get("stage") if hasattr(cfg, "get") else getattr(cfg, "stage", None)
+    if isinstance(given, DictConfig):
+        given = OmegaConf.to_container(given, resolve=True)
+    given = dict(given or {})
+    known = [f.name for f in fields(schema)]  # type: ignore[arg-type]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"+stage.{unknown[0]}: not a setting of this stage ({schema.__name__}); "
+                         f"expected one of {known}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), given)
+    except ValidationError as err:
+        raise ValueError(f"+stage.{err.full_key}: {err.msg.splitlines()[0]} "
+                         f"(a setting of {schema.__name__})") from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
 @dataclass
 class RootConfig:
     """The whole pipeline. ``profile`` names the active profile (tiny, paper, ci)."""
@@ -392,8 +486,9 @@ class RootConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
-    # Free-form per-stage extras (input/output paths chosen by the workflow rule).
-    stage: Any = field(default_factory=dict)
+    # Per-stage extras (``+stage.<key>=value``), read by each stage through ``stage_settings`` against its
+    # dataclass above (a dict here so that ``+`` can add keys; each stage rejects keys it does not know).
+    stage: Dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

@@ -181,6 +181,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        self.tokenizer_info: Optional[Dict[str, Any]] = None  # set from a checkpoint (gaincell.data records)
         V = config.padded_vocab_size
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(V, config.n_embd),
@@ -288,8 +289,11 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> Dict[str, Any]:
-        """What ``from_checkpoint`` needs: the config and the weights."""
-        return {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(), "model": self.state_dict()}
+        """What ``from_checkpoint`` needs: the config and the weights (and the tokenizer record, if known)."""
+        state = {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(), "model": self.state_dict()}
+        if self.tokenizer_info:
+            state["tokenizer"] = self.tokenizer_info
+        return state
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], map_location: Any = "cpu",
@@ -403,6 +407,9 @@ def model_from_checkpoint_dict(ckpt: Dict[str, Any], path: Union[str, Path] = "<
         raise CheckpointError(f"checkpoint {path}: invalid model_config: {exc}") from exc
     model = GPT(config)
     load_model_weights(model, ckpt["model"], path)
+    # The tokenizer the weights were trained with (gaincell.data.tokenizer_fingerprint), for the checks
+    # of evaluate/generate; carried into checkpoints written from this model.
+    model.tokenizer_info = ckpt.get("tokenizer")
     return model
 
 

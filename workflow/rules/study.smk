@@ -8,7 +8,7 @@ rule study_val_loss:
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
-        cmd=lambda w: stage_cmd("adapt", "+stage.mode=evaluate", f"+stage.name={w.run}",
+        cmd=lambda w: stage_cmd("study_eval", f"+stage.name={w.run}",
                                 f"+stage.init_from={ckpt(w.run)}"),
         section=section("adapt", "data"),
     log:
