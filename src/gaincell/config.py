@@ -368,8 +368,8 @@ class WorkflowConfig:
     finetune_learning_rate: float = 6e-4  # peak lr of every fine-tuning rule (paper: 6e-4)
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
-    variation_values: List[float] = field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1, 0.3])  # cell_variation
-    readout_noise_values: List[float] = field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1, 0.3])  # readout_noise
+    variation_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # cell_variation sweep
+    readout_noise_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # readout_noise sweep
     variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
 
