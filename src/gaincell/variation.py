@@ -21,12 +21,11 @@ import math
 from typing import Any, Dict, List
 
 import numpy as np
-from omegaconf import OmegaConf
-
 from gaincell.adapt.algorithm import attention_cores
 from gaincell.adapt.inputs import core_kinds, distributed_job, fixed_batches, load_model, resolve_checkpoint, results_dir
 from gaincell.adapt.losses import batch_losses
 from gaincell.attention.module import HW_KINDS
+from gaincell.config import VariationStage, stage_settings
 from gaincell.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -39,20 +38,16 @@ def variation_tag(knob: str, value: float) -> str:
     return f"{knob}_{format(float(value), 'g')}"
 
 
-def _stage_value(cfg: Any, key: str, default: Any = None) -> Any:
-    value = OmegaConf.select(cfg, f"stage.{key}", default=default)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def variation_eval(cfg: Any) -> Dict[str, Any]:
     """One job of the variation / readout-noise sweep (see the module docstring)."""
-    knob = str(_stage_value(cfg, "knob", ""))
+    stage = stage_settings(cfg, VariationStage)
+    knob = stage.knob
     if knob not in KNOBS:
         raise ValueError(f"+stage.knob={knob!r}: expected one of {', '.join(KNOBS)}")
-    models: List[str] = list(_stage_value(cfg, "models", []) or [])
+    models: List[str] = list(stage.models)
     if not models:
         raise ValueError("+stage.models is required: the nonlinear models (run names or checkpoints) to evaluate")
-    chips = int(_stage_value(cfg, "chips", 1))
+    chips = int(stage.chips)
     if chips < 1:
         raise ValueError(f"+stage.chips={chips}: expected an integer >= 1")
     value = float(cfg.attention[knob])

@@ -8,9 +8,9 @@ rule study_val_loss:
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
-        cmd=lambda w: stage_cmd("study_eval", f"+stage.name={w.run}",
-                                f"+stage.init_from={ckpt(w.run)}"),
-        section=section("adapt", "data"),
+        cmd=stage_cmd("study_eval"),
+        args=lambda w: args(*stage_overrides(name=w.run, init_from=ckpt(w.run))),
+        section=section("adapt", "data", "seed"),
     log:
         f"{LOGS}/study_val_loss_{{run}}.log",
     benchmark:
@@ -21,6 +21,6 @@ rule study_val_loss:
         runtime=120,
         gpu=min(1, WF.gpus_per_training),
     conda:
-        "../../envs/train.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage_shell("train.threads")

@@ -1,29 +1,54 @@
-rule variation_sweep:
-    """How precise must the cell be? Validation loss of the adapted and the fine-tuned nonlinear models
-    versus cell-to-cell gain variation and versus readout noise (issue 16 §3): two Hydra multiruns of
-    variation_eval, one job per value, no training."""
+VARIATION_TAGS = [f"{knob}_{format(float(v), 'g')}"            # file names: gaincell.variation.variation_tag
+                  for knob, values in (("cell_variation", WF.variation_values),
+                                       ("readout_noise", WF.readout_noise_values)) for v in values]
+VARIATION_POINTS = expand(f"{R}/adapt/variation/{{tag}}.json", tag=VARIATION_TAGS)
+
+
+rule variation_point:
+    """How precise must the cell be? One point: validation loss of the adapted and the fine-tuned nonlinear
+    models at one cell-to-cell gain variation or one readout noise (issue 16 §3); no training."""
     input:
         TRAIN_INPUTS,
         models=[ckpt(run) for run in VARIATION_MODELS],
     output:
-        directory(f"{R}/adapt/variation"),
+        f"{R}/adapt/variation/{{knob}}_{{value}}.json",
+    wildcard_constraints:
+        knob="cell_variation|readout_noise",
+        value="[0-9.e+-]+",
     params:
-        cmd=" && ".join(
-            " ".join([PY, "-m", "gaincell", "variation_eval", "--multirun", OVR, f"+stage.knob={knob}",
-                      "+stage.models=[" + ",".join(VARIATION_MODELS) + "]", f"+stage.chips={WF.variation_chips}",
-                      f"attention.{knob}=" + ",".join(repr(float(v)) for v in values)])
-            for knob, values in (("cell_variation", WF.variation_values),
-                                 ("readout_noise", WF.readout_noise_values))),
-        section=section("attention", "adapt", "data", "model", kind="nonlinear_hw"),
+        cmd=train_launcher("variation_eval"),
+        args=lambda w: args(*stage_overrides(knob=w.knob, models="[" + ",".join(VARIATION_MODELS) + "]",
+                                             chips=WF.variation_chips),
+                            f"attention.{w.knob}={w.value}"),
+        section=section("attention", "data", "model", "adapt", "seed", kind="nonlinear_hw"),
+    log:
+        f"{LOGS}/variation_{{knob}}_{{value}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/variation_{{knob}}_{{value}}.tsv"
+    threads: WF.train_threads
+    resources:
+        **TRAIN_RESOURCES,
+    conda:
+        ENV
+    shell:
+        STAGE_SHELL
+
+
+rule variation_sweep:
+    """The variation / readout-noise sweep's points (workflow.variation_values, workflow.readout_noise_values),
+    and only those: a point file left by another list of values is removed."""
+    input:
+        VARIATION_POINTS,
+    output:
+        f"{R}/adapt/variation_sweep.json",
     log:
         f"{LOGS}/variation_sweep.log",
     benchmark:
         f"{LOGS}/benchmarks/variation_sweep.tsv"
-    threads: WF.train_threads
-    resources:
-        mem_mb=8000,
-        runtime=120,
-    conda:
-        "../../envs/train.yaml"
-    shell:
-        "({params.cmd}) > {log} 2>&1"
+    run:
+        keep = {Path(p).resolve() for p in input}
+        stale = [p for p in Path(f"{R}/adapt/variation").glob("*.json") if p.resolve() not in keep]
+        for p in stale:
+            p.unlink()
+        atomic_write_json(Path(output[0]), {"points": list(input), "removed_stale": [str(p) for p in stale]})
+        Path(log[0]).write_text(f"{len(input)} points; removed {len(stale)} stale\n")
