@@ -221,3 +221,13 @@ def keep_only_points(points, index_path, log_path):
 
 # The models of the variation / readout-noise sweep (workflow/rules/variation.smk): variants 5 and 6.
 VARIATION_MODELS = ("nonlinear_adapted", "nonlinear_finetuned")
+
+
+def keep_only_variation_points(points, index_path, log_path):
+    """Remove point files of adapt/variation/ that are not among ``points``, then write the sweep's index."""
+    keep = {Path(p).resolve() for p in points}
+    stale = [p for p in Path(f"{R}/adapt/variation").glob("*.json") if p.resolve() not in keep]
+    for p in stale:
+        p.unlink()
+    atomic_write_json(Path(index_path), {"points": list(points), "removed_stale": [str(p) for p in stale]})
+    Path(log_path).write_text(f"{len(points)} points; removed {len(stale)} stale: {[str(p) for p in stale]}\n")

@@ -46,9 +46,4 @@ rule variation_sweep:
     benchmark:
         f"{LOGS}/benchmarks/variation_sweep.tsv"
     run:
-        keep = {Path(p).resolve() for p in input}
-        stale = [p for p in Path(f"{R}/adapt/variation").glob("*.json") if p.resolve() not in keep]
-        for p in stale:
-            p.unlink()
-        atomic_write_json(Path(output[0]), {"points": list(input), "removed_stale": [str(p) for p in stale]})
-        Path(log[0]).write_text(f"{len(input)} points; removed {len(stale)} stale\n")
+        keep_only_variation_points(input, output[0], log[0])
