@@ -27,6 +27,8 @@ STAGES: Dict[str, str] = {
     "evaluate": "gaincell.evaluate.stage:run",
     "leakage_eval": "gaincell.adapt.leakage:leakage_eval",
     "variation_eval": "gaincell.variation:variation_eval",
+    "analog_convert": "gaincell.analog_stage:convert",
+    "analog_eval": "gaincell.analog_stage:evaluate",
     "hardware_estimates": "gaincell.hardware.stage:run",
     "gpu_baseline": "gaincell.hardware.gpu_baseline:run",
     "generate": "gaincell.generate:run",

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Type, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
+from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
 from gaincell.device.netlists import CellKind
 
 
@@ -175,6 +176,18 @@ class AttentionSettings:
     readout_noise: float = 0.0          # std of Gaussian noise on each sub-tile readout before its ADC (0 = off)
     noise_seed: int = 0                 # seed of the chip and the readout noise (each layer derives its own)
     implementation: AttentionImplementation = AttentionImplementation.auto  # auto | dense | blocked | triton
+
+
+# --------------------------------------------------------------------------------------------------
+# linear projections: digital or on analog weight tiles
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ProjectionSettings(AnalogProjectionConfig):
+    """The Hydra group ``projections`` (``digital`` | ``analog``): which block projections run on analog
+    weight tiles and their RPU settings (the fields of ``gaincell.analog_projections.AnalogProjectionConfig``,
+    each with its source), plus ``inference``: the evaluation noise drawn per seed (not stored in models)."""
+
+    inference: InferenceNoiseConfig = field(default_factory=InferenceNoiseConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,6 +421,8 @@ class WorkflowConfig:
     readout_noise_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # readout_noise sweep
     variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
+    analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run
+    #                                     fully_analog_hwa), iterations at finetune_learning_rate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +452,14 @@ class StudyEvalStage:
 
     init_from: Optional[str] = None     # the variant's checkpoint: file, run folder or run name
     name: Optional[str] = None          # variant name: adapt/study/<name>.json (None: the run folder's name)
+
+
+@dataclass
+class AnalogConvertStage:
+    """``analog_convert``: a trained checkpoint's projections on analog weight tiles (``projections=analog``)."""
+
+    init_from: Optional[str] = None     # the digital model: checkpoint file, run folder or run name
+    name: Optional[str] = None          # output run: checkpoints/<name>/final.pt
 
 
 @dataclass
@@ -523,6 +546,7 @@ class RootConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     attention: AttentionSettings = field(default_factory=AttentionSettings)
+    projections: ProjectionSettings = field(default_factory=ProjectionSettings)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

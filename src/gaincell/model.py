@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaincell.analog_projections import AnalogProjectionConfig, convert_projections, projection_config_from_dict
 from gaincell.attention import AnalogAttentionConfig, AttentionCore
 from gaincell.attention.module import HW_KINDS, KINDS
 
@@ -49,6 +50,8 @@ class GPTConfig:
         pad_vocab_multiple: embedding rows are padded up to a multiple of this (1: no padding).
         attention_implementation: passed to ``AttentionCore`` (auto | dense | blocked | triton).
         layer_norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
+        projections: which block projections run on analog weight tiles, and how
+            (``gaincell.analog_projections``; default digital: the model is unchanged).
     """
 
     vocab_size: int = 50257
@@ -63,10 +66,12 @@ class GPTConfig:
     pad_vocab_multiple: int = 64
     attention_implementation: str = "auto"
     layer_norm_eps: float = 1e-5
+    projections: AnalogProjectionConfig = field(default_factory=AnalogProjectionConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.analog, dict):
             self.analog = analog_config_from_dict(self.analog)
+        self.projections = projection_config_from_dict(self.projections)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -199,6 +204,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         with torch.no_grad():  # padded rows: never predicted, never embedded
             self.transformer.wte.weight[config.vocab_size:].zero_()
+        convert_projections(self, config.projections)  # analog weight tiles, if configured
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -376,9 +382,15 @@ def load_checkpoint_file(path: Union[str, Path], map_location: Any = "cpu") -> D
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if "cuda" in str(map_location) and not torch.cuda.is_available():  # not a corrupt file: no GPU here
+        raise RuntimeError(f"cannot load checkpoint {path} onto {map_location}: no CUDA GPU is available "
+                           f"here (expected device cpu)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated zip, not a torch file, ...
+        if "CUDA" in str(exc) and not torch.cuda.is_available():
+            raise RuntimeError(f"cannot load checkpoint {path}: it asks for a CUDA GPU and none is available "
+                               f"here ({exc}); load it with map_location='cpu'") from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: "
                               f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:

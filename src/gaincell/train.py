@@ -51,6 +51,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from gaincell.analog_projections import projection_config_from_dict, set_projections
 from gaincell.attention.module import HW_KINDS
 from gaincell.data import read_windows
 from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached
@@ -232,6 +233,9 @@ def build_model(cfg: Any, vocab_size: int) -> Tuple[GPT, str]:
                                     pad_vocab_multiple=int(cfg.model.pad_vocab_multiple),
                                     attention_implementation=str(cfg.attention.implementation))
         source = f"pretrained {init}"
+    projections = cfg.get("projections") if hasattr(cfg, "get") else getattr(cfg, "projections", None)
+    if projections is not None:  # analog weight tiles (gaincell.analog_projections); digital: unchanged
+        set_projections(model, projection_config_from_dict(projections))
     block_size = int(cfg.model.block_size)
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)

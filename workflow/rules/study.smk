@@ -6,7 +6,7 @@ rule study_val_loss:
     output:
         f"{R}/adapt/study/{{run}}.json",
     wildcard_constraints:
-        run="|".join(VARIANTS),
+        run="|".join(v.run for v in study.VARIANTS if not v.noise_seeds),  # analog ones: analog.smk
     params:
         cmd=stage_cmd("study_eval"),
         args=lambda w: args(*stage_overrides(name=w.run, init_from=ckpt(w.run))),
