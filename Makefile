@@ -40,7 +40,7 @@ ci-pipeline: setup
 	WANDB_MODE=disabled $(BIN)/snakemake --cores all --config profile=ci
 
 lint: setup
-	$(BIN)/snakemake --lint
+	$(BIN)/snakemake --lint --config profile=$(PROFILE)
 
 clean:
 	rm -rf results/tiny results/ci .snakemake

@@ -10,6 +10,7 @@ include: "workflow/rules/training.smk"
 include: "workflow/rules/leakage.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/study.smk"
+include: "workflow/rules/analog.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/gpu_baseline.smk"
 include: "workflow/rules/hardware_estimates.smk"
@@ -21,3 +22,9 @@ rule all:
         FIGURES_DONE,
         SAMPLE,
     default_target: True
+
+
+# The pipeline's overrides reach every stage command as the string resource `overrides` (see STAGE_SHELL
+# in common.smk): printed with the command, never a rerun trigger.
+for _rule in workflow.rules:
+    _rule.resources["overrides"] = OVR

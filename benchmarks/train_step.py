@@ -20,6 +20,14 @@ jobs on a shared machine; both ratios are written). CPU runs use ``--threads`` t
     .venv/bin/python benchmarks/train_step.py --shapes tiny --steps 5
 
 Writes ``results/benchmarks/train_step.csv``.
+
+``--interleave`` measures the ratios of issue 17 instead: softmax, linear_hw and nonlinear_hw (and with
+``--compile`` their ``torch.compile``d versions) built in one process, their steps taking turns in every
+repetition, at each of ``--thread-counts`` (default 1 and 2); medians, ratios to the eager softmax step
+and to the same model's eager step, and the targets (linear_hw <= 1.15x, nonlinear_hw <= 1.3x softmax;
+compiled faster than eager). Writes ``train_step_interleaved.csv`` and ``.json``.
+
+    .venv/bin/python benchmarks/train_step.py --interleave --shapes tiny --compile
 """
 from __future__ import annotations
 
@@ -49,17 +57,15 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(shape: str, kind: str, device: str, threads: int, steps: int, warmup: int) -> dict:
-    import resource
-
+def build_step(shape: str, kind: str, device: str, compile_model: bool = False):
+    """A GPT of ``shape`` with attention ``kind``, its AdamW and one fixed batch; returns ``(step, model)``
+    where ``step()`` runs forward, backward, clipping and the update, and returns the loss."""
     import torch
 
     from gaincell.attention import PAPER_COEFFICIENTS, AnalogAttentionConfig
     from gaincell.model import GPT, GPTConfig
 
     s = SHAPES[shape]
-    if device == "cpu":
-        torch.set_num_threads(threads)
     dev = torch.device(device)
     torch.manual_seed(0)
     analog = AnalogAttentionConfig(window=s["window"],
@@ -71,23 +77,15 @@ def worker(shape: str, kind: str, device: str, threads: int, steps: int, warmup:
             p.requires_grad_(kind in ("linear_hw", "nonlinear_hw"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             **({"fused": True} if device == "cuda" else {}))
-    batch = s["batch"][device]
-    T = s["block_size"]
+    forward = torch.compile(model) if compile_model else model
+    batch, T = s["batch"][device], s["block_size"]
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, s["vocab_size"], (batch, T), generator=g).to(dev)
     y = torch.randint(0, s["vocab_size"], (batch, T), generator=g).to(dev)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
-    rss_before = _rss_mb()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        base_alloc = torch.cuda.memory_allocated(dev) / 2**20
 
-    def step():
-        if autocast is not None:
-            with autocast:
-                _, loss = model(x, y)
-        else:
-            _, loss = model(x, y)
+    def step() -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -95,6 +93,24 @@ def worker(shape: str, kind: str, device: str, threads: int, steps: int, warmup:
         if device == "cuda":
             torch.cuda.synchronize(dev)
         return float(loss.detach())
+    return step, model
+
+
+def worker(shape: str, kind: str, device: str, threads: int, steps: int, warmup: int) -> dict:
+    import resource
+
+    import torch
+
+    s = SHAPES[shape]
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    step, model = build_step(shape, kind, device)
+    batch, T = s["batch"][device], s["block_size"]
+    rss_before = _rss_mb()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_alloc = torch.cuda.memory_allocated(dev) / 2**20
 
     wall, cpu = [], []
     for i in range(warmup + steps):
@@ -121,6 +137,108 @@ def worker(shape: str, kind: str, device: str, threads: int, steps: int, warmup:
     return row
 
 
+# Issue 17's targets for the eager training step at the tiny shape (ratios to the softmax step).
+STEP_RATIO_TARGETS = {"linear_hw": 1.15, "nonlinear_hw": 1.3}
+
+
+def interleaved(shape: str, kinds, device: str, thread_counts, steps: int, warmup: int, compile_too: bool):
+    """Every (kind, eager/compiled) variant built in this one process, their steps taking turns within each
+    repetition (so load from other processes hits all alike); medians per thread count. Returns rows."""
+    import torch
+
+    variants = {}
+    for kind in kinds:
+        for compiled in ((False, True) if compile_too else (False,)):
+            variants[(kind, compiled)] = build_step(shape, kind, device, compiled)[0]
+    rows = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for step in variants.values():  # warm-up (and compilation) at this thread count
+            for _ in range(warmup):
+                step()
+        wall = {v: [] for v in variants}
+        cpu = {v: [] for v in variants}
+        for _ in range(steps):
+            for v, step in variants.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                step()
+                wall[v].append(time.perf_counter() - w0)
+                cpu[v].append(time.process_time() - c0)
+        for (kind, compiled) in variants:
+            rows.append({"shape": shape, "device": device, "threads": threads, "attention": kind,
+                         "compiled": compiled, "steps": steps,
+                         "step_ms": 1e3 * statistics.median(wall[(kind, compiled)]),
+                         "step_cpu_ms": 1e3 * statistics.median(cpu[(kind, compiled)]),
+                         "step_ms_iqr": 1e3 * _iqr(wall[(kind, compiled)])})
+    _add_ratios(rows)
+    return rows
+
+
+def _iqr(values) -> float:
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [0.0, 0.0, 0.0]
+    return q[2] - q[0]
+
+
+def _add_ratios(rows) -> None:
+    """Ratios to the eager softmax step and to the same kind's eager step, within each thread count."""
+    for r in rows:
+        same = {(o["attention"], o["compiled"]): o for o in rows if o["threads"] == r["threads"]}
+        soft = same.get(("softmax", False))
+        eager = same.get((r["attention"], False))
+        for col in ("step_ms", "step_cpu_ms"):
+            r[f"{col}_ratio_to_softmax"] = r[col] / soft[col] if soft else None
+            r[f"{col}_ratio_to_eager"] = r[col] / eager[col] if eager else None
+
+
+def goal_checks(rows) -> dict:
+    """Issue 17's training-step targets evaluated on these rows (eager wall-time ratios to softmax)."""
+    checks = {}
+    for r in rows:
+        if not r["compiled"] and r["attention"] in STEP_RATIO_TARGETS:
+            target = STEP_RATIO_TARGETS[r["attention"]]
+            checks[f"{r['attention']}_eager_threads{r['threads']} <= {target}x softmax"] = {
+                "ratio": r["step_ms_ratio_to_softmax"], "cpu_time_ratio": r["step_cpu_ms_ratio_to_softmax"],
+                "met": r["step_ms_ratio_to_softmax"] <= target}
+        if r["compiled"] and r["attention"] in STEP_RATIO_TARGETS:
+            checks[f"{r['attention']}_compiled_threads{r['threads']} faster than eager"] = {
+                "ratio": r["step_ms_ratio_to_eager"], "met": r["step_ms_ratio_to_eager"] < 1.0}
+    return checks
+
+
+def main_interleaved(args) -> int:
+    """``--interleave``: the issue 17 ratios (eager hardware step / eager softmax step, compiled / eager)."""
+    import platform
+
+    import torch
+
+    from gaincell.io import atomic_to_csv, atomic_write_json
+
+    shape, device = args.shapes[0], (args.devices or ["cpu"])[0]
+    kinds = args.kinds if args.kinds != list(KINDS) else ["softmax", "linear_hw", "nonlinear_hw"]
+    steps = args.steps or 7
+    warmup = args.warmup if args.warmup is not None else 2
+    load_before = os.getloadavg()
+    started = time.time()
+    rows = interleaved(shape, kinds, device, args.thread_counts, steps, warmup, args.compile)
+    import pandas as pd
+
+    out_csv = args.out.with_name("train_step_interleaved.csv")
+    atomic_to_csv(pd.DataFrame(rows), out_csv)
+    summary = {"shape": {k: v for k, v in SHAPES[shape].items()}, "shape_name": shape, "device": device,
+               "kinds": kinds, "thread_counts": args.thread_counts, "timed_steps": steps, "warmup_steps": warmup,
+               "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+               "load_average_before": load_before, "load_average_after": os.getloadavg(),
+               "seconds": round(time.time() - started, 1),
+               "note": "medians of interleaved steps in one process; wall time (step_ms) and this process's "
+                       "CPU time (step_cpu_ms, less disturbed on a shared machine)",
+               "goals": goal_checks(rows), "rows": rows}
+    atomic_write_json(out_csv.with_suffix(".json"), summary)
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(json.dumps(summary["goals"], indent=1))
+    print(f"wrote {out_csv} and {out_csv.with_suffix('.json')}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -131,7 +249,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "train_step.csv")
     ap.add_argument("--worker", nargs=3, metavar=("SHAPE", "KIND", "DEVICE"), help=argparse.SUPPRESS)
+    ap.add_argument("--interleave", action="store_true",
+                    help="one process, the variants' steps taking turns (ratios; no per-variant memory): "
+                         "writes train_step_interleaved.csv/.json")
+    ap.add_argument("--thread-counts", nargs="+", type=int, default=[1, 2], help="with --interleave")
+    ap.add_argument("--compile", action="store_true", help="with --interleave: also torch.compile'd variants")
     args = ap.parse_args(argv)
+    if args.interleave:
+        return main_interleaved(args)
 
     if args.worker:
         shape, kind, device = args.worker

@@ -1,4 +1,4 @@
-"""Adaptation (spec §11, equation 9): the update rule, the whole algorithm on a trained 2-layer model,
+"""Adaptation (eq. 9): the update rule, the whole algorithm on a trained 2-layer model,
 DDP, the ``adapt`` and ``leakage_eval`` stages and the figures built from their outputs."""
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from gaincell import adapt
+from gaincell.adapt.study_eval import study_eval
 from gaincell.attention import PAPER_COEFFICIENTS, AnalogAttentionConfig
 from gaincell.attention.module import SCALER_STAGES
+from gaincell.data import sample_batches
 from gaincell.model import GPT, GPTConfig
 
 VOCAB, SEQ, PERIOD = 32, 64, 8
@@ -294,6 +296,9 @@ def test_adapt_stage_outputs_modes_and_figures(trained_linear, tmp_path):
     s_eval = adapt.run(_cfg(tmp_path, f"+stage.init_from={ckpt}", "+stage.name=linear_hw", "+stage.mode=evaluate"))
     assert s_eval["val_loss"] == pytest.approx(s["val_loss_linear"])
     assert (tmp_path / "adapt" / "study" / "linear_hw.json").is_file()
+    # the study_eval stage is the evaluate mode under its own name: the same batches, the same numbers
+    s_study = study_eval(_cfg(tmp_path, f"+stage.init_from={ckpt}", "+stage.name=linear_hw"))
+    assert s_study["val_batch_losses"] == s_eval["val_batch_losses"]
 
     figdir = tmp_path / "figures"
     paths = figs.fig_adapt_statistics(tmp_path, figdir) + figs.fig_adapt_convergence(tmp_path, figdir) + \
@@ -317,11 +322,13 @@ def test_adapt_stage_rejects_bad_input(trained_linear, tmp_path):
     with pytest.raises(ValueError, match="vocabulary is 50257 tokens.*model's is 32"):
         adapt.run(_cfg(tmp_path, f"+stage.init_from={ckpt}", "+stage.name=x"))
     with pytest.raises(ValueError, match="contains token id 3[01] but the model's vocabulary has 30"):
-        adapt.sample_batches(tmp_path / "data" / "train.bin", 4, 8, SEQ, seed=0, vocab_size=30)
+        sample_batches(tmp_path / "data" / "train.bin", 4, 8, SEQ, seed=0, vocab_size=30)
     with pytest.raises(FileNotFoundError, match="init_from"):
         adapt.run(_cfg(tmp_path, f"+stage.init_from={tmp_path / 'nope.pt'}", "+stage.name=x"))
     with pytest.raises(ValueError, match="mode"):
         adapt.run(_cfg(tmp_path, f"+stage.init_from={ckpt}", "+stage.name=x", "+stage.mode=adapt_fast"))
+    with pytest.raises(ValueError, match=r"\+stage.nmae: not a setting of this stage"):
+        adapt.run(_cfg(tmp_path, f"+stage.init_from={ckpt}", "+stage.nmae=x"))
 
 
 def test_leakage_eval_with_and_without_fine_tuning(trained_linear, tmp_path):

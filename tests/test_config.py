@@ -71,3 +71,18 @@ def test_cli_unknown_stage_and_print_config():
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "window: 128" in run.stdout and "profile: ci" in run.stdout
+
+
+def test_stage_extras_are_typed_per_stage():
+    from gaincell.config import FiguresStage, GenerateStage, LeakageStage, stage_settings
+
+    s = stage_settings(compose(["+stage.init_from=ckpt", "+stage.finetune_iters=3"]), LeakageStage)
+    assert s == LeakageStage(init_from="ckpt", finetune_iters=3, finetune_lr=None)
+    g = stage_settings(compose(["+stage.top_k=null", "+stage.prompt=ROMEO:", "+stage.temperature=0.5"]),
+                       GenerateStage)
+    assert g.top_k is None and g.prompt == "ROMEO:" and g.temperature == 0.5 and g.max_new_tokens == 200
+    assert stage_settings(compose(["+stage.only=[a,b]"]), FiguresStage).only == ["a", "b"]
+    with pytest.raises(ValueError, match=r"\+stage.finetune_iters: .*'abc'"):
+        stage_settings(compose(["+stage.finetune_iters=abc"]), LeakageStage)
+    with pytest.raises(ValueError, match=r"\+stage.prompt: not a setting of this stage \(LeakageStage\)"):
+        stage_settings(compose(["+stage.prompt=x"]), LeakageStage)

@@ -187,3 +187,32 @@ def test_cli_stage_prints_and_writes_the_sample(tmp_path, capsys):
         run(compose([f"results_dir={tmp_path}"]))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         run(compose([f"results_dir={tmp_path}", f"+stage.checkpoint={tmp_path / 'missing.pt'}"]))
+
+
+@pytest.mark.parametrize("kind", ["linear_hw", "nonlinear_hw"])
+def test_incremental_equals_full_forward_with_cell_variation_per_layer(kind):
+    """Each layer's decoder uses that layer's chip (seed derived from the configured seed and the layer
+    index), as the parallel forward does: float64 logits agree to rounding; one chip for all layers would not."""
+    import dataclasses
+
+    from gaincell.attention.noise import layer_config
+
+    model = _model(kind).double()
+    chip = dataclasses.replace(model.config.analog, cell_variation=0.2, noise_seed=5)
+    model.set_attention(kind, chip)
+    idx = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+    torch.testing.assert_close(_incremental_logits(model, idx), full, rtol=1e-10, atol=1e-10)
+    assert layer_config(chip, 0) != layer_config(chip, 1)
+    for core in model.attention_cores():  # the same chip in every layer: other logits
+        core.layer_index = 0
+    assert (_incremental_logits(model, idx) - full).abs().max() > 1e-3
+
+
+def test_generate_refuses_nan_attention_inputs():
+    model = _model("linear_hw")
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, seed=0)

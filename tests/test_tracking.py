@@ -51,9 +51,14 @@ def test_disabled_rank_writes_nothing(tmp_path):
 
 
 def test_bad_mode_is_named(tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+    # in the config: refused when composed, naming the allowed values (a choice field of the schema)
+    with pytest.raises(Exception, match="tracking.mode=cloud") as info:
+        compose([f"results_dir={tmp_path}", "tracking.mode=cloud"])
+    assert "Invalid value 'cloud', expected one of [offline, online, disabled]" in str(info.value.__cause__)
+    # from the environment ($WANDB_MODE wins over the config): refused by the tracker
+    monkeypatch.setenv("WANDB_MODE", "cloud")
     with pytest.raises(ValueError, match="tracking.mode='cloud'"):
-        Tracker(compose([f"results_dir={tmp_path}", "tracking.mode=cloud"]), "r", "train")
+        Tracker(compose([f"results_dir={tmp_path}"]), "r", "train")
 
 
 def test_wandb_offline_run_records_config_and_metrics(tmp_path, monkeypatch):

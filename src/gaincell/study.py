@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 # How a run makes its checkpoint: the trainer (``train`` stage, writes ``final.pt``) or the adaptation of
 # equation 9 (``adapt`` stage, writes ``ckpt.pt`` and ``adapt/<run>/summary.json``).
-TRAINING = {"train": "final.pt", "adapt": "ckpt.pt"}
+TRAINING = {"train": "final.pt", "adapt": "ckpt.pt", "convert": "final.pt"}
+# (convert: ``analog_convert`` stage, the start run's weights on analog weight tiles, rule in analog.smk)
 ADAPT_MODES = ("adapt", "map_only")        # adapt: eq. 9; map_only: switch the cell, keep the scalers
 
 IterFn = Callable[[Any], Optional[int]]   # composed config -> train.max_iters (None: the profile's own)
@@ -37,6 +38,10 @@ def _linear_iters(cfg: Any) -> int:
 
 def _linear_early_iters(cfg: Any) -> int:
     return int(cfg.workflow.linear_early_iters)
+
+
+def _analog_hwa_iters(cfg: Any) -> int:
+    return int(cfg.workflow.analog_hwa_iters)
 
 
 def _finetune_iters(cfg: Any) -> int:
@@ -96,7 +101,9 @@ class Variant:
     run: str                            # the Run whose checkpoint is this variant
     label: str                          # legend / table label
     curve_runs: Tuple[str, ...]         # training runs whose metrics.csv make its training curve, in order
-    group: str                          # software | linear | nonlinear (colour group)
+    group: str                          # software | linear | nonlinear | analog (colour group)
+    noise_seeds: bool = False           # evaluated at several inference-noise seeds (analog projections:
+    #                                     mean and spread over seeds; rule analog_val_loss)
 
 
 RUNS: Tuple[Run, ...] = (
@@ -118,6 +125,13 @@ RUNS: Tuple[Run, ...] = (
     Run("nonlinear_finetuned", "nonlinear_hw", start="nonlinear_adapted_early", iters=_finetune_iters,
         rule="finetune",
         doc="Variant 6: the adapted early linear model fine-tuned as a nonlinear model (surrogate gradient)."),
+    # Beyond the paper: every block projection on analog weight tiles as well (gaincell.analog_projections)
+    Run("fully_analog", "nonlinear_hw", "convert", start="nonlinear_finetuned", rule="analog_convert",
+        overrides=("projections=analog",),
+        doc="Variant 6 with its projections on analog weight tiles, input ranges calibrated, no training."),
+    Run("fully_analog_hwa", "nonlinear_hw", start="fully_analog", iters=_analog_hwa_iters,
+        overrides=("projections=analog",),
+        doc="The fully analog model after hardware-aware training (weight and output noise injected)."),
 )
 
 VARIANTS: Tuple[Variant, ...] = (
@@ -128,6 +142,9 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant(5, "nonlinear_adapted", "nonlinear HW, adapted (no fine-tuning)", (), "nonlinear"),
     Variant(6, "nonlinear_finetuned", "nonlinear HW, adapted early + fine-tuned",
             ("linear_hw_early", "nonlinear_finetuned"), "nonlinear"),
+    Variant(7, "fully_analog", "6 + analog projections (converted)", (), "analog", noise_seeds=True),
+    Variant(8, "fully_analog_hwa", "6 + analog projections, HW-aware trained", ("fully_analog_hwa",), "analog",
+            noise_seeds=True),
 )
 
 SAMPLE_RUN = "nonlinear_finetuned"      # the model whose generated text sample the pipeline keeps

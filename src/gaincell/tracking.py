@@ -39,7 +39,7 @@ def resolved_config_dict(cfg: Any) -> Dict[str, Any]:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+            return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
     except ImportError:  # pragma: no cover
         pass
     if hasattr(cfg, "__dataclass_fields__"):

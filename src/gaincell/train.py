@@ -10,15 +10,27 @@ name or ``save_pretrained`` folder) or a checkpoint file (weights only; the atte
 ``attention.kind``). Run name: ``+stage.name`` (default: the attention kind).
 
 Outputs (``results/<profile>/``): ``checkpoints/<run>/ckpt.pt`` every ``train.checkpoint_interval``
-steps (atomic; model, optimizer, scheduler, RNG and data-sampler state) and ``final.pt`` when the run
-ends; ``train/<run>/metrics.csv`` (iter, tokens, lr, train_loss, val_loss, elapsed_s) and
-``metrics.summary.json``. A run whose ``ckpt.pt`` exists resumes from it and reproduces the curve of an
-uninterrupted run (deterministic seeded batch sampling whose state is checkpointed).
+steps (atomic; model, optimizer, RNG and data-sampler state, the run's signature and schedule, the
+tokenizer's hash) and ``final.pt`` when the run ends; ``train/<run>/metrics.csv`` (iter, tokens, lr,
+train_loss, val_loss, elapsed_s) and ``metrics.summary.json``.
+
+Reruns. A run whose ``ckpt.pt`` belongs to it resumes and reproduces the curve of an uninterrupted run
+(deterministic seeded batch sampling whose state is checkpointed). It belongs to it when the signature
+(``run_signature``: every setting that changes the result, the data and tokenizer by content, the
+initial weights by SHA-256) is equal and the learning rates it used are those this run's schedule gives
+for the same steps (``schedule_mismatch``): the rate is computed from the step number, so a run extended
+on the same schedule follows exactly the curve of a fresh run of the new length. ``RUNTIME_TRAIN_KEYS``
+(device, compile, checkpoint_interval, threads, progress) never invalidate a checkpoint. Otherwise: an
+error by hand; with ``+stage.on_mismatch=restart`` (the workflow) the old ``ckpt.pt`` is moved to
+``ckpt.stale.pt`` and training starts afresh, so a changed setting never yields an "already finished".
+(A schedule setting that changes none of the rates a checkpoint used, e.g. ``min_lr`` of a run that
+ended before its decay, leaves the weights identical: that checkpoint still counts as this run's.)
 
 AdamW (decay on matrices only), linear warmup + cosine decay, gradient accumulation and clipping,
 bf16 autocast on GPU, optional torch.compile, torchrun DDP (NCCL on GPU, gloo on CPU). The global batch
 is ``batch_size * grad_accum`` sequences whatever the number of processes. A NaN/inf loss stops the run
-before the optimizer step, naming the iteration and the last good checkpoint.
+before the optimizer step, naming the iteration and the last good checkpoint. SIGTERM (a SLURM time
+limit) writes a checkpoint at the end of the current step, then exits with status 143.
 
 Test hook: ``GAINCELL_FAULT_KILL_AT_ITER=N`` makes the process SIGKILL itself right after step N (the
 kill-and-resume test).
@@ -29,7 +41,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -40,12 +51,14 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from gaincell.analog_projections import projection_config_from_dict, set_projections
 from gaincell.attention.module import HW_KINDS
-from gaincell.io import atomic_save_torch
+from gaincell.data import read_windows
+from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached
 from gaincell.model import (GPT, CheckpointError, config_from_settings, load_checkpoint_file,
                             load_model_weights, model_from_checkpoint_dict)
 
-TRAIN_CHECKPOINT_FORMAT = "gaincell-train-v1"
+TRAIN_CHECKPOINT_FORMAT = "gaincell-train-v2"  # v2: schedule from the step number, content-hashed signature
 METRIC_COLUMNS = ["tokens", "lr", "train_loss", "val_loss", "elapsed_s"]
 
 
@@ -99,15 +112,6 @@ def setup_distributed(preference: str) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
-def _all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x = x / env.world_size
-    return x
-
-
 # ----------------------------------------------------------------------------------------------------
 # data sampling
 # ----------------------------------------------------------------------------------------------------
@@ -119,9 +123,11 @@ class BatchSampler:
     """
 
     def __init__(self, path: Path, block_size: int, seed: int) -> None:
+        from gaincell.data import check_token_file
+
         self.path = Path(path)
         self.block_size = block_size
-        n = len(np.memmap(self.path, dtype=np.uint16, mode="r"))
+        n = check_token_file(self.path)
         if n <= block_size + 1:
             raise ValueError(f"{self.path} holds {n} tokens: too few for sequences of block_size={block_size}")
         self.num_tokens = n
@@ -133,9 +139,7 @@ class BatchSampler:
     def batch(self, offsets: torch.Tensor, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         # A fresh memmap per batch: np.memmap keeps pages resident otherwise (nanoGPT's note).
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        T = self.block_size
-        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in offsets.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in offsets.tolist()])
+        x, y = read_windows(data, offsets.tolist(), self.block_size)
         if device.type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
@@ -229,6 +233,9 @@ def build_model(cfg: Any, vocab_size: int) -> Tuple[GPT, str]:
                                     pad_vocab_multiple=int(cfg.model.pad_vocab_multiple),
                                     attention_implementation=str(cfg.attention.implementation))
         source = f"pretrained {init}"
+    projections = cfg.get("projections") if hasattr(cfg, "get") else getattr(cfg, "projections", None)
+    if projections is not None:  # analog weight tiles (gaincell.analog_projections); digital: unchanged
+        set_projections(model, projection_config_from_dict(projections))
     block_size = int(cfg.model.block_size)
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)
@@ -249,6 +256,95 @@ def _set_dropout(model: GPT, p: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# what a run's result depends on
+# ----------------------------------------------------------------------------------------------------
+# Settings that change how a run executes but not its weights or metrics: they never invalidate a
+# checkpoint. ``device``: where it runs (like the number of processes); ``compile``: the same function,
+# compiled; ``checkpoint_interval``: a resumed run reproduces the uninterrupted one bit for bit (tested),
+# so where checkpoints fall does not matter; ``threads``, ``progress``: speed and display.
+RUNTIME_TRAIN_KEYS = ("device", "compile", "checkpoint_interval", "threads", "progress")
+# The run length and learning-rate schedule are compared iteration by iteration (``schedule_mismatch``),
+# so a finished run can be extended when the learning rates it used are those of the longer run.
+SCHEDULE_KEYS = ("max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters")
+# Every attention implementation computes the same function (attention tests): not part of the result.
+RUNTIME_MODEL_KEYS = ("attention_implementation",)
+# The analog settings a kind reads (softmax ignores the hardware knobs; softmax_window reads the window).
+ATTENTION_KEYS_READ = {"softmax": (), "softmax_window": ("window",)}
+
+
+def _init_identity(source: str) -> Dict[str, Any]:
+    """Where the initial weights come from, by content: a checkpoint or model folder by SHA-256 (cached
+    beside the file), a hub name by name, ``scratch`` by nothing (the seed is in the signature)."""
+    kind, _, where = source.partition(" ")
+    if kind == "checkpoint":
+        return {"checkpoint_sha256": sha256_file_cached(where)}
+    if kind == "pretrained" and Path(where).is_dir():
+        files = sorted(f for f in Path(where).rglob("*") if f.is_file() and not f.name.startswith("."))
+        return {"pretrained_files": {str(f.relative_to(where)): sha256_file_cached(f) for f in files}}
+    return {kind: where} if where else {"kind": kind}
+
+
+def _model_identity(model: GPT) -> Dict[str, Any]:
+    config = {k: v for k, v in model.config.to_dict().items() if k not in RUNTIME_MODEL_KEYS}
+    read = ATTENTION_KEYS_READ.get(model.config.attention)
+    if read is not None:
+        config["analog"] = {k: config["analog"][k] for k in read}
+    return config
+
+
+def run_signature(model: GPT, cfg: Any, meta: Dict[str, Any], tokenizer: Dict[str, Any], source: str,
+                  dtype: torch.dtype) -> Dict[str, Any]:
+    """Everything a run's result depends on except the schedule: a checkpoint resumes only into a run
+    with the same signature. The train section enters whole except ``RUNTIME_TRAIN_KEYS`` and
+    ``SCHEDULE_KEYS`` (a setting added later counts by default); ``dtype`` as resolved."""
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.to_container(cfg.train, resolve=True) if OmegaConf.is_config(cfg.train) else dict(cfg.train)
+    train = {k: v for k, v in train.items() if k not in RUNTIME_TRAIN_KEYS + SCHEDULE_KEYS}
+    train["dtype"] = str(dtype).replace("torch.", "")
+    return {
+        "model_config": _model_identity(model), "init": _init_identity(source), "tokenizer": tokenizer["sha256"],
+        "data": {k: meta.get(k) for k in ("corpus", "vocab_size", "train_tokens", "val_tokens", "settings")},
+        "train": train,
+    }
+
+
+def schedule_record(schedule: "WarmupCosine", max_iters: int) -> Dict[str, Any]:
+    return {"learning_rate": schedule.learning_rate, "min_lr": schedule.min_lr,
+            "warmup_iters": schedule.warmup_iters, "decay_iters": schedule.decay_iters, "max_iters": max_iters}
+
+
+def schedule_mismatch(recorded: Dict[str, Any], schedule: "WarmupCosine", max_iters: int,
+                      at_iter: int) -> Optional[str]:
+    """Why a checkpoint at ``at_iter`` cannot continue into a run of ``max_iters`` steps on ``schedule``
+    (None: it can). It can when it is not past ``max_iters`` and used exactly the learning rates this
+    run uses for its first ``at_iter`` steps: then resuming gives the curve of a fresh run of this length.
+    The rate of each later step is computed from the step number, never restored from the checkpoint."""
+    if at_iter > max_iters:
+        return f"the checkpoint is at iteration {at_iter}, beyond train.max_iters={max_iters}"
+    old = WarmupCosine(recorded["learning_rate"], recorded["min_lr"], recorded["warmup_iters"], recorded["decay_iters"])
+    for i in range(at_iter):
+        if old.lr(i) != schedule.lr(i):
+            return (f"learning rate at iteration {i}: checkpoint used {old.lr(i)!r}, this run's schedule gives "
+                    f"{schedule.lr(i)!r} (lr {old.learning_rate} -> {schedule.learning_rate}, min_lr {old.min_lr}"
+                    f" -> {schedule.min_lr}, warmup {old.warmup_iters} -> {schedule.warmup_iters}, decay "
+                    f"{old.decay_iters} -> {schedule.decay_iters} iterations)")
+    return None
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    if a != b:
+        return f"{prefix.rstrip('.')}: checkpoint has {a!r}, this run has {b!r}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------------
 def _rng_state(device: torch.device) -> Dict[str, Any]:
@@ -266,47 +362,31 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _signature(model: GPT, cfg: Any, meta: Dict[str, Any], source: str, global_micro: int) -> Dict[str, Any]:
-    """What a resumed run must share with the checkpoint for the curve to continue."""
-    t = cfg.train
-    return {
-        "model_config": model.config.to_dict(), "init": source,
-        "data": {"vocab_size": meta.get("vocab_size"), "train_tokens": meta.get("train_tokens"),
-                 "corpus": meta.get("corpus")},
-        "train": {"global_batch_size": global_micro, "block_size": model.config.block_size,
-                  "learning_rate": float(t.learning_rate), "min_lr": float(t.min_lr),
-                  "warmup_iters": int(t.warmup_iters), "weight_decay": float(t.weight_decay),
-                  "betas": [float(t.beta1), float(t.beta2)], "seed": int(t.seed)},
-    }
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    if a != b:
-        return f"{prefix.rstrip('.')}: checkpoint has {a!r}, this run has {b!r}"
-    return None
-
-
-def load_train_checkpoint(path: Path, signature: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    """Read a resumable checkpoint and check it belongs to this run (clear error naming the mismatch)."""
+def load_train_checkpoint(path: Path, signature: Dict[str, Any], device: torch.device,
+                          schedule: Optional["WarmupCosine"] = None, max_iters: Optional[int] = None) -> Dict[str, Any]:
+    """Read a resumable checkpoint and check it belongs to this run (clear error naming the mismatch):
+    same signature and, given ``schedule``, a learning-rate history this run shares."""
     ckpt = load_checkpoint_file(path, map_location="cpu")
     if ckpt.get("format") != TRAIN_CHECKPOINT_FORMAT or "optimizer" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} is not a resumable training checkpoint "
+        raise CheckpointError(f"checkpoint {path} is not a resumable training checkpoint of this version "
                               f"(format {ckpt.get('format')!r}, expected {TRAIN_CHECKPOINT_FORMAT!r})")
     diff = _first_difference(ckpt.get("signature"), signature)
+    if diff is None and schedule is not None:
+        diff = schedule_mismatch(ckpt["schedule"], schedule, int(max_iters), int(ckpt["iter"]))
     if diff:
         raise CheckpointError(f"checkpoint {path} does not match this run: {diff}. Delete the run's "
                               f"checkpoint folder or choose another +stage.name to start afresh")
     return ckpt
 
 
+def publish_final(ckpt_path: Path, final_path: Path) -> Path:
+    """``final.pt``: the finished run's ``ckpt.pt``, copied atomically (the one place it is written)."""
+    atomic_copy(ckpt_path, final_path)
+    return final_path
+
+
 # ----------------------------------------------------------------------------------------------------
-# the loop
+# set-up, resume, save
 # ----------------------------------------------------------------------------------------------------
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
@@ -317,6 +397,159 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+@dataclass
+class TrainRun:
+    """Everything one training run holds: settings, model and optimizer, data, and where it stands."""
+
+    cfg: Any
+    env: DistEnv
+    name: str
+    ckpt_path: Path
+    final_path: Path
+    metrics_path: Path
+    model: GPT
+    source: str
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    schedule: WarmupCosine
+    train_sampler: BatchSampler
+    val_sampler: BatchSampler
+    dtype: torch.dtype
+    signature: Dict[str, Any]
+    tokenizer: Dict[str, Any]
+    max_iters: int
+    iter: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    wandb_id: Optional[str] = None
+    last_good: Optional[Path] = None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.env.device.type, dtype=self.dtype)
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            print(f"train[{self.name}]: {message}", flush=True)
+
+
+def _checked_batch_settings(t: Any, env: DistEnv) -> Tuple[int, int, int]:
+    max_iters, batch_size, grad_accum = int(t.max_iters), int(t.batch_size), int(t.grad_accum)
+    if max_iters < 0 or batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"train.max_iters={max_iters}, batch_size={batch_size}, grad_accum={grad_accum}: "
+                         f"expected max_iters >= 0 (0: export the initial model) and positive batch sizes")
+    if grad_accum % env.world_size != 0:
+        raise ValueError(f"train.grad_accum={grad_accum} is not divisible by the {env.world_size} processes: "
+                         f"each process runs grad_accum / world_size micro-batches")
+    return max_iters, batch_size, grad_accum
+
+
+def setup(cfg: Any, env: DistEnv) -> TrainRun:
+    """Model, optimizer, schedule and data samplers of a fresh run, and the run's signature."""
+    from gaincell.data import check_token_file, check_tokenizer, read_meta, tokenizer_fingerprint
+
+    t = cfg.train
+    max_iters, batch_size, grad_accum = _checked_batch_settings(t, env)
+    results_dir, data_dir = Path(str(cfg.results_dir)), Path(str(cfg.data.data_dir))
+    name = str(_stage_get(cfg, "name", None) or cfg.attention.kind)
+    meta = read_meta(data_dir)
+    for split in ("train", "val"):
+        check_token_file(data_dir / f"{split}.bin", meta, split)
+    tokenizer = tokenizer_fingerprint(data_dir, meta)
+    torch.manual_seed(int(t.seed))  # identical initial weights on every rank
+    model, source = build_model(cfg, int(meta["vocab_size"]))
+    if source.startswith("checkpoint ") and env.is_main:
+        warning = check_tokenizer(model.tokenizer_info, data_dir, source.partition(" ")[2], tokenizer)
+        if warning:
+            print(f"train[{name}]: warning: {warning}")
+    set_trainable_scalers(model)
+    model.to(env.device)
+    T = model.config.block_size
+    decay_iters = int(t.lr_decay_iters) if t.lr_decay_iters is not None else max_iters
+    dtype = _dtype(str(t.dtype), env.device)
+    ckpt_dir = results_dir / "checkpoints" / name
+    return TrainRun(
+        cfg=cfg, env=env, name=name, ckpt_path=ckpt_dir / "ckpt.pt", final_path=ckpt_dir / "final.pt",
+        metrics_path=results_dir / "train" / name / "metrics.csv", model=model, source=source,
+        optimizer=make_optimizer(model, float(t.learning_rate), float(t.weight_decay),
+                                 (float(t.beta1), float(t.beta2)), env.device),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=(dtype == torch.float16)),
+        schedule=WarmupCosine(float(t.learning_rate), float(t.min_lr), int(t.warmup_iters), decay_iters),
+        train_sampler=BatchSampler(data_dir / "train.bin", T, seed=int(t.seed)),
+        val_sampler=BatchSampler(data_dir / "val.bin", T, seed=int(t.seed) + 1),
+        dtype=dtype, signature=run_signature(model, cfg, meta, tokenizer, source, dtype), tokenizer=tokenizer,
+        max_iters=max_iters)
+
+
+def _set_aside_if_stale(run: TrainRun) -> bool:
+    """Workflow mode (``+stage.on_mismatch=restart``): a ``ckpt.pt`` this run cannot continue (settings
+    changed since) is moved to ``ckpt.stale.pt`` and training starts afresh. Returns whether one remains."""
+    if not run.ckpt_path.is_file():
+        return False
+    if str(_stage_get(run.cfg, "on_mismatch", "error")) != "restart":
+        return True
+    try:
+        load_train_checkpoint(run.ckpt_path, run.signature, torch.device("cpu"), run.schedule, run.max_iters)
+        return True
+    except CheckpointError as err:
+        run.log(str(err))
+    if run.env.is_main:
+        aside = run.ckpt_path.with_name("ckpt.stale.pt")
+        os.replace(run.ckpt_path, aside)
+        run.log(f"settings changed since {run.ckpt_path} was written: moved it to {aside.name}, starting afresh")
+    if run.env.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return False
+
+
+def resume_or_restart(run: TrainRun) -> None:
+    """Continue from the run's ``ckpt.pt`` when it belongs to this run, else start at iteration 0."""
+    if not _set_aside_if_stale(run):
+        torch.manual_seed(int(run.cfg.train.seed) + run.env.rank)  # dropout differs across ranks
+        return
+    ckpt = load_train_checkpoint(run.ckpt_path, run.signature, run.env.device, run.schedule, run.max_iters)
+    load_model_weights(run.model, ckpt["model"], run.ckpt_path)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.train_sampler.load_state_dict(ckpt["data_sampler"])
+    rng_states = ckpt["rng"]
+    _set_rng_state(rng_states[run.env.rank] if run.env.rank < len(rng_states) else rng_states[0], run.env.device)
+    run.iter, run.tokens = int(ckpt["iter"]), int(ckpt["tokens"])
+    run.elapsed_s, run.wandb_id, run.last_good = float(ckpt["elapsed_s"]), ckpt.get("wandb_id"), run.ckpt_path
+    run.log(f"resuming from {run.ckpt_path} at iteration {run.iter}/{run.max_iters}")
+
+
+def save_checkpoint(run: TrainRun, tracker: Any, finished: bool) -> Path:
+    """``ckpt.pt`` (atomic; all ranks' RNG states gathered) and, when the run is finished, ``final.pt``."""
+    rng = [_rng_state(run.env.device)]
+    if run.env.distributed:
+        import torch.distributed as dist
+
+        rng = [None] * run.env.world_size
+        dist.all_gather_object(rng, _rng_state(run.env.device))
+    if run.env.is_main:
+        tracker.flush()
+        state = run.model.checkpoint_state()
+        state.update({
+            "format": TRAIN_CHECKPOINT_FORMAT, "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "data_sampler": run.train_sampler.state_dict(), "rng": rng,
+            "iter": run.iter, "tokens": run.tokens, "elapsed_s": run.elapsed_s, "wandb_id": tracker.wandb_id,
+            "signature": run.signature, "schedule": schedule_record(run.schedule, run.max_iters),
+            "tokenizer": run.tokenizer, "finished": finished, "run_name": run.name, "config": _plain_config(run.cfg),
+        })
+        atomic_save_torch(state, run.ckpt_path)
+        if finished:
+            publish_final(run.ckpt_path, run.final_path)
+    run.last_good = run.ckpt_path
+    return run.ckpt_path
+
+
+# ----------------------------------------------------------------------------------------------------
+# one step, evaluation, termination
+# ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def estimate_val_loss(model: GPT, sampler: BatchSampler, batches: int, batch_size: int, seed: int,
                       env: DistEnv, autocast) -> float:
@@ -340,6 +573,79 @@ def estimate_val_loss(model: GPT, sampler: BatchSampler, batches: int, batch_siz
     return float(total[0] / total[1])
 
 
+def train_step(run: TrainRun, model: torch.nn.Module, lr: float, stop_requested: bool) -> Tuple[float, bool]:
+    """One optimizer step at learning rate ``lr`` over ``grad_accum`` micro-batches (this process's
+    share). Returns the mean loss and whether any process asked to stop (reduced with the loss: no
+    extra synchronisation). Raises ``TrainingDiverged`` before the update when the loss is not finite."""
+    t, env = run.cfg.train, run.env
+    batch_size, grad_accum = int(t.batch_size), int(t.grad_accum)
+    local_accum = grad_accum // env.world_size
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    offsets = run.train_sampler.draw(grad_accum * batch_size).view(grad_accum, batch_size)[env.rank::env.world_size]
+    loss_sum = torch.zeros((), device=env.device)
+    for m in range(local_accum):
+        x, y = run.train_sampler.batch(offsets[m], env.device)
+        sync = model.no_sync() if env.distributed and m < local_accum - 1 else contextlib.nullcontext()  # type: ignore
+        with sync:
+            with run.autocast():
+                _, loss = model(x, y)
+            loss_sum += loss.detach().float()
+            run.scaler.scale(loss / local_accum).backward()
+    reduced = torch.stack([loss_sum / local_accum, torch.tensor(float(stop_requested), device=env.device)])
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        reduced[0] /= env.world_size
+    step_loss, stop = float(reduced[0]), bool(reduced[1] > 0)
+    if not math.isfinite(step_loss):
+        where = f"the last good checkpoint is {run.last_good}" if run.last_good else "no checkpoint was written yet"
+        raise TrainingDiverged(f"train[{run.name}]: loss is {step_loss} at iteration {run.iter + 1}; training "
+                               f"stopped before the optimizer step; {where}")
+    if float(t.grad_clip) > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), float(t.grad_clip))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, stop
+
+
+class TerminationRequest:
+    """SIGTERM (SLURM's time limit, ``scancel``, torchrun shutting down) sets a flag; the loop checkpoints
+    at the end of the current step and exits with 128 + SIGTERM. The previous handler is restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "TerminationRequest":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler (the default, termination, stays)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class TrainingTerminated(SystemExit):
+    """Raised after the checkpoint written on SIGTERM: the process exits with 128 + SIGTERM (143)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------------
 def run(cfg: Any) -> Path:
     """The ``train`` stage; returns the final checkpoint's path."""
     env = setup_distributed(str(cfg.train.device))
@@ -353,240 +659,117 @@ def run(cfg: Any) -> Path:
                 dist.destroy_process_group()
 
 
-def train(cfg: Any, env: DistEnv) -> Path:
-    from gaincell.data import read_meta
+def _finish_if_done(run: TrainRun) -> bool:
+    """A resumed run already at ``max_iters`` (same settings): nothing to train; ``final.pt`` restored
+    if the process was killed between writing ``ckpt.pt`` and copying it."""
+    if run.iter < run.max_iters or run.last_good is None:
+        return False
+    if run.env.is_main:
+        if not run.final_path.is_file():
+            publish_final(run.ckpt_path, run.final_path)
+        run.log(f"already finished at iteration {run.iter} with these settings ({run.final_path})")
+    return True
+
+
+def _wrap(run: TrainRun) -> torch.nn.Module:
+    model: torch.nn.Module = run.model
+    if bool(run.cfg.train.compile):
+        model = torch.compile(model)  # type: ignore[assignment]
+    if run.env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[run.env.local_rank] if run.env.device.type == "cuda" else None)
+    return model
+
+
+def _validate(run: TrainRun) -> float:
+    t = run.cfg.train
+    return estimate_val_loss(run.model, run.val_sampler, int(t.eval_iters), int(t.batch_size), int(t.seed) + 1,
+                             run.env, run.autocast)
+
+
+def _open_tracker(run: TrainRun):
     from gaincell.tracking import Tracker
 
+    t = run.cfg.train
+    tokens_per_step = int(t.batch_size) * int(t.grad_accum) * run.model.config.block_size
+    run.log(f"{run.model.num_parameters() / 1e6:.2f}M parameters, attention {run.model.config.attention}, "
+            f"init {run.source}, {run.env.world_size} process(es) on {run.env.device}, {run.dtype}, "
+            f"{tokens_per_step} tokens per step, {run.max_iters} iterations")
+    return Tracker(run.cfg, run_name=run.name, job_type="train", csv_path=run.metrics_path, step_name="iter",
+                   columns=METRIC_COLUMNS, resume_step=run.iter if run.iter else None, wandb_id=run.wandb_id,
+                   enabled=run.env.is_main)
+
+
+def train(cfg: Any, env: DistEnv) -> Path:
+    """nanoGPT's loop: set up, resume or restart, then step / evaluate / log / checkpoint to ``max_iters``."""
     t = cfg.train
     if int(t.threads) > 0:
         torch.set_num_threads(int(t.threads))
-    results_dir = Path(str(cfg.results_dir))
-    run_name = str(_stage_get(cfg, "name", None) or cfg.attention.kind)
-    ckpt_dir = results_dir / "checkpoints" / run_name
-    ckpt_path, final_path = ckpt_dir / "ckpt.pt", ckpt_dir / "final.pt"
-    metrics_path = results_dir / "train" / run_name / "metrics.csv"
-    data_dir = Path(str(cfg.data.data_dir))
-    meta = read_meta(data_dir)
-
-    max_iters = int(t.max_iters)
-    batch_size, grad_accum = int(t.batch_size), int(t.grad_accum)
-    if max_iters < 0 or batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"train.max_iters={max_iters}, batch_size={batch_size}, grad_accum={grad_accum}: "
-                         f"expected max_iters >= 0 (0: export the initial model) and positive batch sizes")
-    if grad_accum % env.world_size != 0:
-        raise ValueError(f"train.grad_accum={grad_accum} is not divisible by the {env.world_size} processes: "
-                         f"each process runs grad_accum / world_size micro-batches")
-    local_accum = grad_accum // env.world_size
-    decay_iters = int(t.lr_decay_iters) if t.lr_decay_iters is not None else max_iters
-
-    torch.manual_seed(int(t.seed))  # identical initial weights on every rank
-    model, source = build_model(cfg, int(meta["vocab_size"]))
-    set_trainable_scalers(model)
-    model.to(env.device)
-    T = model.config.block_size
-    signature = _signature(model, cfg, meta, source, batch_size * grad_accum)
-
-    train_sampler = BatchSampler(data_dir / "train.bin", T, seed=int(t.seed))
-    val_sampler = BatchSampler(data_dir / "val.bin", T, seed=int(t.seed) + 1)
-    optimizer = make_optimizer(model, float(t.learning_rate), float(t.weight_decay),
-                               (float(t.beta1), float(t.beta2)), env.device)
-    schedule = WarmupCosine(float(t.learning_rate), float(t.min_lr), int(t.warmup_iters), decay_iters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    dtype = _dtype(str(t.dtype), env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=(dtype == torch.float16))
-
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=env.device.type, dtype=dtype)
-
-    start_iter, tokens_seen, elapsed_offset, wandb_id = 0, 0, 0.0, None
-    last_good = None
-    resumed = ckpt_path.is_file()
-    # The workflow passes +stage.on_mismatch=restart: a checkpoint left by a run with other settings (a
-    # parameter changed since) is set aside and training starts afresh; by hand the mismatch is an error.
-    restart_on_mismatch = str(_stage_get(cfg, "on_mismatch", "error")) == "restart"
-    if resumed and restart_on_mismatch:
-        try:
-            probe = load_train_checkpoint(ckpt_path, signature, torch.device("cpu"))
-            stale = int(probe["iter"]) > max_iters
-            del probe
-        except CheckpointError as err:
-            stale = True
-            if env.is_main:
-                print(f"train[{run_name}]: {err}")
-        if stale:
-            if env.is_main:
-                aside = ckpt_path.with_name("ckpt.stale.pt")
-                os.replace(ckpt_path, aside)
-                print(f"train[{run_name}]: settings changed since {ckpt_path} was written: moved it to "
-                      f"{aside.name} and starting afresh")
-            if env.distributed:
-                import torch.distributed as dist
-
-                dist.barrier()
-            resumed = False
-    if resumed:
-        ckpt = load_train_checkpoint(ckpt_path, signature, env.device)
-        load_model_weights(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        train_sampler.load_state_dict(ckpt["data_sampler"])
-        rng_states = ckpt["rng"]
-        _set_rng_state(rng_states[env.rank] if env.rank < len(rng_states) else rng_states[0], env.device)
-        start_iter, tokens_seen = int(ckpt["iter"]), int(ckpt["tokens"])
-        elapsed_offset, wandb_id = float(ckpt["elapsed_s"]), ckpt.get("wandb_id")
-        last_good = ckpt_path
-        if env.is_main:
-            print(f"train[{run_name}]: resuming from {ckpt_path} at iteration {start_iter}/{max_iters}")
-        del ckpt
-    else:
-        torch.manual_seed(int(t.seed) + env.rank)  # dropout differs across ranks
-    if resumed and start_iter > max_iters:
-        raise CheckpointError(f"checkpoint {ckpt_path} is at iteration {start_iter}, beyond train.max_iters="
-                              f"{max_iters}: delete the run's checkpoint folder or choose another +stage.name")
-    if resumed and start_iter == max_iters:
-        if env.is_main:
-            if not final_path.is_file():  # killed between writing ckpt.pt and its final.pt copy
-                tmp = final_path.with_name(f".{final_path.name}.tmp")
-                shutil.copyfile(ckpt_path, tmp)
-                os.replace(tmp, final_path)
-            print(f"train[{run_name}]: already finished at iteration {start_iter} ({final_path})")
-        return final_path
-
-    raw_model = model
-    if bool(t.compile):
-        model = torch.compile(model)  # type: ignore[assignment]
-    if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)  # type: ignore
-
-    tracker = Tracker(cfg, run_name=run_name, job_type="train", csv_path=metrics_path, step_name="iter",
-                      columns=METRIC_COLUMNS, resume_step=start_iter if start_iter else None,
-                      wandb_id=wandb_id, enabled=env.is_main)
-    if env.is_main:
-        n_params = raw_model.num_parameters()
-        print(f"train[{run_name}]: {n_params / 1e6:.2f}M parameters, attention {raw_model.config.attention}, "
-              f"init {source}, {env.world_size} process(es) on {env.device}, {dtype}, global batch "
-              f"{batch_size * grad_accum} x {T} tokens, {max_iters} iterations")
-
-    def save_checkpoint(it: int, finished: bool) -> Path:
-        rng = [_rng_state(env.device)]
-        if env.distributed:
-            import torch.distributed as dist
-
-            rng = [None] * env.world_size
-            dist.all_gather_object(rng, _rng_state(env.device))
-        if env.is_main:
-            tracker.flush()
-            state = raw_model.checkpoint_state()
-            state.update({
-                "format": TRAIN_CHECKPOINT_FORMAT, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "data_sampler": train_sampler.state_dict(), "rng": rng, "iter": it, "tokens": tokens_seen,
-                "elapsed_s": elapsed, "wandb_id": tracker.wandb_id, "signature": signature,
-                "finished": finished, "run_name": run_name, "config": _plain_config(cfg),
-            })
-            atomic_save_torch(state, ckpt_path)
-            if finished:
-                tmp = final_path.with_name(f".{final_path.name}.tmp")
-                shutil.copyfile(ckpt_path, tmp)
-                os.replace(tmp, final_path)
-        return ckpt_path
-
+    run = setup(cfg, env)
+    resume_or_restart(run)
+    if _finish_if_done(run):
+        return run.final_path
+    model, tracker = _wrap(run), _open_tracker(run)
+    eval_every, ckpt_every, log_every = (max(1, int(t.eval_interval)), max(1, int(t.checkpoint_interval)),
+                                         max(1, int(t.log_interval)))
+    tokens_per_step = int(t.batch_size) * int(t.grad_accum) * run.model.config.block_size
     kill_at = int(os.environ.get("GAINCELL_FAULT_KILL_AT_ITER", "0") or 0)
-    eval_interval, ckpt_interval = max(1, int(t.eval_interval)), max(1, int(t.checkpoint_interval))
-    log_interval = max(1, int(t.log_interval))
-    tokens_per_step = batch_size * grad_accum * T
-    t_start = time.perf_counter()
-    elapsed = elapsed_offset
-
-    val_loss = None
-    if start_iter == 0:
-        val_loss = estimate_val_loss(raw_model, val_sampler, int(t.eval_iters), batch_size, int(t.seed) + 1,
-                                     env, autocast)
-        tracker.log({"tokens": 0, "lr": scheduler.get_last_lr()[0], "train_loss": None, "val_loss": val_loss,
-                     "elapsed_s": elapsed}, step=0)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_iters, initial=start_iter, desc=f"train {run_name}", unit="it", dynamic_ncols=True,
-               mininterval=1.0, disable=not (env.is_main and bool(t.progress)), file=sys.stderr)
+    t0, elapsed0, run_tokens, loss, val_loss = time.perf_counter(), run.elapsed_s, 0, float("nan"), None
+    if run.iter == 0:
+        val_loss = _validate(run)
+        tracker.log({"tokens": 0, "lr": run.schedule.lr(0), "train_loss": None, "val_loss": val_loss,
+                     "elapsed_s": run.elapsed_s}, step=0)
+    bar = _progress_bar(run)
     model.train()
-    run_tokens, step_loss = 0, float("nan")
-    it = start_iter
-    try:
-        while it < max_iters:
-            step_t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            offsets = train_sampler.draw(grad_accum * batch_size).view(grad_accum, batch_size)
-            local = offsets[env.rank::env.world_size]
-            loss_sum = torch.zeros((), device=env.device)
-            for m in range(local_accum):
-                x, y = train_sampler.batch(local[m], env.device)
-                sync = contextlib.nullcontext()
-                if env.distributed and m < local_accum - 1:
-                    sync = model.no_sync()  # type: ignore[union-attr]
-                with sync:
-                    with autocast():
-                        _, loss = model(x, y)
-                    loss_sum += loss.detach().float()
-                    scaler.scale(loss / local_accum).backward()
-            mean_loss = _all_reduce_mean(loss_sum / local_accum, env)
-            step_loss = float(mean_loss)
-            if not math.isfinite(step_loss):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingDiverged(f"train[{run_name}]: loss is {step_loss} at iteration {it + 1}; training "
-                                       f"stopped before the optimizer step; {where}")
-            if float(t.grad_clip) > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float(t.grad_clip))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            it += 1
-            tokens_seen += tokens_per_step
-            run_tokens += tokens_per_step
-            step_s = time.perf_counter() - step_t0
-            elapsed = elapsed_offset + (time.perf_counter() - t_start)
-
-            val_loss = None
-            if it % eval_interval == 0 or it == max_iters:
-                val_loss = estimate_val_loss(raw_model, val_sampler, int(t.eval_iters), batch_size,
-                                             int(t.seed) + 1, env, autocast)
-                if env.is_main:
-                    bar.write(f"train[{run_name}] iter {it}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
-            if it % log_interval == 0 or val_loss is not None:
-                tracker.log({"tokens": tokens_seen, "lr": lr, "train_loss": step_loss, "val_loss": val_loss,
-                             "elapsed_s": round(elapsed, 3)}, step=it)
+    with TerminationRequest() as term, contextlib.ExitStack() as cleanup:
+        cleanup.callback(tracker.finish)
+        cleanup.callback(bar.close)
+        while run.iter < run.max_iters:
+            lr = run.schedule.lr(run.iter)
+            loss, stop = train_step(run, model, lr, term.requested)
+            run.iter, run.tokens, run_tokens = run.iter + 1, run.tokens + tokens_per_step, run_tokens + tokens_per_step
+            run.elapsed_s = elapsed0 + (time.perf_counter() - t0)
+            val_loss = _validate(run) if run.iter % eval_every == 0 or run.iter == run.max_iters else None
+            if val_loss is not None and env.is_main:
+                bar.write(f"train[{run.name}] iter {run.iter}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+            if run.iter % log_every == 0 or val_loss is not None:
+                tracker.log({"tokens": run.tokens, "lr": lr, "train_loss": loss, "val_loss": val_loss,
+                             "elapsed_s": round(run.elapsed_s, 3)}, step=run.iter)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_step / step_s:,.0f}", refresh=False)
-            if it % ckpt_interval == 0 or it == max_iters:
-                last_good = save_checkpoint(it, finished=(it == max_iters))
-            if kill_at and it == kill_at:
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if run.iter % ckpt_every == 0 or run.iter == run.max_iters or stop:
+                save_checkpoint(run, tracker, finished=(run.iter == run.max_iters))
+            if stop and run.iter < run.max_iters:
+                run.log(f"SIGTERM: checkpoint written at iteration {run.iter} ({run.ckpt_path}); exiting, "
+                        f"a rerun resumes from it")
+                raise TrainingTerminated(f"terminated at iteration {run.iter}")
+            if kill_at and run.iter == kill_at:
                 tracker.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-    except BaseException:
-        bar.close()
-        tracker.finish()
-        raise
-    bar.close()
-    if max_iters == 0:  # export of the initial weights (e.g. public GPT-2 as the paper's baseline)
-        last_good = save_checkpoint(0, finished=True)
-    wall = time.perf_counter() - t_start
-    summary = {"final_train_loss": step_loss, "final_val_loss": val_loss, "iters": it, "tokens": tokens_seen,
-               "tokens_per_s": run_tokens / wall if wall > 0 else None, "wall_s": wall, "init": source,
-               "attention": raw_model.config.attention, "parameters": raw_model.num_parameters(),
-               "world_size": env.world_size, "device": str(env.device)}
+        if run.max_iters == 0:  # export of the initial weights (e.g. public GPT-2 as the paper's baseline)
+            save_checkpoint(run, tracker, finished=True)
+        _summarise(run, tracker, loss, val_loss, run_tokens, time.perf_counter() - t0)
+    return run.final_path
+
+
+def _progress_bar(run: TrainRun):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.max_iters, initial=run.iter, desc=f"train {run.name}", unit="it", dynamic_ncols=True,
+                mininterval=1.0, disable=not (run.env.is_main and bool(run.cfg.train.progress)), file=sys.stderr)
+
+
+def _summarise(run: TrainRun, tracker: Any, loss: float, val_loss: Optional[float], run_tokens: int,
+               wall: float) -> None:
+    summary = {"final_train_loss": loss, "final_val_loss": val_loss, "iters": run.iter, "tokens": run.tokens,
+               "tokens_per_s": run_tokens / wall if wall > 0 else None, "wall_s": wall, "init": run.source,
+               "attention": run.model.config.attention, "parameters": run.model.num_parameters(),
+               "world_size": run.env.world_size, "device": str(run.env.device)}
     tracker.summary(summary)
-    tracker.finish()
-    if env.is_main:
-        print(f"train[{run_name}]: done, {it} iterations, val loss {val_loss if val_loss is None else round(val_loss, 4)}, "
-              f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {wall:.1f} s -> {final_path}")
-    return final_path
+    val = None if val_loss is None else round(val_loss, 4)
+    run.log(f"done, {run.iter} iterations, val loss {val}, {summary['tokens_per_s'] or 0:,.0f} tokens/s, "
+            f"{wall:.1f} s -> {run.final_path}")
 
 
 def _plain_config(cfg: Any) -> Any:
@@ -598,5 +781,7 @@ def _plain_config(cfg: Any) -> Any:
         return None
 
 
-__all__ = ["run", "train", "BatchSampler", "WarmupCosine", "make_optimizer", "build_model", "TrainingDiverged",
-           "estimate_val_loss", "load_train_checkpoint", "setup_distributed", "DistEnv"]
+__all__ = ["run", "train", "setup", "resume_or_restart", "save_checkpoint", "train_step", "BatchSampler",
+           "WarmupCosine", "make_optimizer", "build_model", "TrainingDiverged", "TrainingTerminated",
+           "estimate_val_loss", "load_train_checkpoint", "run_signature", "schedule_mismatch",
+           "setup_distributed", "DistEnv", "TrainRun", "RUNTIME_TRAIN_KEYS"]

@@ -23,7 +23,7 @@ def test_defaults_are_the_papers_values():
     # lambda = L delta_t / tau = 12 * 65 ns / 5 ms
     assert cfg.decay_per_step == pytest.approx(12 * 65e-9 / 5e-3, rel=1e-12)
     assert cfg.coefficients is None and not cfg.nonlinear
-    assert cfg.read_noise == 0 and cfg.exact_nonlinear_grad is False
+    assert cfg.readout_noise == 0 and cfg.cell_variation == 0 and cfg.exact_nonlinear_grad is False
     assert cfg.folded_coefficients == (0.0, 19.3, 0.0, 0.0)
 
 
@@ -57,7 +57,14 @@ def test_paper_coefficients_fold_to_the_published_cubic():
     (dict(av_saturation=-1.0), "av_saturation"),
     (dict(decay_per_step=-1e-4), "decay_per_step"),
     (dict(decay_per_step=math.inf), "decay_per_step"),
-    (dict(read_noise=-0.1), "read_noise"),
+    (dict(readout_noise=-0.1), "readout_noise=-0.1"),
+    (dict(read_noise=-0.1), "readout_noise=-0.1"),
+    (dict(readout_noise=math.nan), "readout_noise=nan"),
+    (dict(cell_variation=-0.01), "cell_variation=-0.01"),
+    (dict(cell_variation=math.inf), "cell_variation=inf"),
+    (dict(noise_seed=-1), "noise_seed=-1"),
+    (dict(noise_seed=1.5), "noise_seed=1.5"),
+    (dict(read_noise=0.1, readout_noise=0.2), "disagree"),
 ])
 def test_bad_config_values_raise_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):

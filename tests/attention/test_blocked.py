@@ -4,7 +4,6 @@ The reference (``analog_attention_dense``) materialises T x T and loops over sub
 never does. Equality in float64 to 1e-12 is the contract (the two only differ in summation order).
 """
 import math
-import warnings
 
 import pytest
 import torch
@@ -188,18 +187,6 @@ def test_auto_dispatch_uses_blocked_on_cpu():
     cfg = make_config(32, 16, 4)
     q, k, v = make_inputs(1, 1, 50, 4)
     assert torch.equal(analog_attention(q, k, v, cfg), analog_attention_blocked(q, k, v, cfg))
-
-
-def test_read_noise_falls_back_to_dense_with_a_warning(monkeypatch):
-    monkeypatch.setattr(blocked_module, "_warned_noise", False)
-    cfg = make_config(32, 16, 4, read_noise=0.1)
-    q, k, v = make_inputs(1, 1, 40, 4)
-    torch.manual_seed(5)
-    expected = analog_attention_dense(q, k, v, cfg)
-    torch.manual_seed(5)
-    with pytest.warns(RuntimeWarning, match="read_noise"):
-        got = analog_attention_blocked(q, k, v, cfg)
-    assert torch.equal(got, expected)
 
 
 def test_bad_input_is_rejected():

@@ -16,7 +16,7 @@ from gaincell.attention import AnalogAttentionConfig, PAPER_COEFFICIENTS, analog
 from gaincell.attention import functional
 from gaincell.attention.quantize import (clamp_quantize, quantization_levels, quantize,
                                          straight_through)
-from gaincell.attention.reference import (analog_attention_dense, apply_read_noise, hard_sigmoid,
+from gaincell.attention.reference import (analog_attention_dense, hard_sigmoid,
                                           key_array_product, leakage, subtile_of_key,
                                           value_array_product, window_mask)
 
@@ -445,32 +445,6 @@ def test_surrogate_per_dot_product_is_linear_gradient():
 
 
 # ------------------------------------------------------------------------------------------------
-# read noise
-# ------------------------------------------------------------------------------------------------
-def test_read_noise_is_relative_gaussian_and_seeded():
-    cfg = AnalogAttentionConfig(read_noise=0.05)
-    x = torch.full((200_000,), 3.0, dtype=torch.float64)
-    noisy = apply_read_noise(x, cfg, torch.Generator().manual_seed(0))
-    rel = noisy / x - 1
-    assert abs(rel.mean().item()) < 1e-3 and rel.std().item() == pytest.approx(0.05, rel=0.02)
-    assert apply_read_noise(torch.zeros(10), cfg).abs().max() == 0  # no signal, no noise
-    assert apply_read_noise(x, AnalogAttentionConfig()) is x          # off by default
-
-
-def test_read_noise_in_model():
-    cfg = small_cfg(nonlinear=True, quantized=False, leaky=True)
-    noisy_cfg = small_cfg(nonlinear=True, quantized=False, leaky=True, read_noise=0.01)
-    q, k, v = random_inputs(1, 2, 20, 5, seed=1)
-    clean = analog_attention_dense(q, k, v, cfg)
-    a = analog_attention_dense(q, k, v, noisy_cfg, generator=torch.Generator().manual_seed(1))
-    b = analog_attention_dense(q, k, v, noisy_cfg, generator=torch.Generator().manual_seed(1))
-    c = analog_attention_dense(q, k, v, noisy_cfg, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    rel = (a - clean).norm() / clean.norm()
-    assert 1e-3 < rel < 0.05
-
-
-# ------------------------------------------------------------------------------------------------
 # dispatch and input checks
 # ------------------------------------------------------------------------------------------------
 def test_dispatch_dense_and_auto():
@@ -500,24 +474,6 @@ def test_bad_inputs_give_clear_errors(impl):
         analog_attention(q, q, q.long(), cfg, implementation=impl)
     with pytest.raises(TypeError, match="AnalogAttentionConfig"):
         analog_attention(q, q, q, {"window": 8}, implementation=impl)
-
-
-def test_read_noise_hits_both_arrays(monkeypatch):
-    """Noise is drawn for S (B, H, T, T) and for each occupied sub-tile's A_r (B, H, T, D)."""
-    from gaincell.attention import reference
-
-    shapes = []
-    original = reference.apply_read_noise
-
-    def spy(x, cfg, generator=None):
-        shapes.append(tuple(x.shape))
-        return original(x, cfg, generator)
-
-    monkeypatch.setattr(reference, "apply_read_noise", spy)
-    cfg = small_cfg(nonlinear=False, quantized=True, leaky=True, read_noise=0.01)
-    q, k, v = random_inputs(2, 3, 10, 5)  # 10 keys: sub-tiles 0, 1, 2 of 4 keys
-    reference.analog_attention_dense(q, k, v, cfg)
-    assert shapes == [(2, 3, 10, 10)] + [(2, 3, 10, 5)] * 3
 
 
 @pytest.mark.parametrize("implementation", ["dense", "blocked"])

@@ -19,9 +19,24 @@ def tech():
     return SquareLawTechnology(name="square_law", corner="n/a", supply_v=1.8)
 
 
+def test_single_ended_cell_reads_one_stored_voltage_against_the_reference(cell):
+    import dataclasses
+
+    se = dataclasses.replace(cell, cell="single_ended", reference_v=0.9)
+    k = np.array([0.0, 0.45, 0.9])
+    pos, neg = se.stored_voltages(k)
+    lo, hi = cell.stored_v_min, cell.stored_v_max
+    np.testing.assert_allclose(pos, [lo, (lo + hi) / 2, hi])     # one cell spans the whole window
+    np.testing.assert_allclose(neg, 0.9)                          # the reference, whatever the weight
+    assert compose(["profile=ci"]).device.cell.value == "single_ended"   # the default
+    assert CellDesign.from_config(compose(["profile=ci"]).device).reference_v == pytest.approx(0.9)  # supply / 2
+
+
 def test_sign_magnitude_encoding_maps_model_levels_onto_the_window(cell):
+    import dataclasses
+
     k = np.array([0.0, 0.225, 0.45, 0.675, 0.9])
-    pos, neg = cell.stored_voltages(k)
+    pos, neg = dataclasses.replace(cell, cell="differential_pair").stored_voltages(k)
     lo, hi = cell.stored_v_min, cell.stored_v_max
     np.testing.assert_allclose(pos, [lo, lo, lo, (lo + hi) / 2, hi])
     np.testing.assert_allclose(neg, [hi, (lo + hi) / 2, lo, lo, lo])
@@ -30,12 +45,12 @@ def test_sign_magnitude_encoding_maps_model_levels_onto_the_window(cell):
 def test_complementary_encoding(cell):
     import dataclasses
 
-    comp = dataclasses.replace(cell, signed_encoding="complementary")
+    comp = dataclasses.replace(cell, cell="complementary_pair")
     pos, neg = comp.stored_voltages(np.array([0.0, 0.45, 0.9]))
     np.testing.assert_allclose(pos, [cell.stored_v_min, (cell.stored_v_min + cell.stored_v_max) / 2, cell.stored_v_max])
     np.testing.assert_allclose(pos + neg, cell.stored_v_min + cell.stored_v_max)
-    with pytest.raises(ValueError, match="signed_encoding='bogus'"):
-        dataclasses.replace(cell, signed_encoding="bogus").stored_voltages(np.array([0.1]))
+    with pytest.raises(ValueError, match="device.cell='bogus'"):
+        dataclasses.replace(cell, cell="bogus").stored_voltages(np.array([0.1]))
 
 
 def test_pulse_width_is_measured_at_half_height(cell):

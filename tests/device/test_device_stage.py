@@ -35,7 +35,11 @@ def test_characterize_and_fit_end_to_end(tmp_path, sky130_tech):
     assert len(sweep) == 4 * 5 * 4
     full = sweep[(sweep.read_v == sweep.read_v.max()) & (sweep.pulse_width_ns == 15.0)].sort_values("level_v")
     assert np.all(np.diff(full.charge_c) > 0)                       # output grows with the stored weight
-    assert full.charge_c.iloc[0] == pytest.approx(-full.charge_c.iloc[-1], rel=1e-6)  # sign-magnitude: odd
+    # single-ended (default): the cell at the reference's voltage (K = 0.675 V: 0.9 V on the 0.6..1.0 V
+    # window) reads zero, and the output is not odd (the read transistor's convexity)
+    at_ref = full[np.isclose(full.stored_pos_v, summary["reference_v"])]
+    assert len(at_ref) == 1 and abs(at_ref.charge_c.iloc[0]) < 1e-9 * full.charge_c.abs().max()
+    assert abs(full.charge_c.iloc[0] + full.charge_c.iloc[-1]) > 0.1 * full.charge_c.abs().max()
     assert np.allclose(sweep[sweep.pulse_width_ns == 0].charge_c, 0, atol=1e-18)        # no pulse, no charge
     # charge grows linearly with the pulse width (what the model assumes) to within 1 % of full scale
     one = sweep[(sweep.read_v == sweep.read_v.max()) & (sweep.level_v == 0.9)].sort_values("pulse_width_ns")
@@ -54,13 +58,20 @@ def test_characterize_and_fit_end_to_end(tmp_path, sky130_tech):
     loaded = resolve_coefficients("fitted", str(Path(tmp_path) / "fit" / "coefficients.json"))
     assert fold_coefficients(loaded, 0.9)[1] == pytest.approx(13.612)
     assert result["residuals"]["rms_relative_to_full_scale"] < 0.05
+    # the single-ended cell's even terms are measured: beyond their fit standard errors (issue 16 §1)
+    report = {r["name"]: r for r in coeffs["coefficient_report"]}
+    assert report["c1"]["status"] == "imposed"
+    for name in ("c0", "c2"):
+        assert report[name]["status"] == "measured" and report[name]["resolved"], report[name]
+        assert abs(report[name]["value"]) > 3 * report[name]["standard_error"]
+    assert coeffs["provenance"]["reference_v"] == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("override,message", [
     ("device.stored_v_max=2.5", "stored_v_max"),
     ("device.read_w_um=-1", "read_w_um"),
     ("device.pulse_width_points=1", "pulse_width_points"),
-    ("device.signed_encoding=twos", "signed_encoding"),
+    ("device.reference_v=5.0", "reference_v"),
     ("device.array_kinds=[kq]", "array_kinds"),
     ("device.read_device=nfet_01v8", "read_device"),   # not a device of the square_law technology
 ])
@@ -72,3 +83,50 @@ def test_bad_device_parameters_fail_before_any_simulation(tmp_path, override, me
     with pytest.raises(ValueError, match=message):
         characterize(cfg)
     assert not (Path(tmp_path) / "device").exists()
+
+
+def test_differential_pair_is_odd_by_construction(tmp_path, sky130_tech):
+    from gaincell.device.stage import characterize
+    from gaincell.fit import run as fit_run
+
+    cfg = compose(TINY + [f"results_dir={tmp_path}", "device.cell=differential_pair", "device.array_trials=0",
+                          "device.mismatch_cells=0",
+                          f"device.model_cache_dir={sky130_tech.lib_dir.parents[5]}"])
+    characterize(cfg)
+    sweep = pd.read_csv(Path(tmp_path) / "device" / "cell_sweep.csv")
+    full = sweep[(sweep.read_v == sweep.read_v.max()) & (sweep.pulse_width_ns == 15.0)].sort_values("level_v")
+    scale = full.charge_c.abs().max()
+    # K and 0.9 - K swap the two matched cells: the output flips sign (to the simulator's tolerance)
+    np.testing.assert_allclose(full.charge_c.to_numpy(), -full.charge_c.to_numpy()[::-1], rtol=0, atol=1e-6 * scale)
+    result = fit_run(cfg)
+    report = {r["name"]: r for r in result["coefficient_report"]}
+    assert report["c0"]["status"] == report["c2"]["status"] == "zero by construction"
+    assert abs(report["c0"]["value"]) < 1e-6 and abs(report["c2"]["value"]) < 1e-6
+    assert report["c3"]["status"] == "measured"
+
+
+def test_single_ended_square_law_cell_matches_its_closed_form(tmp_path):
+    """A square-law read transistor in saturation, I = k (V_s - V_T)^2, read against a reference cell at
+    V_ref: f(y) is exactly quadratic in y, so c_2 / c_1 = b / (2 a) and c_0 / c_1 = (a^2 - r^2) / (2 a b)
+    with a = V_mid + d - V_T, b = dV_s/dy, r = V_ref + d - V_T (c_3 = 0), where d is the rise of both
+    storage nodes while the read pulse couples through the gate-drain overlap (measured on the node)."""
+    from gaincell.device.stage import characterize
+    from gaincell.fit import run as fit_run
+
+    vt, lo, hi, ref = 0.5, 0.6, 1.0, 0.9
+    cfg = compose(TINY + [f"results_dir={tmp_path}", "device.technology=square_law", "device.read_device=nmos",
+                          "device.write_device=nmos", "device.array_trials=0", "device.mismatch_cells=0",
+                          f"device.square_law_vto_v={vt}", f"device.reference_v={ref}",
+                          "device.read_v_points=1", "device.stored_v_points=7"])
+    characterize(cfg)
+    folded = fit_run(cfg)["folded"]
+    sweep = pd.read_csv(Path(tmp_path) / "device" / "cell_sweep.csv")
+    full = sweep[sweep.pulse_width_ns == 15.0]
+    d = (full.sn_pos_mid_pulse_v - full.stored_pos_v).to_numpy()
+    assert np.ptp(d) < 1e-3 * d.mean()          # linear capacitive coupling: the same at every level
+    d = float(d.mean())
+    a, b, r = (lo + hi) / 2 + d - vt, (hi - lo) / 0.9, ref + d - vt
+    # tolerance: the pulse edges (0.1 ns of 15 ns) and the cubic fit's residual, well below 1 %
+    assert folded[2] / folded[1] == pytest.approx(b / (2 * a), rel=0.01)
+    assert folded[0] / folded[1] == pytest.approx((a * a - r * r) / (2 * a * b), rel=0.01)
+    assert abs(folded[3] / folded[1]) < 0.02

@@ -21,6 +21,16 @@ VOCAB = 257
 EOT = 256
 OTHER = 1.0 / (8 * 254)
 
+# Tolerance of a summed log-likelihood when model and scoring run in float64 (the toys, the tiny GPT in
+# double). Unit roundoff 2**-53 = 1.1e-16; a sum here has at most ~100 log-probabilities of magnitude
+# < 20, each a log-softmax over 257 logits whose reductions may run in another order (batching, padding,
+# windows, CPU kernels): worst case 100 * 257 * 20 * 1.1e-16 = 6e-11 absolute. 1e-9 leaves margin and is
+# still 1e4 below float32's resolution of such a sum (~1e-5: the float32 tests that failed on other CPUs).
+LL_ATOL = 1e-9
+# The same sums through the harness's metrics (exp of a mean over >= 3 words): relative error
+# <= LL_ATOL / 3 on a perplexity; 1e-9 relative.
+PPL_RTOL = 1e-9
+
 
 class ByteTokenizer:
     eot_token = EOT
@@ -59,7 +69,8 @@ class BigramToy(nn.Module):
             table[prev, first] = math.log(1 / 2)
             table[prev, second] = math.log(1 / 4)
             table[prev, third] = math.log(1 / 8)
-        self.register_buffer("table", table.float())
+        # float64: the tests' hand-computed log-likelihoods are exact to ~1e-14, not float32's ~1e-5
+        self.register_buffer("table", table)
         self.calls = 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -98,7 +109,7 @@ def tokenizer() -> ByteTokenizer:
 @pytest.fixture
 def toys():
     return SimpleNamespace(ByteTokenizer=ByteTokenizer, BigramToy=BigramToy, LocalConvToy=LocalConvToy,
-                           OTHER=OTHER, EOT=EOT, VOCAB=VOCAB)
+                           OTHER=OTHER, EOT=EOT, VOCAB=VOCAB, LL_ATOL=LL_ATOL, PPL_RTOL=PPL_RTOL)
 
 
 WORDS = ("the king queen lord lady night day sword crown heart love death fair foul speak hear "
@@ -126,3 +137,13 @@ def make_text(n_words: int = 3000, seed: int = 0) -> str:
 @pytest.fixture
 def heldout_text() -> str:
     return make_text()
+
+
+@pytest.fixture
+def ll_atol() -> float:
+    return LL_ATOL
+
+
+@pytest.fixture
+def ppl_rtol() -> float:
+    return PPL_RTOL

@@ -3,17 +3,18 @@ rule characterize:
     output:
         summary=f"{R}/device/summary.json",
     params:
-        cmd=stage_cmd('characterize'),
+        cmd=stage_cmd("characterize"),
+        args="",
         section=section("device"),
     log:
         f"{LOGS}/characterize.log",
     benchmark:
         f"{LOGS}/benchmarks/characterize.tsv"
-    threads: 16  # the SPICE process pool; Snakemake lowers it to --cores
+    threads: WF.device_threads  # the SPICE process pool (device.workers), off the training's critical path
     resources:
         mem_mb=8000,
         runtime=120,
     conda:
-        "../../envs/device.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage_shell("device.workers")

@@ -1,42 +1,93 @@
 # Shared by every rule: the composed Hydra config, the results folder, and how a stage is called.
 import hashlib
+import json
 import os
+import re
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
 
-from gaincell import study
-from gaincell.config import compose
+from gaincell import results_lock, study
+from gaincell.cli import stage_overrides
+from gaincell.config import RUNTIME_ONLY_KEYS, compose
+from gaincell.figures import docstring_captions as figure_captions
+from gaincell.io import atomic_write_json
+
+min_version("9.0")
+validate(config, "../schemas/config.schema.yaml")  # Snakemake's own --config keys: profile, overrides
 
 PROFILE = str(config.get("profile", "tiny"))
 # Extra Hydra overrides for every stage, e.g. --config overrides="attention.window=512 train.max_iters=50"
 USER_OVERRIDES = shlex.split(str(config.get("overrides", "")))
-OVERRIDES = [f"profile={PROFILE}"] + USER_OVERRIDES
-CFG = compose(OVERRIDES)
+OVERRIDES = [f"profile={PROFILE}", *USER_OVERRIDES]
+try:
+    CFG = compose(OVERRIDES)
+except Exception as err:  # Hydra's message names the override; its cause says what was expected
+    detail = str(err.__cause__ or "").splitlines()
+    raise WorkflowError(f"bad --config overrides: {err}" + (f": {detail[0]}" if detail else "")) from None
 R = CFG.results_dir  # results/<profile>
 LOGS = f"{R}/logs"
-try:  # with --use-conda each rule runs `python` from its envs/*.yaml environment
+ENV = "../../envs/gaincell.yaml"  # the conda environment of every rule (snakemake --use-conda)
+try:
     from snakemake.settings.types import DeploymentMethod
 
     USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-except Exception:  # pragma: no cover - older Snakemake
+except (ImportError, AttributeError):  # pragma: no cover - a Snakemake without deployment settings
     USE_CONDA = False
-PY = "python" if USE_CONDA else shlex.quote(sys.executable)
+# With --use-conda the environment's python runs this checkout's source; otherwise this interpreter.
+SRC = os.path.join(workflow.basedir, "src")
+PY = f"env PYTHONPATH={shlex.quote(SRC)} python" if USE_CONDA else shlex.quote(sys.executable)
 WF = CFG.workflow
-# Rules see the user's overrides through the environment, not in their command line: a command is a
-# param, and params trigger reruns (--rerun-triggers params), which must follow only the config sections
-# a rule depends on (its `section` param), not every override given.
-for _override in USER_OVERRIDES:
-    if any(c.isspace() for c in _override):
-        raise ValueError(f"override {_override!r} contains whitespace: give values without spaces")
-os.environ["GAINCELL_OVERRIDES"] = " ".join(USER_OVERRIDES)
-OVR = f"profile={shlex.quote(PROFILE)} $GAINCELL_OVERRIDES"
+# Each stage's command is `{params.cmd} {resources.overrides} {params.args}`, i.e. the launcher and stage, the
+# pipeline's overrides, the rule's own overrides. The pipeline's overrides are a (string) resource of
+# every rule, set in the Snakefile: Snakemake expands them into the command it prints (-p) and runs, but,
+# unlike params, resources do not trigger reruns (--rerun-triggers params), which must follow only the
+# config sections a rule reads (its `section` param), not every override given.
+OVR = shlex.join(OVERRIDES)
+STAGE_SHELL = "{params.cmd} {resources.overrides} {params.args} > {log} 2>&1"
 
-# One W&B group per pipeline invocation (not a param: it must not trigger reruns).
-os.environ.setdefault("WANDB_RUN_GROUP", f"{PROFILE}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+def stage_shell(threads_key):
+    """STAGE_SHELL with the job's granted cores passed to the stage as ``threads_key`` (a run-time-only
+    setting: the rule declares its cores from the workflow config, the stage uses exactly those)."""
+    return f"{{params.cmd}} {{resources.overrides}} {threads_key}={{threads}} {{params.args}} > {{log}} 2>&1"
+
+
+def plain_config(name=None):
+    """The resolved config, or one top-level section of it, as plain values without the run-time-only
+    settings (gaincell.config.RUNTIME_ONLY_KEYS: threads, progress bars, workers, cache folders)."""
+    node = CFG if name is None else OmegaConf.select(CFG, name)
+    if not OmegaConf.is_config(node):
+        return node
+    plain = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    for key in RUNTIME_ONLY_KEYS:
+        top, _, leaf = key.partition(".")
+        if name is None:
+            plain.get(top, {}).pop(leaf, None)
+        elif top == name:
+            plain.pop(leaf, None)
+    return plain
+
+
+def digest(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# One W&B group per configuration (not a param: it must not trigger reruns): reruns of the same
+# configuration log into one group, a changed setting into another.
+os.environ.setdefault("WANDB_RUN_GROUP", f"{PROFILE}-{digest({k: v for k, v in plain_config().items() if k not in ('tracking', 'stage')})}")
 os.environ.setdefault("WANDB_MODE", str(CFG.tracking.mode))
+
+
+# Passed on to jobs under a cluster executor (and required to be set, which the lines above ensure).
+envvars:
+    "WANDB_MODE",
+    "WANDB_RUN_GROUP",
 
 wildcard_constraints:
     run="[A-Za-z0-9_.-]+",
@@ -47,37 +98,45 @@ ATTENTION_KEYS = {"softmax": ["kind"], "softmax_window": ["kind", "window"]}
 
 
 def section(*names, kind=None, extra=()):
-    """A param value that changes exactly when one of these config sections changes (--rerun-triggers
-    params). With ``kind``, the attention section counts only the settings that attention kind reads.
-    ``extra``: a run's own Hydra overrides; the top-level sections they name count too."""
+    """A param value that changes exactly when a setting of these config sections changes (--rerun-triggers
+    params), run-time-only settings aside. ``seed`` names the top-level seed. With ``kind``, the attention
+    section counts only the settings that attention kind reads. ``extra``: a run's own Hydra overrides;
+    the top-level sections they name count too."""
     names = list(dict.fromkeys(list(names) + [o.lstrip("+~").split("=")[0].split(".")[0] for o in extra]))
-    parts = []
+    parts = {}
     for name in names:
-        node = OmegaConf.select(CFG, name)
-        node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        node = plain_config(name)
         if name == "attention" and kind is not None:
             node = dict(node, kind=kind)
             keys = ATTENTION_KEYS.get(kind)
             node = {k: node[k] for k in keys} if keys else node
-        parts.append(OmegaConf.to_yaml(OmegaConf.create({name: node})))
-    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+        parts[name] = node
+    return digest(parts)
 
 
-def stage_cmd(stage, *extra):
-    """Shell command of one stage with the pipeline's overrides plus rule-specific ones."""
-    return " ".join([PY, "-m", "gaincell", stage, OVR] + [shlex.quote(e) for e in extra])
+def stage_cmd(stage):
+    """Launcher and stage of a rule's command (`python -m gaincell <stage>`)."""
+    return f"{PY} -m gaincell {stage}"
 
 
-def train_launcher():
-    """torchrun on GPUs (paper profile), the plain interpreter on CPU."""
-    if WF.gpus_per_training > 0:
-        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={WF.gpus_per_training} -m gaincell"
-    return f"{PY} -m gaincell"
+def args(*extra):
+    """A rule's own Hydra overrides, shell-quoted (they follow the pipeline's overrides, so they win)."""
+    return " ".join(shlex.quote(str(e)) for e in extra)
 
 
-def train_cmd(*extra):
-    # on_mismatch=restart: a rerun after a parameter change must not resume the old run's ckpt.pt
-    return " ".join([train_launcher(), "train", OVR, "+stage.on_mismatch=restart"] + [shlex.quote(e) for e in extra])
+def train_launcher(stage):
+    """The plain interpreter on CPU; torchrun on GPUs (paper profile), on one machine (--standalone) or,
+    with workflow.nodes_per_training > 1, on every node of the SLURM allocation (srun starts one torchrun
+    per node; they meet at a c10d rendezvous on the allocation's first node)."""
+    gpus, nodes = int(WF.gpus_per_training), int(WF.nodes_per_training)
+    if gpus <= 0:
+        return f"{PY} -m gaincell {stage}"
+    if nodes <= 1:
+        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={gpus} -m gaincell {stage}"
+    head = "$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
+    return (f"srun --nodes={nodes} --ntasks-per-node=1 {PY} -m torch.distributed.run --nnodes={nodes} "
+            f"--nproc_per_node={gpus} --rdzv_backend=c10d --rdzv_endpoint={head}:29500 "
+            f"--rdzv_id=\"$SLURM_JOB_ID\" -m gaincell {stage}")
 
 
 def ckpt(run, training=None):
@@ -89,12 +148,14 @@ def ckpt(run, training=None):
 
 def run_overrides(run):
     """The Hydra overrides that make one run of the study table (gaincell.study.RUNS)."""
-    out = [f"attention={run.kind}", f"+stage.name={run.name}"]
-    if run.start:
-        out.append(f"+stage.init_from={ckpt(run.start)}")
+    extras = dict(name=run.name, init_from=ckpt(run.start)) if run.start else dict(name=run.name)
     if run.training == "adapt":
-        out.append(f"+stage.mode={run.mode}")
+        extras["mode"] = run.mode
     else:
+        # on_mismatch=restart: a rerun after a parameter change must not resume the old run's ckpt.pt
+        extras = dict(on_mismatch="restart", **extras)
+    out = [f"attention={run.kind}", *stage_overrides(**extras)]
+    if run.training == "train":
         iters, decay = run.max_iters(CFG), run.lr_decay_iters(CFG)
         out += [f"train.max_iters={iters}"] if iters is not None else []
         out += [f"train.lr_decay_iters={decay}"] if decay is not None else []
@@ -109,5 +170,51 @@ VARIANTS = list(study.VARIANT_RUNS)
 # model uses the pipeline's own fit.
 TRAIN_INPUTS = [f"{R}/data/meta.json"]
 TRAIN_SECTIONS = ("data", "model", "train", "attention")
-TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training)
+TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training, nodes=max(1, WF.nodes_per_training))
 FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fitted" else []
+# The linear hardware model's gain g: attention.gain=null with the fitted cell takes the fit's slope
+# (gaincell.attention.config.resolve_gain), so every hardware training run waits for the fit.
+GAIN_INPUT = FIT_INPUT if CFG.attention.gain is None else []
+
+# Scheduling: among ready jobs Snakemake starts the highest priority first. The critical path of the
+# pipeline (prepare_data -> pretrain -> train_linear -> leakage sweep -> figures, and the early linear
+# run -> adapt -> finetune -> evaluate branch) goes first; rules off it (SPICE, hardware) fill idle cores.
+PRIORITY = {"prepare_data": 100, "pretrain": 90, "train_linear": 80, "train_linear_early": 80,
+            "adapt": 70, "finetune": 70, "leakage_point": 60, "leakage_sweep": 60, "fit": 50}
+
+# Light rules run on the submitting machine under a cluster executor (SLURM), not as jobs.
+localrules: all, fit, hardware_estimates, figures, leakage_sweep
+
+
+# Only one pipeline run writes a results folder at a time, wherever it was started from (Snakemake's own
+# lock is per working directory). Taken when jobs are about to run (not for -n, --lint or --report).
+RESULTS_LOCK = []
+RUN_RECORD = Path(LOGS) / "pipeline_run.json"  # start and end of the run (benchmarks/pipeline_schedule.py)
+
+
+def record_run(**times):
+    record = dict(profile=PROFILE, overrides=USER_OVERRIDES, cores=workflow.cores, **times)
+    if "end" in times and RUN_RECORD.is_file():
+        record = {**json.loads(RUN_RECORD.read_text()), **times}
+    atomic_write_json(RUN_RECORD, record)
+
+
+onstart:
+    RESULTS_LOCK.append(results_lock.acquire(R))
+    record_run(start=time.time())
+
+
+onsuccess:
+    record_run(end=time.time())
+
+
+def keep_only_points(points, index_path, log_path):
+    """Remove point files of adapt/leakage/ that are not among ``points`` (left by another list of
+    values), then write the sweep's index."""
+    keep = {Path(p).resolve() for p in points}
+    stale = [p for p in Path(f"{R}/adapt/leakage").glob("*.json") if p.resolve() not in keep]
+    for p in stale:
+        p.unlink()
+    atomic_write_json(Path(index_path), {"values": [float(v) for v in WF.leakage_values],
+                                         "points": list(points), "removed_stale": [str(p) for p in stale]})
+    Path(log_path).write_text(f"{len(points)} points; removed {len(stale)} stale: {[str(p) for p in stale]}\n")

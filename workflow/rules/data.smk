@@ -6,17 +6,19 @@ rule prepare_data:
         val=f"{R}/data/val.bin",
         eval_text=f"{R}/data/eval_text.txt",
     params:
-        cmd=stage_cmd('prepare_data'),
+        cmd=stage_cmd("prepare_data"),
+        args="",
         section=section("data"),
     log:
         f"{LOGS}/prepare_data.log",
     benchmark:
         f"{LOGS}/benchmarks/prepare_data.tsv"
-    threads: 2
+    priority: PRIORITY["prepare_data"]
+    threads: WF.data_threads  # tokenization processes (data.num_proc)
     resources:
         mem_mb=16000,
         runtime=240,
     conda:
-        "../../envs/train.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage_shell("data.num_proc")

@@ -9,7 +9,8 @@ rule evaluate:
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
-        cmd=lambda w: stage_cmd("evaluate", f"+stage.name={w.run}", f"+stage.checkpoint={ckpt(w.run)}"),
+        cmd=stage_cmd("evaluate"),
+        args=lambda w: args(*stage_overrides(name=w.run, checkpoint=ckpt(w.run))),
         section=section("eval", "data"),
     log:
         f"{LOGS}/evaluate_{{run}}.log",
@@ -21,6 +22,6 @@ rule evaluate:
         runtime=240,
         gpu=min(1, WF.gpus_per_training),
     conda:
-        "../../envs/eval.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        STAGE_SHELL

@@ -15,20 +15,24 @@ rule figures:
     output:
         figures=report(
             directory(FIGURES_DONE),
-            patterns=["{name}.png"],
+            patterns=["{name}.png", "{name}.csv"],
             caption="../report/figure.rst",
-            category="Figures",
+            category=lambda w: "Tables" if w.get("name", "").endswith("_table") else "Figures",
         ),
     log:
         f"{LOGS}/figures.log",
     benchmark:
         f"{LOGS}/benchmarks/figures.tsv"
+    priority: 60
     resources:
         mem_mb=4000,
         runtime=20,
     params:
         cmd=stage_cmd("figures"),
+        args="",
+        # the report's caption of each figure: its function's docstring (read from source, no import)
+        captions=figure_captions(),
     conda:
-        "../../envs/eval.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        STAGE_SHELL

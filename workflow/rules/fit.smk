@@ -5,16 +5,18 @@ rule fit:
     output:
         f"{R}/fit/coefficients.json",
     params:
-        cmd=stage_cmd('fit'),
+        cmd=stage_cmd("fit"),
+        args="",
         section=section("device", "fit"),
     log:
         f"{LOGS}/fit.log",
     benchmark:
         f"{LOGS}/benchmarks/fit.tsv"
+    priority: PRIORITY["fit"]
     resources:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/device.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        STAGE_SHELL

@@ -9,17 +9,19 @@ rule generate_sample:
     output:
         SAMPLE,
     params:
-        cmd=stage_cmd("generate", f"+stage.checkpoint={ckpt(study.SAMPLE_RUN)}", f"+stage.name={study.SAMPLE_RUN}",
-                      f"+stage.max_new_tokens={WF.sample_tokens}", "+stage.seed=0"),
+        cmd=stage_cmd("generate"),
+        args=args(*stage_overrides(checkpoint=ckpt(study.SAMPLE_RUN), name=study.SAMPLE_RUN,
+                                   max_new_tokens=WF.sample_tokens, seed=0)),
+        section=section("data"),
     log:
         f"{LOGS}/generate_sample.log",
     benchmark:
         f"{LOGS}/benchmarks/generate_sample.tsv"
-    threads: WF.threads
+    threads: 1  # one token at a time: the stage runs one torch thread (+stage.threads)
     resources:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/train.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        STAGE_SHELL

@@ -4,6 +4,7 @@ rule gpu_baseline:
         f"{R}/hardware/gpu_baseline.json",
     params:
         cmd=stage_cmd("gpu_baseline"),
+        args="",
         section=section("hardware"),
     log:
         f"{LOGS}/gpu_baseline.log",
@@ -15,6 +16,6 @@ rule gpu_baseline:
         runtime=60,
         gpu=min(1, WF.gpus_per_training),
     conda:
-        "../../envs/train.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        STAGE_SHELL

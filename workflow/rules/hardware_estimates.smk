@@ -6,7 +6,8 @@ rule hardware_estimates:
         f"{R}/hardware/estimates.json",
     params:
         cmd=stage_cmd("hardware_estimates"),
-        section=section("hardware", "device"),
+        args="",
+        section=section("hardware", "device", "model", "attention"),
     log:
         f"{LOGS}/hardware_estimates.log",
     benchmark:
@@ -15,6 +16,6 @@ rule hardware_estimates:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/device.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        STAGE_SHELL

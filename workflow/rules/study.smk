@@ -6,11 +6,11 @@ rule study_val_loss:
     output:
         f"{R}/adapt/study/{{run}}.json",
     wildcard_constraints:
-        run="|".join(VARIANTS),
+        run="|".join(v.run for v in study.VARIANTS if not v.noise_seeds),  # analog ones: analog.smk
     params:
-        cmd=lambda w: stage_cmd("adapt", "+stage.mode=evaluate", f"+stage.name={w.run}",
-                                f"+stage.init_from={ckpt(w.run)}"),
-        section=section("adapt", "data"),
+        cmd=stage_cmd("study_eval"),
+        args=lambda w: args(*stage_overrides(name=w.run, init_from=ckpt(w.run))),
+        section=section("adapt", "data", "seed"),
     log:
         f"{LOGS}/study_val_loss_{{run}}.log",
     benchmark:
@@ -21,6 +21,6 @@ rule study_val_loss:
         runtime=120,
         gpu=min(1, WF.gpus_per_training),
     conda:
-        "../../envs/train.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage_shell("train.threads")

@@ -8,24 +8,26 @@ for _run in study.runs("train"):
             _run.rule
         input:
             TRAIN_INPUTS,
-            FIT_INPUT if _run.kind == "nonlinear_hw" else [],
+            FIT_INPUT if _run.kind == "nonlinear_hw" else GAIN_INPUT if _run.kind == "linear_hw" else [],
             base=[ckpt(_run.start)] if _run.start else [],
         output:
             ckpt(_run.name),
         params:
-            cmd=train_cmd(*run_overrides(_run)),
+            cmd=train_launcher("train"),
+            args=args(*run_overrides(_run)),
             section=section(*TRAIN_SECTIONS, kind=_run.kind, extra=_run.overrides),
         log:
             f"{LOGS}/{_run.rule}.log",
         benchmark:
             f"{LOGS}/benchmarks/{_run.rule}.tsv"
+        priority: PRIORITY.get(_run.rule, 0)
         threads: WF.train_threads
         resources:
             **TRAIN_RESOURCES,
         conda:
-            "../../envs/train.yaml"
+            ENV
         shell:
-            "{params.cmd} > {log} 2>&1"
+            STAGE_SHELL
 
     workflow.get_rule(_run.rule).docstring = _run.doc
 
@@ -43,19 +45,21 @@ rule adapt:
     wildcard_constraints:
         run="|".join(r.name for r in study.runs("adapt")),
     params:
-        cmd=lambda w: stage_cmd("adapt", *run_overrides(study.RUNS_BY_NAME[w.run])),
-        section=lambda w: section("attention", "adapt", "data", "model", "train", kind=study.RUNS_BY_NAME[w.run].kind,
-                                  extra=study.RUNS_BY_NAME[w.run].overrides),
+        cmd=stage_cmd("adapt"),
+        args=lambda w: args(*run_overrides(study.RUNS_BY_NAME[w.run])),
+        section=lambda w: section("attention", "adapt", "data", "model", "train", "seed",
+                                  kind=study.RUNS_BY_NAME[w.run].kind, extra=study.RUNS_BY_NAME[w.run].overrides),
     log:
         f"{LOGS}/adapt_{{run}}.log",
     benchmark:
         f"{LOGS}/benchmarks/adapt_{{run}}.tsv"
+    priority: PRIORITY["adapt"]
     threads: WF.train_threads
     resources:
         mem_mb=16000,
         runtime=120,
         gpu=min(1, WF.gpus_per_training),
     conda:
-        "../../envs/train.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        STAGE_SHELL

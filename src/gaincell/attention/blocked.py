@@ -23,25 +23,27 @@ cell and the nonlinear cell's surrogate use the linear model's gradient with the
 (nonlinear) forward values; ``exact_nonlinear_grad`` differentiates the polynomial. The nonlinear powers
 1..3 of W and U are stacked along the contracted axis so each polynomial product is one ``bmm``.
 
-Read noise (``cfg.read_noise > 0``) is not implemented here: it would need its random draws kept for
-the recomputing backward. Such calls fall back to the dense reference, with a one-time warning.
+Cell variation (``cfg.cell_variation``, ``gaincell.attention.noise``): the gain factor of the cell
+holding each key element is laid out in blocks like W and U; the products use gamma * W**i and
+gamma * U**i (and gamma for the c_0 term), and the backward multiplies dW, dU by gamma.
+Readout noise (``cfg.readout_noise``): each sub-tile readout gets a Gaussian before its clamp +
+quantize, drawn from a generator seeded once per call; the backward re-seeds it and draws again in the
+same order, so its clamp masks are those of the forward without storing the noise.
 """
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
 from .config import AnalogAttentionConfig
+from .noise import gains_per_key, next_readout_seed, readout_generator
 from .quantize import clamp_quantize
-from .reference import OUTPUT_RANGE, analog_attention_dense, compute_dtype, validate_inputs
+from .reference import OUTPUT_RANGE, compute_dtype, validate_inputs
 
 __all__ = ["analog_attention_blocked"]
-
-_warned_noise = False
 
 
 @dataclass
@@ -110,6 +112,18 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                                                                                                b.shape[3])
 
 
+def _times(gain: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """gamma * x, or x itself without cell variation (today's arithmetic exactly)."""
+    return x if gain is None else gain * x
+
+
+def _add_noise_(A: torch.Tensor, cfg: AnalogAttentionConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """In place: a sub-tile readout plus its readout noise (None generator: no noise)."""
+    if generator is not None:
+        A.add_(torch.randn(A.shape, generator=generator, device=A.device, dtype=A.dtype), alpha=cfg.readout_noise)
+    return A
+
+
 def _readout_(A: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
     """In place: the sub-tile pulse counter, clamp to [-1, 1] and quantize (the operations of
     ``quantize._quantize_forward``, so values equal the reference's bit for bit)."""
@@ -122,7 +136,9 @@ def _readout_(A: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
 
 
 class _Operands:
-    """Quantized, offset-removed operands in blocks, with the powers the nonlinear cell needs."""
+    """Quantized, offset-removed operands in blocks, with the powers the nonlinear cell needs and the
+    chip's cell gains (``gain_k``, ``gain_v``: None without variation). ``Wg``, ``Ug``: gamma * W,
+    gamma * U (the linear products' operands); ``W_pow``, ``U_pow`` include gamma too."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
                  band: _Band) -> None:
@@ -132,10 +148,17 @@ class _Operands:
         self.Q = _to_blocks(Q, band.blocks, band.n)
         self.W = _to_blocks(W, band.blocks, band.n)
         self.U = _to_blocks(U, band.blocks, band.n)
+        self.gain_k = self.gain_v = None
+        gains = gains_per_key(cfg, q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device)
+        if gains is not None:
+            self.gain_k, self.gain_v = (_to_blocks(g.expand(q.shape), band.blocks, band.n) for g in gains)
+        self.Wg, self.Ug = _times(self.gain_k, self.W), _times(self.gain_v, self.U)
         if cfg.nonlinear:
             # [X; X**2; X**3] stacked along the key axis: one batched product gives all three powers.
-            self.W_pow = torch.cat([self.W, self.W ** 2, self.W ** 3], dim=-2)
-            self.U_pow = torch.cat([self.U, self.U ** 2, self.U ** 3], dim=-2)
+            self.W_pow = torch.cat([self.Wg, _times(self.gain_k, self.W ** 2), _times(self.gain_k, self.W ** 3)],
+                                   dim=-2)
+            self.U_pow = torch.cat([self.Ug, _times(self.gain_v, self.U ** 2), _times(self.gain_v, self.U ** 3)],
+                                   dim=-2)
             self.Q_sum = self.Q.sum(dim=-1, keepdim=True)
 
 
@@ -155,13 +178,15 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
     lag = band.lags[delta]
     Qs = ops.Q[delta:]
     if not cfg.nonlinear:
-        X = _bmm(Qs, ops.W[:m].transpose(-1, -2)).mul_(lag.key_scale)          # S / S_qk
+        X = _bmm(Qs, ops.Wg[:m].transpose(-1, -2)).mul_(lag.key_scale)         # S / S_qk
     else:
         c = cfg.folded_coefficients
         R = _bmm(Qs, ops.W_pow[:m].transpose(-1, -2))                          # Q . (W**i)^T, i = 1..3
         X = R[..., :n] * lag.key_pow[0]
         X.addcmul_(R[..., n:2 * n], lag.key_pow[1]).addcmul_(R[..., 2 * n:], lag.key_pow[2])
-        X.add_(ops.Q_sum[delta:], alpha=c[0] / cfg.qk_saturation)
+        # The i = 0 term: c_0 sum_d Q (identical cells) or c_0 Q . gamma^T.
+        zeroth = ops.Q_sum[delta:] if ops.gain_k is None else _bmm(Qs, ops.gain_k[:m].transpose(-1, -2))
+        X.add_(zeroth, alpha=c[0] / cfg.qk_saturation)
         del R
     P = X.clamp(0.0, 1.0)
     inside = None
@@ -174,12 +199,13 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
     del X
     if not cfg.nonlinear:
         P_weighted = P * lag.value_scale
-        A = _bmm(P_weighted, ops.U[:m])
+        A = _bmm(P_weighted, ops.Ug[:m])
     else:
         c = cfg.folded_coefficients
         P_weighted = torch.cat([P * lag.value_pow[0], P * lag.value_pow[1], P * lag.value_pow[2]], dim=-1)
         A = _bmm(P_weighted, ops.U_pow[:m])
-        A.add_(P.sum(dim=-1, keepdim=True), alpha=c[0] / cfg.av_saturation)
+        zeroth = P.sum(dim=-1, keepdim=True) if ops.gain_v is None else _bmm(P, ops.gain_v[:m])
+        A.add_(zeroth, alpha=c[0] / cfg.av_saturation)
     return _LagState(inside, P, P_weighted, A)
 
 
@@ -190,49 +216,57 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     n = band.n
     lag = band.lags[delta]
     Qs, Ws, Us = ops.Q[delta:], ops.W[:m], ops.U[:m]
+    gain_k = None if ops.gain_k is None else ops.gain_k[:m]
+    gain_v = None if ops.gain_v is None else ops.gain_v[:m]
     if not (cfg.nonlinear and cfg.exact_nonlinear_grad):
         # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (spec §8).
         P_weighted = st.P_weighted if not cfg.nonlinear else st.P * lag.value_scale
-        dU[:m] += _bmm(P_weighted.transpose(-1, -2), dA)
+        dU[:m] += _times(gain_v, _bmm(P_weighted.transpose(-1, -2), dA))
         del P_weighted
-        # dL/dR with R = Q W^T: through the value array (g alpha / S_av), the HardSigmoid mask and
-        # the key array (g alpha / S_qk).
-        dR = _bmm(dA, Us.transpose(-1, -2)).mul_(lag.value_scale).mul_(lag.key_scale).mul_(st.inside)
-        dQ[delta:] += _bmm(dR, Ws)
-        dW[:m] += _bmm(dR.transpose(-1, -2), Qs)
+        # dL/dR with R = Q (gamma W)^T: through the value array (g alpha gamma / S_av), the HardSigmoid
+        # mask and the key array (g alpha / S_qk).
+        dR = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(lag.value_scale).mul_(lag.key_scale).mul_(st.inside)
+        dQ[delta:] += _bmm(dR, ops.Wg[:m])
+        dW[:m] += _times(gain_k, _bmm(dR.transpose(-1, -2), Qs))
         return
     c = cfg.folded_coefficients
     # Value array, exact: dP = sum_i v_i * (dA . (U**i)^T) + c_0 / S_av * sum_d dA.
     G = _bmm(dA, ops.U_pow[:m].transpose(-1, -2))
     dX = G[..., :n] * lag.value_pow[0]
     dX.addcmul_(G[..., n:2 * n], lag.value_pow[1]).addcmul_(G[..., 2 * n:], lag.value_pow[2])
-    dX.add_(dA.sum(dim=-1, keepdim=True), alpha=c[0] / cfg.av_saturation)
+    dX.add_(dA.sum(dim=-1, keepdim=True) if gain_v is None else _bmm(dA, gain_v.transpose(-1, -2)),
+            alpha=c[0] / cfg.av_saturation)
     del G
     Hs = _bmm(st.P_weighted.transpose(-1, -2), dA)                 # (P v_i)^T . dA, i = 1..3
-    dU[:m] += Hs[..., :n, :] + 2 * Us * Hs[..., n:2 * n, :] + 3 * Us * Us * Hs[..., 2 * n:, :]
+    dU[:m] += _times(gain_v, Hs[..., :n, :] + 2 * Us * Hs[..., n:2 * n, :] + 3 * Us * Us * Hs[..., 2 * n:, :])
     del Hs
     dX.mul_(st.inside)                                              # HardSigmoid and window
     # Key array, exact: S / S_qk = c_0 / S_qk * sum_d Q + sum_i k_i * (Q . (W**i)^T).
     dR = torch.cat([dX * lag.key_pow[0], dX * lag.key_pow[1], dX * lag.key_pow[2]], dim=-1)
     dQ[delta:] += _bmm(dR, ops.W_pow[:m])
-    dQ[delta:] += dX.sum(dim=-1, keepdim=True) * (c[0] / cfg.qk_saturation)
+    dQ[delta:] += (dX.sum(dim=-1, keepdim=True) if gain_k is None else _bmm(dX, gain_k)) * (c[0] / cfg.qk_saturation)
     Xs = _bmm(dR.transpose(-1, -2), Qs)                            # (.., 3n, D)
-    dW[:m] += Xs[..., :n, :] + 2 * Ws * Xs[..., n:2 * n, :] + 3 * Ws * Ws * Xs[..., 2 * n:, :]
+    dW[:m] += _times(gain_k, Xs[..., :n, :] + 2 * Ws * Xs[..., n:2 * n, :] + 3 * Ws * Ws * Xs[..., 2 * n:, :])
 
 
-def _forward(q, k, v, cfg: AnalogAttentionConfig) -> torch.Tensor:
+def _noise_generator(cfg: AnalogAttentionConfig, noise_seed: Optional[int], device) -> Optional[torch.Generator]:
+    return readout_generator(noise_seed, device) if cfg.readout_noise > 0 else None
+
+
+def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int]) -> torch.Tensor:
     band = _band(q.shape[-2], cfg, q.dtype, q.device)
     ops = _Operands(q, k, v, cfg, band)
+    noise = _noise_generator(cfg, noise_seed, q.device)
     y = torch.zeros_like(ops.Q)
     lags = list(range(band.max_lag + 1))
     if band.merged:  # lag 0 and lag M/n read through the same sub-tile: sum, then clamp + quantize
         A0 = _lag_forward(ops, band, cfg, 0, False).A
         A0[band.tiles:] += _lag_forward(ops, band, cfg, band.tiles, False).A
-        y += _readout_(A0, cfg)
+        y += _readout_(_add_noise_(A0, cfg, noise), cfg)
         del A0
         lags = lags[1:-1]
     for delta in lags:
-        y[delta:] += _readout_(_lag_forward(ops, band, cfg, delta, False).A, cfg)
+        y[delta:] += _readout_(_add_noise_(_lag_forward(ops, band, cfg, delta, False).A, cfg, noise), cfg)
     return _from_blocks(y, q.shape)
 
 
@@ -246,9 +280,10 @@ def _readout_grad(A: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return torch.where(A.abs_() <= OUTPUT_RANGE[1], dy, 0.0)
 
 
-def _backward(q, k, v, cfg: AnalogAttentionConfig, dy: torch.Tensor):
+def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy: torch.Tensor):
     band = _band(q.shape[-2], cfg, q.dtype, q.device)
     ops = _Operands(q, k, v, cfg, band)
+    noise = _noise_generator(cfg, noise_seed, q.device)  # the forward's draws, in the forward's order
     dyb = _to_blocks(dy.to(q.dtype), band.blocks, band.n)
     dQ, dW, dU = torch.zeros_like(ops.Q), torch.zeros_like(ops.W), torch.zeros_like(ops.U)
     lags = list(range(band.max_lag + 1))
@@ -257,7 +292,7 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, dy: torch.Tensor):
         stL = _lag_forward(ops, band, cfg, band.tiles, True)
         tile = st0.A
         tile[band.tiles:] += stL.A
-        dA = _readout_grad(tile, dyb)
+        dA = _readout_grad(_add_noise_(tile, cfg, noise), dyb)
         del tile, st0.A, stL.A
         _lag_backward(ops, band, cfg, 0, st0, dA, dQ, dW, dU)
         del st0
@@ -266,7 +301,7 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, dy: torch.Tensor):
         lags = lags[1:-1]
     for delta in lags:
         st = _lag_forward(ops, band, cfg, delta, True)
-        dA = _readout_grad(st.A, dyb[delta:])
+        dA = _readout_grad(_add_noise_(st.A, cfg, noise), dyb[delta:])
         _lag_backward(ops, band, cfg, delta, st, dA, dQ, dW, dU)
         del st, dA
     # DAC clamps pass the gradient inside their range; the quantizers are straight-through.
@@ -280,21 +315,21 @@ class _BlockedAnalogAttention(torch.autograd.Function):
     """Saves q, k, v only; the backward recomputes each lag (memory O(T * D) between the passes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cfg):
-        ctx.cfg = cfg
+    def forward(ctx, q, k, v, cfg, noise_seed):
+        ctx.cfg, ctx.noise_seed = cfg, noise_seed
         ctx.save_for_backward(q, k, v)
         # Autocast off: the products must run in the compute dtype (a bf16 bmm would move levels).
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            return _forward(q, k, v, cfg)
+            return _forward(q, k, v, cfg, noise_seed)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v = ctx.saved_tensors
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(q, k, v, ctx.cfg, dy)
+            dq, dk, dv = _backward(q, k, v, ctx.cfg, ctx.noise_seed, dy)
         return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
-                dv if ctx.needs_input_grad[2] else None, None)
+                dv if ctx.needs_input_grad[2] else None, None, None)
 
 
 def analog_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -303,18 +338,12 @@ def analog_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Same result as ``analog_attention_dense`` (up to float rounding order), without T x T tensors:
     time O(T * (M + tile_rows) * D), memory O(T * D) saved for backward and O(T * tile_rows) working.
-    Returns y (B, H, T, D) in the input dtype (half precision is computed in float32). With read noise
-    on it falls back to the dense reference (warning once).
+    Returns y (B, H, T, D) in the input dtype (half precision is computed in float32). Cell variation
+    and readout noise as in the reference (the noise: the next seed of the config's stream per call).
     """
     validate_inputs(q, k, v, cfg)
-    if cfg.read_noise > 0:
-        global _warned_noise
-        if not _warned_noise:
-            warnings.warn("analog_attention_blocked: read_noise > 0 is not implemented in the blocked path; "
-                          "using the dense reference (memory O(T^2))", RuntimeWarning, stacklevel=2)
-            _warned_noise = True
-        return analog_attention_dense(q, k, v, cfg)
     out_dtype = q.dtype
     dtype = compute_dtype(q.dtype)
-    y = _BlockedAnalogAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), cfg)
+    noise_seed = next_readout_seed(cfg) if cfg.readout_noise > 0 else None
+    y = _BlockedAnalogAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), cfg, noise_seed)
     return y.to(out_dtype)

@@ -6,7 +6,7 @@ the paper's values (TSMC 28 nm gain cell, GPT-2 with a 1,024-token window).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass
 from typing import Optional, Sequence, Tuple
 
 # Spec §10: the authors' ten coefficients C[i][j], order (0,0)(0,1)(0,2)(0,3)(1,0)(1,1)(1,2)(2,0)(2,1)(3,0).
@@ -47,8 +47,16 @@ class AnalogAttentionConfig:
         coefficients: None for the linear cell; ten C[i][j] (spec §10 order) for the nonlinear cell.
         exact_nonlinear_grad: nonlinear model backward: exact polynomial gradient (True) or the
             linear model's gradient as a surrogate (False, spec §8).
-        read_noise: std of Gaussian noise on each array output, relative to the signal (0: off).
         stored_max: top of the stored-voltage range, V.
+        cell_variation: relative standard deviation of each physical cell's gain (a factor
+            1 + cell_variation * N(0, 1) on every polynomial term of that cell, c_0 included); one cell
+            per head, ring-buffer row and column of the K and V arrays, fixed per chip (``noise_seed``),
+            shared across the batch (0: identical cells). See ``gaincell.attention.noise``.
+        readout_noise: standard deviation of a Gaussian added to each sub-tile readout A_r before the
+            output ADC (range [-1, 1]), fresh per readout (0: off).
+        noise_seed: seed of the chip (cell gains) and of the readout-noise stream (integer >= 0).
+        read_noise: the old name of ``readout_noise``, accepted by the constructor only (configs in
+            checkpoints written before the rename load); read ``readout_noise``.
     """
 
     window: int = 1024
@@ -64,10 +72,18 @@ class AnalogAttentionConfig:
     decay_per_step: float = 1.56e-4
     coefficients: Optional[Tuple[float, ...]] = None
     exact_nonlinear_grad: bool = False
-    read_noise: float = 0.0
     stored_max: float = 0.9
+    cell_variation: float = 0.0
+    readout_noise: float = 0.0
+    noise_seed: int = 0
+    read_noise: InitVar[Optional[float]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, read_noise: Optional[float]) -> None:
+        if read_noise is not None:
+            if self.readout_noise not in (0.0, read_noise):
+                raise ValueError(f"read_noise={read_noise!r} and readout_noise={self.readout_noise!r} disagree: "
+                                 f"read_noise is the old name of readout_noise, give one of them")
+            object.__setattr__(self, "readout_noise", read_noise)
         if not isinstance(self.tile_rows, int) or self.tile_rows < 1:
             raise ValueError(f"tile_rows={self.tile_rows!r}: expected a positive integer")
         if not isinstance(self.window, int) or self.window < 1:
@@ -84,8 +100,13 @@ class AnalogAttentionConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
         if not (self.decay_per_step >= 0 and math.isfinite(self.decay_per_step)):
             raise ValueError(f"decay_per_step={self.decay_per_step!r}: expected a finite number >= 0")
-        if not self.read_noise >= 0:
-            raise ValueError(f"read_noise={self.read_noise!r}: expected a number >= 0")
+        for name in ("cell_variation", "readout_noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int) or self.noise_seed < 0:
+            raise ValueError(f"noise_seed={self.noise_seed!r}: expected an integer >= 0")
         if self.coefficients is not None:
             coeffs = tuple(float(c) for c in self.coefficients)
             if len(coeffs) != 10:
@@ -94,6 +115,11 @@ class AnalogAttentionConfig:
             if not all(math.isfinite(c) for c in coeffs):
                 raise ValueError(f"coefficients={coeffs}: expected finite numbers")
             object.__setattr__(self, "coefficients", coeffs)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the chip has cell variation or readout noise."""
+        return self.cell_variation > 0 or self.readout_noise > 0
 
     @property
     def nonlinear(self) -> bool:
@@ -134,12 +160,54 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
     return tuple(float(c) for c in coefficients)
 
 
+PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (spec §10)
+HARDWARE_KINDS = ("linear_hw", "nonlinear_hw")
+
+
+def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float:
+    """The linear hardware model's slope g (``attention.gain``; README, "The linear model's gain").
+
+    A number is used as given. ``None`` means "the cell's own slope": with ``coefficients=fitted`` the
+    least-squares slope of the fitted cell (``linear_slope`` in the fit stage's coefficients.json), so
+    the linear model and the nonlinear cell it is adapted to share one scale; with ``coefficients=paper``
+    the paper's 19.3. The gain is fixed when the linear model is trained and travels in its checkpoint:
+    one linear model (the default cell's g) then serves every cell of the nonlinearity study, and
+    adaptation (eq. 9) absorbs the gain ratio of any other cell.
+    """
+    if gain is not None:
+        return float(gain)
+    if isinstance(coefficients, str) and coefficients == "paper":
+        return PAPER_GAIN
+    if isinstance(coefficients, str) and coefficients == "fitted":
+        import json
+        from pathlib import Path
+
+        if not fitted_path or not Path(fitted_path).is_file():
+            raise FileNotFoundError(f"attention.gain=null with coefficients='fitted' takes g from the fit "
+                                    f"result {fitted_path!r}, which does not exist: run the fit stage first")
+        with open(fitted_path) as fh:
+            data = json.load(fh)
+        if "linear_slope" not in data:
+            raise ValueError(f"{fitted_path} has no 'linear_slope': rerun the fit stage")
+        return float(data["linear_slope"])
+    raise ValueError(f"attention.gain=null with coefficients={coefficients!r}: the slope g is taken from "
+                     f"'paper' or 'fitted' only; set attention.gain to a number")
+
+
 def analog_config_from_settings(settings) -> AnalogAttentionConfig:
     """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``).
 
     The coefficient set is resolved for ``nonlinear_hw`` only; every other kind gets the linear cell.
+    The gain g is resolved (``resolve_gain``) for the hardware kinds; softmax kinds never read it.
     """
     get = (lambda k: settings[k]) if hasattr(settings, "__getitem__") else (lambda k: getattr(settings, k))
+
+    def optional(key, default):  # settings written before the key existed
+        try:
+            return get(key)
+        except (KeyError, AttributeError):
+            return default
+
     coeffs = None
     if get("kind") == "nonlinear_hw":
         coeffs = resolve_coefficients(get("coefficients"), get("fitted_coefficients_path"))
@@ -147,8 +215,12 @@ def analog_config_from_settings(settings) -> AnalogAttentionConfig:
             raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
     return AnalogAttentionConfig(
         window=int(get("window")), tile_rows=int(get("tile_rows")), query_levels=get("query_levels"),
-        stored_levels=get("stored_levels"), output_levels=get("output_levels"), gain=float(get("gain")),
+        stored_levels=get("stored_levels"), output_levels=get("output_levels"),
+        gain=(resolve_gain(get("gain"), get("coefficients"), get("fitted_coefficients_path"))
+              if get("kind") in HARDWARE_KINDS else (PAPER_GAIN if get("gain") is None else float(get("gain")))),
         qk_saturation=float(get("qk_saturation")), av_saturation=float(get("av_saturation")),
         stored_offset=float(get("stored_offset")), read_voltage=float(get("read_voltage")),
         decay_per_step=float(get("decay_per_step")), coefficients=coeffs,
-        exact_nonlinear_grad=bool(get("exact_nonlinear_grad")), read_noise=float(get("read_noise")))
+        exact_nonlinear_grad=bool(get("exact_nonlinear_grad")), cell_variation=float(optional("cell_variation", 0.0)),
+        readout_noise=float(optional("readout_noise", optional("read_noise", 0.0))),
+        noise_seed=int(optional("noise_seed", 0)))

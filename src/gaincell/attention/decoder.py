@@ -15,6 +15,17 @@ scaler (spec §7). State per layer (one decoder holds every head of one layer): 
 (quantized on write, offset removed, with their powers for the nonlinear cell), the write pointer,
 and the age of every slot in token steps for leakage (spec §3). A step costs O(B H M D) once the
 window is full, independent of how many tokens came before.
+
+Cell variation (``cfg.cell_variation``): the cells of ring-buffer row s are those of the chip
+``cfg.noise_seed`` (``gaincell.attention.noise.cell_gains``), so token t, written to row t mod M, meets
+the same cells as key t in ``analog_attention``: with the same config the two agree as without
+variation. Readout noise (``cfg.readout_noise``): each step adds fresh Gaussian noise to every read
+sub-tile before its ADC, from ``generator`` or a generator seeded from the config's noise stream; the
+statistics are the parallel computation's, the draws are not.
+
+NaN inputs are refused without a host synchronisation per step: on CPU at once, on an accelerator a
+flag is kept on the device and read by ``check_finite()`` (``gaincell.generate`` calls it once per
+prompt and at the end).
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from typing import Optional
 import torch
 
 from .config import AnalogAttentionConfig
+from .noise import cell_gains, next_readout_seed, readout_generator
 from .quantize import clamp_quantize
 from .reference import OUTPUT_RANGE, compute_dtype
 
@@ -41,8 +53,9 @@ class AnalogKVDecoder:
             stepping past it is an error (the arrays never need it: they overwrite their oldest slot).
         device, dtype: where and in what precision the array state lives; by default those of the
             first step's inputs (half precision is computed in float32, as in the reference).
-        generator: seeds the read noise when ``cfg.read_noise > 0``. The noise has the statistics of the
-            parallel computation's but not its draws, so equality with it holds only without noise.
+        generator: draws the readout noise when ``cfg.readout_noise > 0`` (a generator on the state's
+            device); None: one seeded from the config's noise stream when the state is allocated.
+            The noise has the statistics of the parallel computation's but not its draws.
     """
 
     def __init__(self, cfg: AnalogAttentionConfig, batch: int, heads: int, head_dim: int,
@@ -68,6 +81,7 @@ class AnalogKVDecoder:
         self._c = {0: c0, 1: c1, 2: c2, 3: c3}
         self.steps = 0
         self._allocated = False
+        self._first_nan_step: Optional[torch.Tensor] = None  # on the device: first step with a NaN input, -1
 
     # ------------------------------------------------------------------ state
     @property
@@ -85,12 +99,34 @@ class AnalogKVDecoder:
         return self.steps % self.cfg.window
 
     def reset(self) -> None:
-        """Forget every stored key and value (a new sequence)."""
+        """Forget every stored key and value (a new sequence); the chip and the noise stream stay."""
         self.steps = 0
         if self._allocated:
             self._stored_k.zero_()
             self._stored_v.zero_()
             self._age.zero_()
+            self._first_nan_step.fill_(-1)
+
+    def check_finite(self) -> None:
+        """Raise ValueError if any input since the last reset held NaN (one host synchronisation)."""
+        if self._first_nan_step is None:
+            return
+        first = int(self._first_nan_step)
+        if first >= 0:
+            raise ValueError(f"AnalogKVDecoder: the inputs of step {first} (counting from 0 since the last "
+                             f"reset) contain NaN: expected finite q, k, v; every output since then is invalid")
+
+    def _record_nan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Refuse NaN inputs: at once on CPU, else in a device flag that ``check_finite`` reads."""
+        bad = torch.isnan(q).any() | torch.isnan(k).any() | torch.isnan(v).any()
+        if not self._defer_nan_check:
+            if bool(bad):
+                raise ValueError(f"AnalogKVDecoder.step {self.steps}: q, k or v contains NaN "
+                                 f"(q {int(torch.isnan(q).sum())}, k {int(torch.isnan(k).sum())}, "
+                                 f"v {int(torch.isnan(v).sum())} values): expected finite inputs")
+            return
+        first = self._first_nan_step
+        first.copy_(torch.where(bad & (first < 0), self.steps, first))
 
     def _allocate(self, like: torch.Tensor) -> None:
         device = self._device if self._device is not None else like.device
@@ -106,6 +142,13 @@ class AnalogKVDecoder:
         self._stored_v = torch.zeros(shape, device=device, dtype=dtype)
         # Token steps since each slot was written (int64: exact for any sequence length).
         self._age = torch.zeros(m, device=device, dtype=torch.long)
+        # The chip's cells (H, M, D) per array, None without variation; the readout-noise generator.
+        self._gains = cell_gains(self.cfg, self.heads, self.head_dim, dtype, device)
+        if self.cfg.readout_noise > 0 and self.generator is None:
+            self.generator = readout_generator(next_readout_seed(self.cfg), device)
+        self._first_nan_step = torch.full((), -1, device=device, dtype=torch.long)
+        # On CPU reading a flag costs nothing: refuse NaN at once. Elsewhere keep it on the device.
+        self._defer_nan_check = device.type != "cpu"
         self._allocated = True
 
     def _check(self, name: str, x: torch.Tensor) -> None:
@@ -141,6 +184,7 @@ class AnalogKVDecoder:
         dev, dt = self._device, self._dtype
         out_dtype = q.dtype
         q, k, v = (x.to(device=dev, dtype=dt) for x in (q, k, v))
+        self._record_nan(q, k, v)
 
         # DAC / storage (spec §2), then the write into slot t mod M (spec §6). The arithmetic follows
         # gaincell.attention.reference operation by operation, so that the two agree to the last bit
@@ -151,9 +195,11 @@ class AnalogKVDecoder:
         slot = self.write_pointer
         self._age += 1  # every stored charge is one step older when the new query reads it
         self._age[slot] = 0
+        gain_k, gain_v = self._gains if self._gains is not None else (None, None)
         for n, power in enumerate(self._powers):
-            self._stored_k[n, :, :, slot] = w ** power
-            self._stored_v[n, :, :, slot] = u ** power
+            # Row ``slot``'s cells multiply every term they compute (their gain factors, per head and column).
+            self._stored_k[n, :, :, slot] = w ** power if gain_k is None else gain_k[:, slot] * w ** power
+            self._stored_v[n, :, :, slot] = u ** power if gain_v is None else gain_v[:, slot] * u ** power
         self.steps += 1
 
         # Only the sub-tiles that hold keys take part; the slots are filled in order from 0.
@@ -173,10 +219,11 @@ class AnalogKVDecoder:
         if not cfg.nonlinear:
             charge = (cfg.gain * dots[0]) * alpha_pow[0]
         else:
-            charge = self._c[0] * query.sum(-1, keepdim=True)  # the key-independent i = 0 term
+            # The i = 0 term: key-independent (c_0 sum_d Q), or through each row's cells (c_0 gamma . Q).
+            charge = self._c[0] * (query.sum(-1, keepdim=True) if gain_k is None
+                                   else torch.matmul(gain_k[:, :active], qcol).squeeze(-1))
             for n, power in enumerate(self._powers):
                 charge = charge + (self._c[power] * dots[n]) * alpha_pow[n]
-        charge = self._noisy(charge)
         # Charge to pulse (spec §5), masked to the stored keys (slots are filled in order from 0).
         pulse = (charge / cfg.qk_saturation).clamp(0.0, 1.0)
         if filled < active:
@@ -192,21 +239,21 @@ class AnalogKVDecoder:
         if not cfg.nonlinear:
             readout = (cfg.gain / cfg.av_saturation) * products[0]
         else:
-            readout = self._c[0] * pulse.reshape(self.batch, self.heads, tiles, 1, rows).sum(-1)  # i = 0
+            pulse_tiles = pulse.reshape(self.batch, self.heads, tiles, 1, rows)
+            if gain_v is None:
+                readout = self._c[0] * pulse_tiles.sum(-1)  # i = 0
+            else:
+                gains_tiles = gain_v[:, :active].reshape(self.heads, tiles, rows, self.head_dim)
+                readout = self._c[0] * torch.matmul(pulse_tiles, gains_tiles).squeeze(-2)
             for n, power in enumerate(self._powers):
                 readout = readout + self._c[power] * products[n]
             readout = readout / cfg.av_saturation
-        readout = self._noisy(readout)
+        if cfg.readout_noise > 0:  # every read sub-tile (those holding a key), before its ADC
+            readout = readout + cfg.readout_noise * torch.randn(readout.shape, generator=self.generator,
+                                                                device=dev, dtype=dt)
         # Each sub-tile's pulse counter (clamp + quantize), then the digital adders.
         y = clamp_quantize(readout, cfg.output_levels, *OUTPUT_RANGE).sum(dim=2)
         return y.to(out_dtype)
-
-    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
-        """Relative Gaussian read noise on an array output (spec config ``read_noise``; 0: off)."""
-        if self.cfg.read_noise == 0:
-            return x
-        noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        return x * (1.0 + self.cfg.read_noise * noise)
 
     def extra_repr(self) -> str:  # pragma: no cover - debugging aid
         return (f"AnalogKVDecoder(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "

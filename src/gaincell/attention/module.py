@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AnalogAttentionConfig
+from .functional import analog_attention
+from .noise import layer_config
+from .op import config_key, op_supports
 
 KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
 HW_KINDS = ("linear_hw", "nonlinear_hw")
@@ -45,16 +48,19 @@ class AttentionCore(nn.Module):
         analog: the hardware config (its ``window`` is also the softmax_window's window). For
             ``linear_hw`` its coefficients must be None, for ``nonlinear_hw`` ten floats.
         implementation: ``auto`` | ``dense`` | ``blocked`` | ``triton`` (see ``analog_attention``).
+        layer_index: the layer's place in the model: its chip and readout-noise stream are those of a
+            seed derived from ``analog.noise_seed`` and this index (``layer_analog``).
     """
 
     def __init__(self, kind: str, n_head: int, analog: Optional[AnalogAttentionConfig] = None,
-                 implementation: str = "auto") -> None:
+                 implementation: str = "auto", layer_index: int = 0) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"attention kind {kind!r}: expected one of {KINDS}")
         self.kind = kind
         self.n_head = n_head
         self.implementation = implementation
+        self.layer_index = layer_index
         self.analog = analog if analog is not None else AnalogAttentionConfig()
         self._check_kind_matches_config()
         for stage in SCALER_STAGES:
@@ -62,6 +68,51 @@ class AttentionCore(nn.Module):
             self.register_parameter(f"{stage}_bias", nn.Parameter(torch.full((n_head,), _INIT_BIAS[stage])))
         self.capture_stats = False
         self.captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def analog(self) -> AnalogAttentionConfig:
+        return self._analog
+
+    @analog.setter
+    def analog(self, cfg: AnalogAttentionConfig) -> None:
+        self._analog = cfg
+        self._update_op_config()
+
+    @property
+    def implementation(self) -> str:
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, name: str) -> None:
+        self._implementation = name
+        self._update_op_config()
+
+    @property
+    def layer_index(self) -> int:
+        return self._layer_index
+
+    @layer_index.setter
+    def layer_index(self, index: int) -> None:
+        self._layer_index = index
+        self._update_op_config()
+
+    @property
+    def layer_analog(self) -> AnalogAttentionConfig:
+        """The config this layer's arrays run: ``analog`` with the layer's own noise seed."""
+        return layer_config(self.analog, self.layer_index)
+
+    def _update_op_config(self) -> None:
+        """The custom operator's config argument (of ``layer_analog``) per device kind (False: CPU, True:
+        CUDA), computed here and not while torch.compile traces; None where the operator does not apply
+        (compiled code then traces the eager path)."""
+        cfg = getattr(self, "_analog", None)
+        name, index = getattr(self, "_implementation", None), getattr(self, "_layer_index", None)
+        if cfg is None or name is None or index is None:
+            return
+        layer_cfg = layer_config(cfg, index)
+        key = config_key(layer_cfg)
+        self._op_config = {on_cuda: key if op_supports(layer_cfg, name, on_cuda) is None else None
+                           for on_cuda in (False, True)}
 
     def _check_kind_matches_config(self) -> None:
         if self.kind == "linear_hw" and self.analog.coefficients is not None:
@@ -95,10 +146,13 @@ class AttentionCore(nn.Module):
             t = q.shape[-2]
             mask = sliding_window_mask(t, k.shape[-2], self.analog.window, device=q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        from .functional import analog_attention
-
-        y = analog_attention(self._scale("q", q), self._scale("k", k), self._scale("v", v), self.analog,
-                             implementation=self.implementation)
+        q, k, v = self._scale("q", q), self._scale("k", k), self._scale("v", v)
+        op_config = self._op_config[q.is_cuda]
+        if op_config is not None and torch.compiler.is_compiling():
+            # One opaque node for torch.compile (gaincell.attention.op): no graph break inside the model.
+            y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)
+        else:
+            y = analog_attention(q, k, v, self.layer_analog, implementation=self.implementation)
         return self._scale("out", y)
 
     def extra_repr(self) -> str:

@@ -14,6 +14,11 @@ implementations exercise the same cell model:
     value_array_product   spec §6   A = sum_i c_i (P alpha**i) . U**i / S_sat_av  (one sub-tile)
     subtile_of_key        spec §6   r(t') = (t' mod M) // tile_rows
     read_out_subtiles     spec §6   y = sum_r quant(clamp(A_r, -1, 1), 32 levels on [-1, 1])
+    add_readout_noise     issue 16  A_r + readout_noise * N(0, 1) before the output ADC
+
+Cell variation (``cfg.cell_variation``, ``gaincell.attention.noise``): the optional ``cell_gain``
+argument of the two array products is the gain factor of the cell holding each key's element (per key,
+broadcast over the batch); it multiplies every term of the cell, c_0 included.
 """
 from __future__ import annotations
 
@@ -23,10 +28,11 @@ from typing import Optional, Tuple
 import torch
 
 from .config import AnalogAttentionConfig
+from .noise import gains_per_key, next_readout_seed, readout_generator
 from .quantize import clamp, clamp_quantize, straight_through
 
 __all__ = ["validate_inputs", "dac_inputs", "window_mask", "leakage", "key_array_product", "hard_sigmoid",
-           "value_array_product", "subtile_of_key", "apply_read_noise", "analog_attention_dense"]
+           "value_array_product", "subtile_of_key", "add_readout_noise", "analog_attention_dense"]
 
 OUTPUT_RANGE = (-1.0, 1.0)  # pulse-counter readout range of one sub-tile (spec §6)
 
@@ -86,23 +92,30 @@ def leakage(t_len: int, cfg: AnalogAttentionConfig, dtype=torch.float32, device=
     return alpha.to(dtype)
 
 
+def _times(cell_gain: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """gamma * x, or x itself without cell variation (no operation: today's arithmetic exactly)."""
+    return x if cell_gain is None else cell_gain * x
+
+
 def _needs_surrogate(cfg: AnalogAttentionConfig, *tensors: torch.Tensor) -> bool:
     return (cfg.nonlinear and not cfg.exact_nonlinear_grad and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors))
 
 
 def key_array_product(Q: torch.Tensor, W: torch.Tensor, cfg: AnalogAttentionConfig,
-                      alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
     """Spec §4: the K array's charge S[t, t'] from queries Q (..., T, D) and stored weights
     W = K - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. No window mask applied.
 
     Linear cell: g * alpha * Q @ W^T. Nonlinear: sum_i c_i * alpha**i * Q @ (W**i)^T, where the i = 0
     term, c_0 * sum_d Q[t, d], ignores the key and is not attenuated. With the surrogate gradient
-    (default, spec §8) the backward is the linear cell's.
+    (default, spec §8) the backward is the linear cell's. ``cell_gain`` (broadcastable to W; None: 1)
+    multiplies each cell's terms: W**i -> gamma * W**i, and the i = 0 term becomes c_0 * Q @ gamma^T.
     """
     linear = None
     if not cfg.nonlinear or _needs_surrogate(cfg, Q, W):
-        linear = cfg.gain * (Q @ W.transpose(-1, -2))
+        linear = cfg.gain * (Q @ _times(cell_gain, W).transpose(-1, -2))
         if alpha is not None:
             linear = linear * alpha
         if not cfg.nonlinear:
@@ -110,9 +123,12 @@ def key_array_product(Q: torch.Tensor, W: torch.Tensor, cfg: AnalogAttentionConf
     c = cfg.folded_coefficients
     grad_context = torch.no_grad() if linear is not None else contextlib.nullcontext()
     with grad_context:
-        S = (c[0] * Q.sum(dim=-1, keepdim=True)).expand(*Q.shape[:-1], W.shape[-2])
+        if cell_gain is None:
+            S = (c[0] * Q.sum(dim=-1, keepdim=True)).expand(*Q.shape[:-1], W.shape[-2])
+        else:
+            S = c[0] * (Q @ cell_gain.transpose(-1, -2))
         for i in (1, 2, 3):
-            term = c[i] * (Q @ (W ** i).transpose(-1, -2))
+            term = c[i] * (Q @ _times(cell_gain, W ** i).transpose(-1, -2))
             S = S + (term if alpha is None else term * alpha ** i)
     return S if linear is None else straight_through(S, linear)
 
@@ -123,26 +139,31 @@ def hard_sigmoid(S: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
 
 
 def value_array_product(P: torch.Tensor, U: torch.Tensor, cfg: AnalogAttentionConfig,
-                        alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
     """Spec §6: one V (sub-)array's output A[t, d] from pulse widths P (..., T, T') and stored
     weights U = V - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. Not clamped.
 
     Linear: (g / S_sat_av) (P * alpha) @ U. Nonlinear: (1 / S_sat_av) sum_i c_i (P * alpha**i) @ U**i
     (the i = 0 term c_0 * sum_t' P[t, t'] is neither key- nor leakage-dependent). Surrogate gradient
-    as in ``key_array_product``.
+    as in ``key_array_product``; ``cell_gain`` (broadcastable to U) as there: U**i -> gamma * U**i, and the
+    i = 0 term becomes c_0 * P @ gamma.
     """
     linear = None
     if not cfg.nonlinear or _needs_surrogate(cfg, P, U):
-        linear = (cfg.gain / cfg.av_saturation) * ((P if alpha is None else P * alpha) @ U)
+        linear = (cfg.gain / cfg.av_saturation) * ((P if alpha is None else P * alpha) @ _times(cell_gain, U))
         if not cfg.nonlinear:
             return linear
     c = cfg.folded_coefficients
     grad_context = torch.no_grad() if linear is not None else contextlib.nullcontext()
     with grad_context:
-        A = (c[0] * P.sum(dim=-1, keepdim=True)).expand(*P.shape[:-1], U.shape[-1])
+        if cell_gain is None:
+            A = (c[0] * P.sum(dim=-1, keepdim=True)).expand(*P.shape[:-1], U.shape[-1])
+        else:
+            A = c[0] * (P @ cell_gain)
         for i in (1, 2, 3):
             weighted = P if alpha is None else P * alpha ** i
-            A = A + c[i] * (weighted @ U ** i)
+            A = A + c[i] * (weighted @ _times(cell_gain, U ** i))
         A = A / cfg.av_saturation
     return A if linear is None else straight_through(A, linear)
 
@@ -152,21 +173,28 @@ def subtile_of_key(t_len: int, cfg: AnalogAttentionConfig, device=None) -> torch
     return (torch.arange(t_len, device=device) % cfg.window) // cfg.tile_rows
 
 
-def apply_read_noise(x: torch.Tensor, cfg: AnalogAttentionConfig,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Gaussian read noise relative to the signal: x * (1 + read_noise * N(0, 1)) (0: off)."""
-    if cfg.read_noise == 0:
-        return x
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x * (1.0 + cfg.read_noise * noise)
+def add_readout_noise(A: torch.Tensor, cfg: AnalogAttentionConfig, generator: Optional[torch.Generator],
+                      read: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A sub-tile readout before its ADC: A + readout_noise * N(0, 1), fresh per element (0: A itself).
+
+    ``read`` (broadcastable to A): where the readout happens (False: a sub-tile that holds no key yet for
+    that query is not read, and stays 0)."""
+    if cfg.readout_noise == 0:
+        return A
+    noise = torch.randn(A.shape, generator=generator, device=A.device, dtype=A.dtype)
+    if read is not None:
+        noise = noise * read
+    return A + cfg.readout_noise * noise
 
 
 def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
                            *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Analog attention of spec §2-§8 on (B, H, T, D) inputs already scaled (spec §1).
 
-    Returns y (B, H, T, D) before the output scaler (spec §7), in the input dtype. ``generator`` seeds
-    the read noise (only used when ``cfg.read_noise > 0``).
+    Returns y (B, H, T, D) before the output scaler (spec §7), in the input dtype. With
+    ``cfg.cell_variation`` the cells of the chip ``cfg.noise_seed`` (key t' in ring row t' mod M); with
+    ``cfg.readout_noise`` noise drawn from ``generator``, or when None from the next seed of the
+    config's readout-noise stream (``gaincell.attention.noise``).
     """
     validate_inputs(q, k, v, cfg)
     out_dtype = q.dtype
@@ -179,9 +207,11 @@ def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     U = V - cfg.stored_offset
     mask = window_mask(t_len, cfg.window, device)           # §3
     alpha = leakage(t_len, cfg, dtype, device)
+    gain_k, gain_v = gains_per_key(cfg, q.shape[1], t_len, q.shape[3], dtype, device) or (None, None)
+    if cfg.readout_noise > 0 and generator is None:
+        generator = readout_generator(next_readout_seed(cfg), device)
 
-    S = key_array_product(Q, W, cfg, alpha)                 # §4
-    S = apply_read_noise(S, cfg, generator)
+    S = key_array_product(Q, W, cfg, alpha, gain_k)         # §4
     P = hard_sigmoid(S, cfg)                                # §5
     P = torch.where(mask, P, torch.zeros_like(P))           # keys outside the window: no pulse
 
@@ -191,7 +221,10 @@ def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     y = torch.zeros_like(Q)
     for r in range(used_tiles):
         keys = torch.nonzero(slot_tile == r).squeeze(-1)
-        A_r = value_array_product(P[..., keys], U[..., keys, :], cfg, alpha[:, keys])
-        A_r = apply_read_noise(A_r, cfg, generator)
+        A_r = value_array_product(P[..., keys], U[..., keys, :], cfg, alpha[:, keys],
+                                  None if gain_v is None else gain_v[..., keys, :])
+        # Sub-tile r is read for queries t >= its first key, r * tile_rows (it holds a key from then on).
+        read = (torch.arange(t_len, device=device) >= r * cfg.tile_rows).to(dtype)[:, None]
+        A_r = add_readout_noise(A_r, cfg, generator, read)
         y = y + clamp_quantize(A_r, cfg.output_levels, *OUTPUT_RANGE)
     return y.to(out_dtype)

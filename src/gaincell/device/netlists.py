@@ -8,13 +8,20 @@ The cell (per polarity, two per signed weight):
 An input is a pulse of width ``t`` and height ``V_read`` on RWL; the read transistor's current,
 set by the stored voltage, flows into the bitline, which a charge integrator holds at ``V_bl``
 (a voltage source here; its current is the signal). The output is the charge collected during the
-pulse. A signed weight uses two cells on two bitlines (positive and negative part); the output is
-``Q(RBL+) - Q(RBL-)``. How a weight maps onto the two stored voltages is ``signed_encoding``:
+pulse. A signed output takes two bitlines (positive and negative part); the output is
+``Q(RBL+) - Q(RBL-)``. Which cells sit on them is ``device.cell`` (``CellKind``):
 
-* ``sign_magnitude`` (default): the positive cell stores ``v_min + max(W, 0) / 0.45 * (v_max - v_min)``,
-  the negative cell the same with ``max(-W, 0)``; zero weight is both cells at ``v_min``.
-* ``complementary``: the positive cell stores ``v_min + K / 0.9 * (v_max - v_min)``, the negative cell
-  the mirror voltage ``v_max + v_min - V+``.
+* ``single_ended`` (default): ONE cell per weight stores ``v_min + K / 0.9 * (v_max - v_min)`` on the
+  positive bitline; the negative bitline carries a reference cell (the same transistors) holding
+  ``device.reference_v`` (default the mid-supply, ``supply_v / 2``), so the signed output is the
+  cell's current minus the reference current. Nothing makes this odd in ``W``: the read transistor's
+  convex characteristic gives non-zero even terms (``c_2``) and the reference sets where the output
+  crosses zero (``c_0``).
+* ``differential_pair``: a matched pair, sign-magnitude: the positive cell stores
+  ``v_min + max(W, 0) / 0.45 * (v_max - v_min)``, the negative cell the same with ``max(-W, 0)``; zero
+  weight is both cells at ``v_min``. Odd in ``W`` by construction (``c_0 = c_2 = 0``).
+* ``complementary_pair``: the positive cell stores ``v_min + K / 0.9 * (v_max - v_min)``, the negative
+  cell the mirror voltage ``v_max + v_min - V+``. Also odd by construction.
 
 Here ``K`` in [0, 0.9] is the model's stored voltage (spec §2) and ``W = K - 0.45``; the device stage
 sweeps ``K`` levels and maps them to physical voltages with ``stored_voltages``.
@@ -28,13 +35,25 @@ netlist is parsed once per worker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from gaincell.device.technology import Technology, _fmt
 
-ENCODINGS = ("sign_magnitude", "complementary")
+
+
+class CellKind(str, Enum):
+    """How a signed weight is stored and read (``device.cell``); see the module docstring."""
+
+    single_ended = "single_ended"
+    differential_pair = "differential_pair"
+    complementary_pair = "complementary_pair"
+
+
+CELL_KINDS = tuple(k.value for k in CellKind)
+ODD_BY_CONSTRUCTION = ("differential_pair", "complementary_pair")   # c_0 = c_2 = 0 exactly
 MODEL_STORED_MAX_V = 0.9     # the model's stored-voltage range is [0, 0.9] V (spec §2)
 MODEL_OFFSET_V = 0.45        # weight W = K - 0.45 (spec §4)
 
@@ -50,7 +69,8 @@ class CellDesign:
     write_w_um: float
     write_l_um: float
     storage_capacitance_f: float
-    signed_encoding: str
+    cell: str
+    reference_v: float
     stored_v_min: float
     stored_v_max: float
     bitline_v: float
@@ -71,8 +91,14 @@ class CellDesign:
     @classmethod
     def from_config(cls, d) -> "CellDesign":
         get = (lambda k: d[k]) if hasattr(d, "__getitem__") else (lambda k: getattr(d, k))
-        return cls(**{f: (str(get(f)) if f in ("read_device", "write_device", "signed_encoding")
-                          else float(get(f))) for f in cls.__dataclass_fields__})
+        def value(f):
+            v = get(f)
+            if f == "cell":
+                return cell_kind_name(v)
+            if f == "reference_v":
+                return reference_voltage(v, float(get("supply_v")))
+            return str(v) if f in ("read_device", "write_device") else float(v)
+        return cls(**{f: value(f) for f in cls.__dataclass_fields__})
 
     # ---- timing -----------------------------------------------------------------------------------
     @property
@@ -101,15 +127,18 @@ class CellDesign:
         """(V+, V-) physical stored voltages of the two cells for model stored voltages K in [0, 0.9]."""
         k = np.asarray(level_v, dtype=float)
         span = self.stored_v_max - self.stored_v_min
-        if self.signed_encoding == "sign_magnitude":
+        if self.cell == "single_ended":
+            pos = self.stored_v_min + k / MODEL_STORED_MAX_V * span
+            neg = np.full_like(pos, self.reference_v)
+        elif self.cell == "differential_pair":
             w = k - MODEL_OFFSET_V
             pos = self.stored_v_min + np.clip(w, 0, None) / MODEL_OFFSET_V * span
             neg = self.stored_v_min + np.clip(-w, 0, None) / MODEL_OFFSET_V * span
-        elif self.signed_encoding == "complementary":
+        elif self.cell == "complementary_pair":
             pos = self.stored_v_min + k / MODEL_STORED_MAX_V * span
             neg = self.stored_v_max + self.stored_v_min - pos
         else:
-            raise ValueError(f"device.signed_encoding={self.signed_encoding!r}: expected one of {ENCODINGS}")
+            raise ValueError(f"device.cell={self.cell!r}: expected one of {', '.join(CELL_KINDS)}")
         return pos, neg
 
     def pulse_spec(self, width_ns: float, amplitude_v: float, delay_ns: float) -> List[float]:
@@ -122,6 +151,20 @@ class CellDesign:
             return [0.0, 0.0, delay_ns * 1e-9, edge * 1e-9, edge * 1e-9, edge * 1e-9, 1.0]
         flat = max(width_ns - edge, 0.0)   # 50 %-to-50 % width = flat top + one edge
         return [0.0, float(amplitude_v), delay_ns * 1e-9, edge * 1e-9, edge * 1e-9, flat * 1e-9, 1.0]
+
+
+def cell_kind_name(value) -> str:
+    """``device.cell`` as its name (an Enum member or its string), or a one-line error naming it."""
+    name = value.value if isinstance(value, Enum) else str(value)
+    if name not in CELL_KINDS:
+        raise ValueError(f"device.cell={value!r}: expected one of {', '.join(CELL_KINDS)}")
+    return name
+
+
+def reference_voltage(reference_v, supply_v: float) -> float:
+    """The single-ended cell's reference stored voltage, V: ``device.reference_v`` or, when it is None,
+    the mid-supply ``supply_v / 2``."""
+    return float(supply_v) / 2 if reference_v is None else float(reference_v)
 
 
 def pulse_alter(source: str, spec: Sequence[float]) -> str:
@@ -169,8 +212,9 @@ def _preset_control(circuit, cell: CellDesign) -> None:
 
 
 def _cell_transistors(tech: Technology, cell: CellDesign, tag: str, sn: str, rwl: str, rbl: str,
-                      wwl: str, wbl: str, with_write: bool = True) -> List[str]:
-    lines = [tech.instance(f"r{tag}", rwl, sn, rbl, "0", cell.read_device, cell.read_w_um, cell.read_l_um)]
+                      wwl: str, wbl: str, with_write: bool = True, read_delvto_v: float = 0.0) -> List[str]:
+    lines = [tech.instance(f"r{tag}", rwl, sn, rbl, "0", cell.read_device, cell.read_w_um, cell.read_l_um,
+                           delvto_shift_v=read_delvto_v)]
     if with_write:
         lines.append(tech.instance(f"w{tag}", wbl, wwl, sn, "0", cell.write_device, cell.write_w_um, cell.write_l_um))
     return lines
@@ -183,9 +227,10 @@ READ_SOURCES = {"rwl": "vrwl", "pos_preset": "vprep", "neg_preset": "vpren", "po
                 "neg_bitline": "vbln"}
 
 
-def read_pair_netlist(tech: Technology, cell: CellDesign) -> str:
+def read_pair_netlist(tech: Technology, cell: CellDesign, read_delvto_v: Tuple[float, float] = (0.0, 0.0)) -> str:
     """Signed pair (two cells, two bitlines) read bench; alter ``vprep``/``vpren`` (stored voltages)
-    and ``@vrwl[pulse]`` (input pulse)."""
+    and ``@vrwl[pulse]`` (input pulse). ``read_delvto_v``: threshold shifts of the positive and the
+    negative (reference) read transistor, V (Monte-Carlo mismatch; 0 = nominal)."""
     c = _circuit("gaincell signed pair read")
     c.V("wwl", "wwl", c.gnd, cell.hold_wordline_v)
     c.V("wbl", "wbl", c.gnd, cell.hold_bitline_v)
@@ -198,8 +243,10 @@ def read_pair_netlist(tech: Technology, cell: CellDesign) -> str:
         c.C(f"s{p}", f"sn{p}", c.gnd, cell.storage_capacitance_f)
         _add_preset(c, f"sn{p}", p, cell)
     _preset_control(c, cell)
-    transistors = (_cell_transistors(tech, cell, "p", "snp", "rwl", "blp", "wwl", "wbl")
-                   + _cell_transistors(tech, cell, "n", "snn", "rwl", "bln", "wwl", "wbl"))
+    transistors = (_cell_transistors(tech, cell, "p", "snp", "rwl", "blp", "wwl", "wbl",
+                                     read_delvto_v=read_delvto_v[0])
+                   + _cell_transistors(tech, cell, "n", "snn", "rwl", "bln", "wwl", "wbl",
+                                       read_delvto_v=read_delvto_v[1]))
     return _finish(c, tech, cell, transistors)
 
 

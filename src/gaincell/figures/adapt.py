@@ -35,8 +35,9 @@ PAPER_LAYERS, PAPER_STEP_S = 12, 65e-9
 
 
 STUDY_VARIANTS = study.VARIANTS   # the study's variants (paper Table 1 / Fig. 4), defined once
-GROUP_COLORS = {"software": "#7f7f7f", "linear": "#1f77b4", "nonlinear": "#d62728"}
-VARIANT_COLORS = {1: "#4d4d4d", 2: "#9e9e9e", 3: "#1f77b4", 4: "#ff7f0e", 5: "#d62728", 6: "#2ca02c"}
+GROUP_COLORS = {"software": "#7f7f7f", "linear": "#1f77b4", "nonlinear": "#d62728", "analog": "#9467bd"}
+VARIANT_COLORS = {1: "#4d4d4d", 2: "#9e9e9e", 3: "#1f77b4", 4: "#ff7f0e", 5: "#d62728", 6: "#2ca02c",
+                  7: "#c5b0d5", 8: "#9467bd"}
 
 
 def _plt():
@@ -231,16 +232,22 @@ def study_table(results_dir: Path) -> pd.DataFrame:
 
     Preference: the adapt stage's ``evaluate`` mode (``adapt/study/<run>.json``) or adaptation summaries,
     which all use the same fixed validation batches (their per-batch losses are kept in the column
-    ``batch_losses`` for paired comparisons); else the trainer's last validation estimate.
+    ``batch_losses`` for paired comparisons); else the trainer's last validation estimate. Variants with
+    analog projections (``noise_seeds``) come from ``analog_eval``: ``val_loss`` is the mean over the
+    inference-noise seeds, ``val_loss_spread`` their standard deviation (empty for the other variants).
     """
     results_dir = Path(results_dir)
     adapted = adapt_runs(results_dir, "adapt")
     mapped = adapt_runs(results_dir, "map_only")
     rows = []
     for v in STUDY_VARIANTS:
-        loss, source, per_batch = None, None, None
+        loss, source, per_batch, spread, seeds = None, None, None, None, None
         s = _read_json(results_dir / "adapt" / "study" / f"{v.run}.json")
-        if s and s.get("val_loss") is not None:
+        if s and s.get("val_loss") is not None and s.get("mode") == "analog_eval":
+            loss, per_batch, spread = s["val_loss"], s.get("val_batch_losses"), s.get("val_loss_spread")
+            seeds = len(s.get("val_loss_seeds") or {})
+            source = f"{FIXED} (analog_eval: mean of {seeds} inference-noise seeds)"
+        elif s and s.get("val_loss") is not None:
             loss, source, per_batch = s["val_loss"], FIXED + " (adapt evaluate)", s.get("val_batch_losses")
         elif v.run in adapted or v.run in mapped:
             s = adapted.get(v.run) or mapped[v.run]
@@ -258,6 +265,7 @@ def study_table(results_dir: Path) -> pd.DataFrame:
             if m is not None and len(m):
                 iters += int(m["iter"].max())
         rows.append({"variant": v.number, "model": v.label, "run": v.run, "val_loss": loss,
+                     "val_loss_spread": spread, "noise_seeds": seeds,
                      "val_ppl": math.exp(loss) if loss is not None else None,
                      "training_iterations": iters if v.curve_runs else 0, "source": source,
                      "batch_losses": per_batch})
@@ -316,7 +324,8 @@ def fig_study(results_dir: Path, out_dir: Path) -> List[Path]:
           "|---|---|---|---|---|---|---|"]
     for r in df.itertuples():
         f = (lambda x, fmt: "n/a" if x is None or pd.isna(x) else format(x, fmt))
-        md.append(f"| {r.variant} | {r.model} | {f(r.val_loss, '.4f')} | {f(r.val_ppl, '.2f')} | "
+        pm = "" if pd.isna(r.val_loss_spread) else f" +- {r.val_loss_spread:.4f} (sd over {int(r.noise_seeds)} noise seeds)"
+        md.append(f"| {r.variant} | {r.model} | {f(r.val_loss, '.4f')}{pm} | {f(r.val_ppl, '.2f')} | "
                   f"{f(getattr(r, 'delta_vs_linear', None), '+.4f')} | {r.training_iterations} | {r.source or 'n/a'} |")
     checks = ordering_checks(df)
     md += ["", "Paper's qualitative ordering on these numbers:"]
@@ -326,14 +335,16 @@ def fig_study(results_dir: Path, out_dir: Path) -> List[Path]:
     fig, (ax_bar, ax_curve, ax_zoom) = plt.subplots(1, 3, figsize=(20, 5.6), gridspec_kw={"width_ratios": [1, 1.1, 0.9]})
     have = df[df["val_loss"].notna()]
     ypos = np.arange(len(have))[::-1]
-    ax_bar.barh(ypos, have["val_loss"], color=[VARIANT_COLORS[int(n)] for n in have["variant"]], alpha=0.85)
+    ax_bar.barh(ypos, have["val_loss"], color=[VARIANT_COLORS[int(n)] for n in have["variant"]], alpha=0.85,
+                xerr=have["val_loss_spread"].astype(float).fillna(0.0), error_kw={"capsize": 3, "lw": 1})
     ax_bar.set_yticks(ypos, [f"{int(r.variant)}. {r.model}" for r in have.itertuples()], fontsize=8)
     lo = float(have["val_loss"].min())
     hi = float(have["val_loss"].max())
     ax_bar.set_xlim(max(0.0, lo - 0.6 * (hi - lo + 0.05)), hi + 0.45 * (hi - lo + 0.05))
     for y, r in zip(ypos, have.itertuples()):
         mark = "" if r.source and r.source.startswith(FIXED) else " *"
-        ax_bar.text(r.val_loss, y, f" {r.val_loss:.3f} (ppl {r.val_ppl:.1f}){mark}", va="center", fontsize=8)
+        pm = "" if pd.isna(r.val_loss_spread) else f" +- {r.val_loss_spread:.3f} (sd, {int(r.noise_seeds)} noise seeds)"
+        ax_bar.text(r.val_loss, y, f" {r.val_loss:.3f}{pm} (ppl {r.val_ppl:.1f}){mark}", va="center", fontsize=8)
     ax_bar.set_xlabel("validation cross-entropy (nats/token)")
     ax_bar.set_title("Validation loss of the model variants (paper Table 1)")
     txt = "\n".join(f"{t}: {verdict}\n    {d}" for t, verdict, d in checks)
@@ -347,9 +358,14 @@ def fig_study(results_dir: Path, out_dir: Path) -> List[Path]:
     base = _metrics(results_dir, "softmax")
     offset0 = int(base["iter"].max()) if base is not None and len(base) else 0
     x_end = offset0
+    analog_start = offset0 + sum(int(m["iter"].max()) for m in (_metrics(results_dir, run) for run in
+                                 next((v.curve_runs for v in STUDY_VARIANTS if v.number == 6), ()))
+                                 if m is not None and len(m))
     for ax, zoom in ((ax_curve, False), (ax_zoom, True)):
         for v in STUDY_VARIANTS:
             start = 0 if v.number == 1 else offset0
+            if v.group == "analog":  # the analog runs continue from variant 6's end (study.RUNS)
+                start = analog_start
             for k, run in enumerate(v.curve_runs):
                 m = _metrics(results_dir, run)
                 if m is None or "val_loss" not in m:

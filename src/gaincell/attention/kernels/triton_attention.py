@@ -18,7 +18,7 @@ import triton
 
 from ..config import AnalogAttentionConfig
 from ..blocked import analog_attention_blocked
-from ..reference import OUTPUT_RANGE, analog_attention_dense, compute_dtype, validate_inputs
+from ..reference import OUTPUT_RANGE, compute_dtype, validate_inputs
 from . import analog_kernels as _k
 
 __all__ = ["analog_attention_triton", "triton_supports", "INTERPRET", "DOT_PRECISIONS"]
@@ -50,8 +50,9 @@ def triton_supports(cfg: AnalogAttentionConfig, head_dim: Optional[int] = None) 
         return f"tile_rows={n}: the Triton kernels need a power of two in [16, 128] (one tl.dot block)"
     if head_dim is not None and head_dim > 256:
         return f"head dimension D={head_dim}: the Triton kernels hold a (tile_rows x D) block in registers, D <= 256"
-    if cfg.read_noise > 0:
-        return f"read_noise={cfg.read_noise}: read noise is not implemented in the kernels"
+    if cfg.noisy:
+        return (f"cell_variation={cfg.cell_variation}, readout_noise={cfg.readout_noise}: variation and noise "
+                f"are not implemented in the kernels yet")
     return None
 
 
@@ -114,14 +115,13 @@ def analog_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     Half precision is computed in float32, as in the reference; the output has the input dtype.
     ``dot_precision``: tl.dot input precision, one of ``DOT_PRECISIONS`` (default ``ieee``, or the
     environment's ``GAINCELL_TRITON_DOT_PRECISION``). What the kernels do not support (see
-    ``triton_supports``) falls back, with a one-time warning, to the blocked path (tile_rows, D) or
-    to the dense reference (read noise).
+    ``triton_supports``) falls back, with a one-time warning, to the blocked path.
     """
     validate_inputs(q, k, v, cfg)
     problem = triton_supports(cfg, q.shape[-1])
     if problem is not None:
         # Fall back to an exact path that supports it, so that implementation="auto" never fails.
-        fallback = analog_attention_dense if cfg.read_noise > 0 else analog_attention_blocked
+        fallback = analog_attention_blocked
         if problem not in _warned:
             warnings.warn(f"analog_attention_triton: {problem}; using {fallback.__name__} instead",
                           RuntimeWarning, stacklevel=2)

@@ -1,0 +1,123 @@
+"""The analog attention as a ``torch.library`` custom operator, so that ``torch.compile`` sees one opaque
+node per attention layer instead of tracing (and breaking on) the dispatch, validation and banding code.
+
+    y = torch.ops.gaincell.analog_attention(q, k, v, config_key(cfg), "auto")
+
+Forward: ``gaincell::analog_attention`` runs ``functional.analog_attention`` (the same exact paths, the
+same input validation, the same float32-inside-autocast rule) on the actual tensors at run time. Backward
+(registered autograd): ``gaincell::analog_attention_backward`` computes dq, dk, dv from the saved q, k, v
+and dy with the blocked path's own recomputing backward, so the gradients are bit for bit those of the
+eager call. Both have fake (meta) implementations giving the output shapes and layouts, for tracing.
+The operator covers the blocked path (``OP_IMPLEMENTATIONS``; the dense oracle is left to autograd,
+and autograd cannot run inside an operator's implementation).
+
+The configuration travels as a JSON string (custom operators take tensors, numbers and strings, not
+dataclasses); ``config_key`` and ``config_from_key`` convert, the latter cached. ``AttentionCore`` uses
+this operator only while ``torch.compile`` traces it (eager calls keep the direct path) and only where
+``op_supports`` says so: no readout noise (its per-call seed would not reach the operator's backward;
+cell variation, fixed per chip, is fine) and a path the operator covers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Optional, Tuple
+
+import torch
+
+from . import blocked
+from .config import AnalogAttentionConfig
+from .functional import analog_attention, resolve_implementation
+from .reference import compute_dtype
+
+__all__ = ["config_key", "config_from_key", "op_supports", "analog_attention_op", "OP_IMPLEMENTATIONS"]
+
+OP_IMPLEMENTATIONS = ("blocked",)  # the paths whose backward the operator calls directly
+
+
+def config_key(cfg: AnalogAttentionConfig) -> str:
+    """The config as a canonical JSON string (every field, sorted keys): the operator's argument."""
+    if not isinstance(cfg, AnalogAttentionConfig):
+        raise TypeError(f"cfg is a {type(cfg).__name__}: expected gaincell.attention.AnalogAttentionConfig")
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def config_from_key(key: str) -> AnalogAttentionConfig:
+    """Inverse of ``config_key`` (cached: a model has a few distinct configs)."""
+    return AnalogAttentionConfig(**json.loads(key))
+
+
+def op_supports(cfg: AnalogAttentionConfig, implementation: str = "auto", on_cuda: bool = False) -> Optional[str]:
+    """None when the operator computes ``cfg`` exactly as the eager path does; else why not (one line)."""
+    if cfg.readout_noise > 0:
+        return (f"readout_noise={cfg.readout_noise}: each call draws the next seed of a stream, which the "
+                f"operator's backward would not see")
+    name = resolve_implementation(implementation, on_cuda)
+    if name not in OP_IMPLEMENTATIONS:
+        return f"implementation {name!r}: the operator covers {OP_IMPLEMENTATIONS}"
+    return None
+
+
+@torch.library.custom_op("gaincell::analog_attention", mutates_args=())
+def _analog_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str,
+                         implementation: str) -> torch.Tensor:
+    with torch.no_grad():
+        y = analog_attention(q, k, v, config_from_key(config), implementation=implementation)
+    return y.contiguous()  # the layout the fake implementation promises to the compiler
+
+
+@_analog_attention_op.register_fake
+def _(q, k, v, config, implementation):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("gaincell::analog_attention_backward", mutates_args=())
+def _analog_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dy: torch.Tensor,
+                                  config: str, implementation: str) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    cfg = config_from_key(config)
+    problem = op_supports(cfg, implementation, q.is_cuda)
+    if problem is not None:
+        raise ValueError(f"gaincell::analog_attention_backward: {problem}")
+    grads = _blocked_backward(q, k, v, dy, cfg)
+    return tuple(g.contiguous() for g in grads)  # contiguous, as the fake implementation says
+
+
+@_analog_attention_backward_op.register_fake
+def _(q, k, v, dy, config, implementation):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _blocked_backward(q, k, v, dy, cfg: AnalogAttentionConfig):
+    """The blocked path's backward without its forward: what ``analog_attention_blocked``'s autograd does
+    (computed in ``compute_dtype``, gradients returned in the input dtypes)."""
+    dtype = compute_dtype(q.dtype)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        dq, dk, dv = blocked._backward(q.to(dtype), k.to(dtype), v.to(dtype), cfg, None, dy.to(dtype))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, config, implementation = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.config, ctx.implementation = config, implementation
+
+
+def _backward(ctx, dy):
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gaincell.analog_attention_backward(q, k, v, dy, ctx.config, ctx.implementation)
+    return dq, dk, dv, None, None
+
+
+_analog_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def analog_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
+                        implementation: str = "auto") -> torch.Tensor:
+    """``analog_attention`` through the custom operator (same result, forward and backward)."""
+    problem = op_supports(cfg, implementation, bool(getattr(q, "is_cuda", False)))
+    if problem is not None:
+        raise ValueError(f"analog_attention_op: {problem}; call gaincell.attention.analog_attention instead")
+    return torch.ops.gaincell.analog_attention(q, k, v, config_key(cfg), implementation)
