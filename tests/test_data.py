@@ -187,3 +187,24 @@ def test_shakespeare_corpus_end_to_end(tmp_path):
     before = (out / "train.bin").stat().st_mtime_ns
     data.run(cfg)
     assert (out / "train.bin").stat().st_mtime_ns == before
+
+
+def test_token_shards_are_checked_against_meta(tmp_path):
+    """A halved val.bin used to be accepted and an odd-length file gave numpy's message without the name."""
+    import json
+
+    import numpy as np
+
+    from gaincell.data import open_tokens
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    np.arange(1000, dtype=np.uint16).tofile(data_dir / "val.bin")
+    (data_dir / "meta.json").write_text(json.dumps({"dtype": "uint16", "val_tokens": 1000, "vocab_size": 1000}))
+    assert len(open_tokens(data_dir, "val")) == 1000
+    np.arange(500, dtype=np.uint16).tofile(data_dir / "val.bin")
+    with pytest.raises(ValueError, match=r"data/val.bin holds 500 tokens but meta.json records val_tokens=1000"):
+        open_tokens(data_dir, "val")
+    (data_dir / "val.bin").write_bytes(b"\x00" * 2001)
+    with pytest.raises(ValueError, match=r"data/val.bin holds 2001 bytes, not a whole number of uint16 tokens"):
+        open_tokens(data_dir, "val")

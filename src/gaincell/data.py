@@ -271,6 +271,14 @@ def load_tokenizer(data_dir: os.PathLike | str):
     ``decode(list[int]) -> str``, ``eot_token``, ``vocab_size`` and ``kind``."""
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
+    tokenizer = _load_tokenizer_kind(data_dir, meta)
+    # What checkpoints are compared with (check_tokenizer): the hash of these files, and where they are.
+    tokenizer.fingerprint = tokenizer_fingerprint(data_dir, meta)
+    tokenizer.data_dir = data_dir
+    return tokenizer
+
+
+def _load_tokenizer_kind(data_dir: Path, meta: Dict[str, Any]):
     kind = meta.get("tokenizer")
     if kind == "bpe_trained":
         return TrainedBPETokenizer(data_dir / "tokenizer.json")
@@ -304,6 +312,8 @@ def tokenizer_files(data_dir: os.PathLike | str, meta: Optional[Dict[str, Any]] 
     meta = read_meta(data_dir) if meta is None else meta
     if meta.get("tokenizer_file"):
         return [data_dir / str(meta["tokenizer_file"])]
+    if meta.get("tokenizer") == "bpe_trained" and (data_dir / "tokenizer.json").is_file():  # load_tokenizer's
+        return [data_dir / "tokenizer.json"]
     if meta.get("tokenizer") == "gpt2" and (data_dir / "gpt2" / "encoder.json").is_file():
         return [data_dir / "gpt2" / name for name in sorted(GPT2_FILE_SHA256)]
     return []
@@ -743,6 +753,8 @@ def sample_batches(path: Path, n_batches: int, batch_size: int, block_size: int,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"token file {path} does not exist: run the prepare_data stage first")
+    meta = read_meta(path.parent) if (path.parent / "meta.json").is_file() else None
+    check_token_file(path, meta, path.stem)
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     if len(tokens) < block_size + 2:
         raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one sequence of block_size={block_size}")

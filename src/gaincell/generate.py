@@ -276,7 +276,7 @@ def run(cfg) -> Dict[str, Any]:
     (the text) and ``<name>.json`` (settings, speed, warnings). An empty prompt starts from the
     end-of-text token. The tokenizer is the one of ``cfg.data.data_dir``.
     """
-    from gaincell.data import load_tokenizer
+    from gaincell.data import check_tokenizer, load_tokenizer
     from gaincell.io import atomic_write_json, atomic_write_text
     from gaincell.model import GPT
 
@@ -296,9 +296,14 @@ def run(cfg) -> Dict[str, Any]:
     device = str(_stage_value(cfg, "device", "cuda" if torch.cuda.is_available() else "cpu"))
     threads = int(_stage_value(cfg, "threads", 1))
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"generate: +stage.device={device} but no CUDA GPU is available here: expected cpu")
     model = GPT.from_checkpoint(str(checkpoint), map_location=device)
     model.to(device)
     tokenizer = load_tokenizer(Path(str(cfg.data.data_dir)))
+    warning = check_tokenizer(model.tokenizer_info, tokenizer.data_dir, checkpoint, tokenizer.fingerprint)
+    if warning:
+        print(f"[generate] warning: {warning}")
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if not prompt_ids:
         prompt_ids = [int(tokenizer.eot_token)]

@@ -382,9 +382,15 @@ def load_checkpoint_file(path: Union[str, Path], map_location: Any = "cpu") -> D
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if "cuda" in str(map_location) and not torch.cuda.is_available():  # not a corrupt file: no GPU here
+        raise RuntimeError(f"cannot load checkpoint {path} onto {map_location}: no CUDA GPU is available "
+                           f"here (expected device cpu)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated zip, not a torch file, ...
+        if "CUDA" in str(exc) and not torch.cuda.is_available():
+            raise RuntimeError(f"cannot load checkpoint {path}: it asks for a CUDA GPU and none is available "
+                               f"here ({exc}); load it with map_location='cpu'") from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: "
                               f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:

@@ -367,9 +367,10 @@ def run(cfg) -> pd.DataFrame:
             analog_cfg = analog_config_from_settings(cfg.attention)
         model = GPT.from_checkpoint(str(checkpoint), map_location=str(device),
                                     attention=str(attention) if attention else None, analog_cfg=analog_cfg)
-        from gaincell.data import load_tokenizer
+        from gaincell.data import check_tokenizer, load_tokenizer
 
         tokenizer = load_tokenizer(str(cfg.data.data_dir))
+        check_tokenizer(model.tokenizer_info, tokenizer.data_dir, checkpoint, tokenizer.fingerprint)  # names the file
         return GaincellLM(model, tokenizer, batch_size=int(ev.batch_size), device=str(device),
                           dtype=str(ev.dtype), stride=stride, max_gen_toks=int(ev.max_gen_toks))
 
