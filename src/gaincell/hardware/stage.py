@@ -24,6 +24,7 @@ from gaincell.hardware.costmodel import (
     TECHNOLOGIES,
     HardwareEstimate,
     HardwareParameters,
+    energy_components_nj,
     estimate,
 )
 
@@ -129,6 +130,7 @@ def run(cfg: Any) -> Dict[str, Any]:
     for name, params in sets.items():
         est = estimate(params, **size)
         design[name] = {"estimate": est.to_dict(), "relative_error_vs_paper": relative_errors(est),
+                        "energy_components_nj": energy_components_nj(params, size["window"], size["head_dim"]),
                         "parameters": params.describe()}
 
     # This profile's own model (its window, heads, head dim, layers), with the paper's parameters.
