@@ -100,7 +100,9 @@ def test_every_attention_knob_is_a_config_key_that_reaches_the_attention():
         if f.name == "coefficients":  # a set name resolved to ten numbers: tested above
             continue
         value = (not f.default) if isinstance(f.default, bool) else (f.default * 2 or 3)
-        cfg = compose(["attention=linear_hw", "attention.coefficients=paper", f"attention.{f.name}={value}"])
+        # window 1024 (the dataclass default) leaves room for twice the default tile_rows
+        cfg = compose(["attention=linear_hw", "attention.coefficients=paper", "attention.window=1024",
+                       f"attention.{f.name}={value}"])
         built = analog_config_from_settings(cfg.attention)
         assert getattr(built, f.name) == value, f.name
         changed.append(f.name)
