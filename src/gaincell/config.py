@@ -168,7 +168,10 @@ class AttentionSettings:
     av_saturation: float = 40.0         # S_sat of the second array readout
     stored_offset: float = 0.45         # V_DD/2 offset of the stored weight, V
     read_voltage: float = 0.9           # read word-line voltage V_read, V
-    decay_per_step: float = 1.56e-4     # lambda = L * delta_t / tau, per token step
+    decay_per_step: Any = 1.56e-4       # lambda = L * delta_t / tau, per token step (the paper's), or
+    #                                     "derived": our cost model's latency and measured retention
+    #                                     (stage derive_decay, gaincell.hardware.decay)
+    derived_decay_path: str = "${results_dir}/hardware/decay_per_step.json"  # read when decay_per_step=derived
     coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
     fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw

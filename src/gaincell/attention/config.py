@@ -194,6 +194,31 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
                      f"'paper' or 'fitted' only; set attention.gain to a number")
 
 
+def _optional(settings, key: str):
+    """``settings[key]`` or None when that key is absent (older plain dicts)."""
+    if hasattr(settings, "get"):
+        return settings.get(key)
+    return getattr(settings, key, None)
+
+
+def resolve_decay_per_step(value, derived_path: Optional[str] = None) -> float:
+    """``attention.decay_per_step``: a number, or ``"derived"``: the value the ``derive_decay`` stage
+    computed from our cost model's latency and our measured retention (``derived_path``, key
+    ``decay_per_step``; see ``gaincell.hardware.decay``)."""
+    if isinstance(value, str):
+        if value != "derived":
+            raise ValueError(f"attention.decay_per_step={value!r}: expected a number >= 0 or 'derived'")
+        import json
+        from pathlib import Path
+
+        if not derived_path or not Path(derived_path).is_file():
+            raise FileNotFoundError(f"attention.decay_per_step=derived reads {derived_path!r}, which does not "
+                                    f"exist: run the derive_decay stage first")
+        with open(derived_path) as fh:
+            return float(json.load(fh)["decay_per_step"])
+    return float(value)
+
+
 def analog_config_from_settings(settings) -> AnalogAttentionConfig:
     """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``).
 
@@ -220,7 +245,8 @@ def analog_config_from_settings(settings) -> AnalogAttentionConfig:
               if get("kind") in HARDWARE_KINDS else (PAPER_GAIN if get("gain") is None else float(get("gain")))),
         qk_saturation=float(get("qk_saturation")), av_saturation=float(get("av_saturation")),
         stored_offset=float(get("stored_offset")), read_voltage=float(get("read_voltage")),
-        decay_per_step=float(get("decay_per_step")), coefficients=coeffs,
+        decay_per_step=resolve_decay_per_step(get("decay_per_step"), _optional(settings, "derived_decay_path")),
+        coefficients=coeffs,
         exact_nonlinear_grad=bool(get("exact_nonlinear_grad")), cell_variation=float(optional("cell_variation", 0.0)),
         readout_noise=float(optional("readout_noise", optional("read_noise", 0.0))),
         noise_seed=int(optional("noise_seed", 0)))
