@@ -10,15 +10,17 @@ module: they take their own small config objects, built from these sections by t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
+from gaincell.attention.config import AnalogAttentionConfig
 from gaincell.device.netlists import CellKind
 
 
@@ -147,38 +149,40 @@ class FitConfig:
 # attention
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class AttentionSettings:
-    """Which attention the model uses, and every hardware knob of spec analog-attention.md.
+class AttentionChoice:
+    """Which attention the model uses and how it is computed: the ``attention`` section's own fields.
 
     ``coefficients`` is the cell model used whenever ``kind`` is ``nonlinear_hw`` (the other kinds ignore
-    it): a set name (``paper``: spec §10; ``fitted``: the pipeline's own fit in
-    ``fitted_coefficients_path``) or ten floats in spec §10 order.
+    it): a set name (``paper``: the authors' ten C[i][j]; ``fitted``: the pipeline's own fit in
+    ``fitted_coefficients_path``) or ten floats in ``COEFFICIENT_ORDER``.
     """
 
-    kind: AttentionKind = AttentionKind.softmax          # softmax | softmax_window | linear_hw | nonlinear_hw
-    window: int = 1024                  # sliding window M, tokens (multiple of tile_rows)
-    tile_rows: int = 64                 # rows (keys) per sub-tile array
-    query_levels: Optional[int] = 16    # input pulse-width levels (None: no quantization)
-    stored_levels: Optional[int] = 8    # stored-voltage (DAC) levels for K and V
-    output_levels: Optional[int] = 32   # pulse-counter levels per sub-tile readout
+    kind: AttentionKind = AttentionKind.softmax  # softmax | softmax_window | linear_hw | nonlinear_hw
+    coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
+    fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
     #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
     #                                     gaincell.attention.config.resolve_gain
-    qk_saturation: float = 80.0         # S_sat of the charge-to-pulse HardSigmoid (first array)
-    av_saturation: float = 40.0         # S_sat of the second array readout
-    stored_offset: float = 0.45         # V_DD/2 offset of the stored weight, V
-    read_voltage: float = 0.9           # read word-line voltage V_read, V
-    decay_per_step: Any = 1.56e-4       # lambda = L * delta_t / tau, per token step (the paper's), or
-    #                                     "derived": our cost model's latency and measured retention
-    #                                     (stage derive_decay, gaincell.hardware.decay)
+    decay_per_step: Any = 1.56e-4       # lambda = L * delta_t / tau per token step (the paper's), or "derived":
+    #                                     our cost model's latency and measured retention (stage derive_decay)
     derived_decay_path: str = "${results_dir}/hardware/decay_per_step.json"  # read when decay_per_step=derived
-    coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
-    fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
-    exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw
-    cell_variation: float = 0.0         # relative std of each cell's gain, fixed per chip (0 = identical cells)
-    readout_noise: float = 0.0          # std of Gaussian noise on each sub-tile readout before its ADC (0 = off)
-    noise_seed: int = 0                 # seed of the chip and the readout noise (each layer derives its own)
     implementation: AttentionImplementation = AttentionImplementation.auto  # auto | dense | blocked | triton
+
+
+
+def _attention_settings() -> type:
+    """``AttentionChoice`` plus every hardware knob of ``AnalogAttentionConfig`` (declared and documented
+    there once), with its type and default: a new knob there is a config key here without an edit."""
+    types = typing.get_type_hints(AnalogAttentionConfig)
+    own = {f.name for f in fields(AttentionChoice)}
+    knobs = [(f.name, types[f.name], field(default=f.default)) for f in fields(AnalogAttentionConfig)
+             if f.name not in own]
+    return make_dataclass("AttentionSettings", knobs, bases=(AttentionChoice,), namespace={"__module__": __name__,
+                          "__doc__": "The ``attention`` section: ``AttentionChoice`` and the fields of "
+                                     "``gaincell.attention.AnalogAttentionConfig``."})
+
+
+AttentionSettings = _attention_settings()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,6 +435,14 @@ class WorkflowConfig:
 # --------------------------------------------------------------------------------------------------
 # per-stage extras: ``+stage.<key>=value`` on the command line (paths and names chosen by the rules)
 # --------------------------------------------------------------------------------------------------
+ADAPT_MODES = ("adapt", "map_only", "evaluate")
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"+stage.{key}={value!r}: expected one of {list(choices)}")
+
+
 @dataclass
 class TrainStage:
     """``train``: which run to write and where it starts."""
@@ -438,6 +450,9 @@ class TrainStage:
     name: Optional[str] = None          # run name: checkpoints/<name>/ (None: the attention kind)
     init_from: Optional[str] = None     # checkpoint file, run folder or run name (None: model.init)
     on_mismatch: str = "error"          # a ckpt.pt of other settings: error | restart (discard it)
+
+    def __post_init__(self) -> None:
+        _check_choice("on_mismatch", self.on_mismatch, ("error", "restart"))
 
 
 @dataclass
@@ -447,6 +462,9 @@ class AdaptStage:
     init_from: Optional[str] = None     # the linear hardware model: checkpoint file, run folder or run name
     name: Optional[str] = None          # output run: checkpoints/<name>/ckpt.pt and adapt/<name>/
     mode: str = "adapt"                 # adapt | map_only | evaluate (alias of the study_eval stage)
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, ADAPT_MODES)
 
 
 @dataclass
@@ -487,8 +505,9 @@ class VariationStage:
 class EvaluateStage:
     """``evaluate``: downstream tasks of one variant."""
 
-    name: Optional[str] = None          # variant name: eval/<name>/
-    checkpoint: Optional[str] = None    # the variant's checkpoint file
+    name: Optional[str] = None          # variant name: eval/<name>/ (required)
+    checkpoint: Optional[str] = None    # the variant's checkpoint file (required)
+    attention: Optional[str] = None     # switch the loaded model to this kind, with cfg.attention's knobs
 
 
 @dataclass
