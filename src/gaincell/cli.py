@@ -30,6 +30,7 @@ STAGES: Dict[str, str] = {
     "analog_convert": "gaincell.analog_stage:convert",
     "analog_eval": "gaincell.analog_stage:evaluate",
     "hardware_estimates": "gaincell.hardware.stage:run",
+    "derive_decay": "gaincell.hardware.decay:run",
     "gpu_baseline": "gaincell.hardware.gpu_baseline:run",
     "generate": "gaincell.generate:run",
     "figures": "gaincell.figures:run",

@@ -163,6 +163,9 @@ class AttentionChoice:
     gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
     #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
     #                                     gaincell.attention.config.resolve_gain
+    decay_per_step: Any = 1.56e-4       # lambda = L * delta_t / tau per token step (the paper's), or "derived":
+    #                                     our cost model's latency and measured retention (stage derive_decay)
+    derived_decay_path: str = "${results_dir}/hardware/decay_per_step.json"  # read when decay_per_step=derived
     implementation: AttentionImplementation = AttentionImplementation.auto  # auto | dense | blocked | triton
 
 
