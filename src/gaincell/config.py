@@ -585,9 +585,13 @@ class RootConfig:
 
 # Settings that change how fast or where a stage runs, never what it computes: the workflow does not
 # rerun a rule when only these change (its `section` params leave them out). Dotted keys of RootConfig.
+# The trainer's (gaincell.train): where it runs and how often it checkpoints never change the weights
+# (a resumed run reproduces the uninterrupted one; tested); every attention implementation computes the
+# same function.
 RUNTIME_ONLY_KEYS = frozenset({
     "device.model_cache_dir", "device.workers", "data.num_proc", "data.cache_dir",
-    "train.threads", "train.progress",
+    "train.threads", "train.progress", "train.device", "train.compile", "train.checkpoint_interval",
+    "attention.implementation",
 })
 
 
