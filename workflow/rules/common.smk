@@ -181,7 +181,7 @@ GAIN_INPUT = FIT_INPUT if CFG.attention.gain is None else []
 # Scheduling: among ready jobs Snakemake starts the highest priority first. The critical path (the data
 # and the fitted cell, then the longest chain of study runs: pretrain -> train_linear_early -> adapt ->
 # finetune -> ...) goes first; everything else (hardware, evaluations, sweeps) fills the idle cores.
-PRIORITY = {"prepare_data": 100, "characterize": 100, "fit": 100, "adapt": 50 + 5 * max(study.chain_length(r.name) for r in study.runs("adapt"))}
+PRIORITY = {"prepare_data": 100, "characterize": 90, "fit": 90, "adapt": 50 + 5 * max(study.chain_length(r.name) for r in study.runs("adapt"))}
 PRIORITY.update({r.rule: 50 + 5 * study.chain_length(r.name) for r in study.RUNS if r.training != "adapt"})
 
 # Light rules run on the submitting machine under a cluster executor (SLURM), not as jobs.
