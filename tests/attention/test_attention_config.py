@@ -111,3 +111,18 @@ def test_analog_config_from_composed_hydra_config():
     cfg = compose(["attention=nonlinear_hw", "attention.coefficients=paper", "attention.window=128"])
     analog = analog_config_from_settings(cfg.attention)
     assert analog.nonlinear and analog.window == 128 and analog.coefficients == PAPER_COEFFICIENTS
+
+
+def test_settings_carry_variation_noise_and_seed(tmp_path):
+    settings = dict(kind="linear_hw", window=128, tile_rows=64, query_levels=16, stored_levels=8,
+                    output_levels=32, gain=19.3, qk_saturation=80.0, av_saturation=40.0, stored_offset=0.45,
+                    read_voltage=0.9, decay_per_step=0.0, coefficients="paper",
+                    fitted_coefficients_path=str(tmp_path / "none.json"), exact_nonlinear_grad=False)
+    cfg = analog_config_from_settings({**settings, "cell_variation": 0.05, "readout_noise": 0.01, "noise_seed": 7})
+    assert (cfg.cell_variation, cfg.readout_noise, cfg.noise_seed) == (0.05, 0.01, 7)
+    old = analog_config_from_settings({**settings, "read_noise": 0.02})  # settings saved before the rename
+    assert (old.cell_variation, old.readout_noise, old.noise_seed) == (0.0, 0.02, 0)
+    from gaincell.config import AttentionSettings
+
+    defaults = AttentionSettings()
+    assert (defaults.cell_variation, defaults.readout_noise, defaults.noise_seed) == (0.0, 0.0, 0)

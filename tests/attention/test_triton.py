@@ -71,8 +71,64 @@ cases = {
     "surrogate_no_quantizers": (1, 1, 50, 32, 16, 6, "float64", dict(NL, query_levels=None, stored_levels=None,
                                                                      output_levels=None)),
     "linear_tile64_float32": (1, 1, 150, 64, 64, 64, "float32", dict()),
+    # Cell variation (issue 16): per-head chips (H = 2), ring rows t' mod M over a wrapped window.
+    "linear_varied": (1, 2, 70, 32, 16, 7, "float64", dict(decay_per_step=1e-2, cell_variation=0.2, noise_seed=4)),
+    "surrogate_varied": (2, 2, 70, 32, 16, 7, "float64", dict(NL, decay_per_step=1e-2, cell_variation=0.2)),
+    "exact_varied": (1, 2, 70, 32, 16, 7, "float64", dict(NL, exact_nonlinear_grad=True, decay_per_step=1e-2,
+                                                           cell_variation=0.2, noise_seed=1)),
 }
 print("RESULTS" + json.dumps(compare(cases)))
+'''
+
+# Readout noise: the kernels' draws differ from the reference's, so check (a) its statistics, as the CPU
+# paths' in test_noise.py, and (b) that the backward kernels re-draw the forward's noise: the gradient
+# along random directions equals the central difference of the forward under the same noise seed.
+_NOISE_SCRIPT = '''
+import dataclasses, math
+from gaincell.attention.kernels.triton_attention import _TritonAnalogAttention
+from gaincell.attention.noise import reset_readout_noise
+
+def noise_statistics(sigma=0.01, calls=3):
+    cfg = make_config(32, 16, 8, output_levels=None, av_saturation=400.0)
+    noisy = dataclasses.replace(cfg, readout_noise=sigma, noise_seed=3)
+    q, k, v = make_inputs(2, 2, 64, 8, torch.float64)
+    clean = analog_attention_triton(q, k, v, cfg)
+    read_tiles = torch.clamp(torch.arange(64) // 16 + 1, max=2).double()
+    z = torch.stack([(analog_attention_triton(q, k, v, noisy) - clean) / (sigma * read_tiles.sqrt()[:, None])
+                     for _ in range(calls)])
+    corr = lambda a, b: torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+    reset_readout_noise()
+    first = analog_attention_triton(q, k, v, noisy)
+    reset_readout_noise()
+    return dict(n=z.numel(), mean=z.mean().item(), std=z.std().item(), clean_max=clean.abs().max().item(),
+                corr_query=corr(z[:, :, :, 1:], z[:, :, :, :-1]), corr_call=corr(z[1:], z[:-1]),
+                n_query=z[:, :, :, 1:].numel(), n_call=z[1:].numel(),
+                reproducible=bool(torch.equal(analog_attention_triton(q, k, v, noisy), first)))
+
+def directional_derivatives(cell, h=1e-6):
+    extra = dict(NL, exact_nonlinear_grad=True) if cell == "exact" else {}
+    cfg = make_config(32, 16, 5, query_levels=None, stored_levels=None, output_levels=None, av_saturation=1.0,
+                      decay_per_step=1e-2, readout_noise=0.3, cell_variation=0.2, **extra)
+    q, k, v = make_inputs(1, 2, 50, 5, torch.float64, seed=2)
+    f = lambda a, b, c: _TritonAnalogAttention.apply(a, b, c, cfg, "ieee", 777)
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    y = f(*leaves)
+    (y * dy).sum().backward()
+    out = dict(clamped=(y.detach().abs() > 1).double().mean().item())
+    g = torch.Generator().manual_seed(5)
+    for n, name in enumerate("qkv"):
+        direction = torch.randn(q.shape, generator=g, dtype=torch.float64)
+        plus = [x.clone() for x in (q, k, v)]
+        minus = [x.clone() for x in (q, k, v)]
+        plus[n] += h * direction
+        minus[n] -= h * direction
+        numeric = ((f(*plus) - f(*minus)) * dy).sum().item() / (2 * h)
+        out[name] = (numeric, (leaves[n].grad * direction).sum().item())
+    return out
+
+print("RESULTS" + json.dumps(dict(statistics=noise_statistics(),
+                                  linear=directional_derivatives("linear"), exact=directional_derivatives("exact"))))
 '''
 
 
@@ -103,6 +159,24 @@ def test_interpreted_kernels_equal_reference():
     _check(_run_interpreted(_INTERPRETED_CASES))
 
 
+def test_interpreted_kernels_readout_noise():
+    """Statistics as on the CPU paths (test_noise.py): (y_noisy - y_clean) / (sigma sqrt(sub-tiles read)) is
+    N(0, 1), uncorrelated across queries and calls, reproducible from the seed; the backward kernels use
+    the forward's draws (directional derivatives, float64, noise 0.3 so that the ADC clamp acts)."""
+    r = _run_interpreted(_NOISE_SCRIPT)
+    st = r["statistics"]
+    assert st["clean_max"] < 0.2 and st["reproducible"]
+    assert abs(st["mean"]) < 5 / st["n"] ** 0.5, st
+    assert abs(st["std"] - 1) < 5 / (2 * st["n"]) ** 0.5, st
+    assert abs(st["corr_query"]) < 5 / st["n_query"] ** 0.5 and abs(st["corr_call"]) < 5 / st["n_call"] ** 0.5, st
+    for cell in ("linear", "exact"):
+        assert r[cell]["clamped"] > 0.01, r[cell]  # the noise moves readouts across the clamp
+        for name in "qkv":
+            numeric, analytic = r[cell][name]
+            # Central difference, h = 1e-6, float64: truncation ~h^2 and rounding ~1e-16 / h, both << 1e-6.
+            assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (cell, name, numeric, analytic)
+
+
 def test_unsupported_configs_fall_back_with_a_warning_and_cpu_tensors_are_rejected(monkeypatch):
     from gaincell.attention import AnalogAttentionConfig
     from gaincell.attention.blocked import analog_attention_blocked
@@ -114,10 +188,6 @@ def test_unsupported_configs_fall_back_with_a_warning_and_cpu_tensors_are_reject
     with pytest.warns(RuntimeWarning, match="tile_rows=8"):
         y = analog_attention_triton(q, k, v, cfg)
     assert torch.equal(y, analog_attention_blocked(q, k, v, cfg))
-    chip = AnalogAttentionConfig(window=16, tile_rows=16, cell_variation=0.05)
-    with pytest.warns(RuntimeWarning, match="cell_variation"):
-        y = analog_attention_triton(q, k, v, chip)
-    assert torch.equal(y, analog_attention_blocked(q, k, v, chip))
     with pytest.raises(ValueError, match="dot_precision='fp8'"):
         analog_attention_triton(q, k, v, AnalogAttentionConfig(window=16, tile_rows=16), dot_precision="fp8")
     if INTERPRET:
@@ -137,5 +207,21 @@ def test_gpu_kernels_equal_reference():
         "surrogate": (2, 3, 1000, 256, 64, 64, "float32", dict(NL)),
         "exact": (2, 3, 1000, 256, 64, 64, "float32", dict(NL, exact_nonlinear_grad=True)),
         "exact_ragged_D": (1, 2, 333, 128, 64, 48, "float32", dict(NL, exact_nonlinear_grad=True)),
+        "linear_varied": (2, 3, 1000, 256, 64, 64, "float32", dict(cell_variation=0.1)),
+        "exact_varied_ragged_D": (1, 2, 333, 128, 64, 48, "float32", dict(NL, exact_nonlinear_grad=True,
+                                                                          cell_variation=0.1)),
     }
     _check(namespace["compare"](cases, device="cuda"))
+
+
+def test_interpreted_kernels_without_variation_or_noise_are_bit_identical_to_before():
+    """The dyadic cases of ``zero_knob_cases`` (exact arithmetic): outputs and gradients equal, bit for
+    bit, those stored from the code before cell variation and readout noise existed."""
+    script = (f"import sys\nsys.path.insert(0, {str(os.path.dirname(__file__))!r})\n" + textwrap.dedent('''
+        import zero_knob_cases
+        golden = torch.load(zero_knob_cases.GOLDEN)
+        got = zero_knob_cases.compute(("triton",))
+        print("RESULTS" + json.dumps({cell: [bool(torch.equal(a, b)) for a, b in zip(got[("triton", cell)], golden[cell])]
+                                      for cell in zero_knob_cases.CELLS}))
+    '''))
+    assert _run_interpreted(script) == {cell: [True] * 4 for cell in ("linear", "surrogate", "exact")}

@@ -18,6 +18,13 @@ What is fused, and why:
   the nonlinear surrogate (spec §8) use the linear model's gradient with the masks of the actual forward
   values; EXACT differentiates the polynomial.
 
+Cell variation (VARIED): each stored weight is loaded with the gain factor G of its cell (the chip's
+(H, M, D) arrays, row t' mod M); the products use G * W**i, G * U**i and G for the c_0 term, and dW, dU
+are multiplied by G. Readout noise (NOISE): each sub-tile readout gets a Gaussian from tl.randn, keyed
+by the call's seed and the readout's (batch-head, query, sub-tile, column) index, so the forward and
+both backward kernels draw the same noise without storing it. With both off the arithmetic is the
+same operation for operation as without these options.
+
 Rounding: round-half-to-even is written with floor (no libdevice), so the same code runs in the
 interpreter (TRITON_INTERPRET=1) and on GPUs. Arithmetic is in float32 (float64 for float64 inputs);
 ``PREC`` is tl.dot's input precision ("ieee" exact float32; "tf32x3" near-float32 on tensor cores).
@@ -66,16 +73,33 @@ def _load_query(Qp, rows_m, T, offs_d, D, q_inv_step, q_step, Q_QUANT: tl.conste
 
 
 @triton.jit
-def _load_stored(Xp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset,
-                 KV_QUANT: tl.constexpr, dtype: tl.constexpr):
-    """Raw x and the stored weight X - 0.45 V after the DAC (K or V array)."""
+def _load_stored(Xp, Gp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                 KV_QUANT: tl.constexpr, VARIED: tl.constexpr, dtype: tl.constexpr):
+    """Raw x, the stored weight X - 0.45 V after the DAC (K or V array) and the gain factors G of the
+    cells holding it (row t' mod M of the head's (M, D) array at Gp; ones, unused, without VARIED)."""
     x = _load_block(Xp, rows_n, T, offs_d, D).to(dtype)
-    return x, _clamp_quantize(x, 0.0, kv_hi, kv_inv_step, kv_step, KV_QUANT) - stored_offset
+    X = _clamp_quantize(x, 0.0, kv_hi, kv_inv_step, kv_step, KV_QUANT) - stored_offset
+    if VARIED:
+        G = _load_block(Gp, rows_n % window, T + window, offs_d, D).to(dtype)
+    else:
+        G = tl.zeros_like(X) + 1.0
+    return x, X, G
 
 
 @triton.jit
-def _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat, c0, c1, c2, c3,
-                      NONLINEAR: tl.constexpr, PREC: tl.constexpr):
+def _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, tile_index, n_tiles, offs_d, D,
+                       NOISE: tl.constexpr):
+    """Spec issue 16: readout noise on one sub-tile's output before its ADC (NOISE), one Philox draw per
+    (batch-head, query, sub-tile, column)."""
+    if NOISE:
+        offset = ((bh * T + rows_m[:, None]) * n_tiles + tile_index) * D + offs_d[None, :]
+        tile += noise_std * tl.randn(noise_seed, offset).to(tile.dtype)
+    return tile
+
+
+@triton.jit
+def _charge_and_pulse(Qv, q_sum, W, G, rows_m, rows_n, window, lam, gain, qk_sat, c0, c1, c2, c3,
+                      NONLINEAR: tl.constexpr, VARIED: tl.constexpr, PREC: tl.constexpr):
     """Spec §3-§5 on one (query block, key block) slab: S, P = HardSigmoid(S), alpha, window mask."""
     lag = rows_m[:, None] - rows_n[None, :]
     inside = (lag >= 0) & (lag < window)
@@ -83,9 +107,17 @@ def _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat, c
     if NONLINEAR:
         a2 = alpha * alpha
         W2 = W * W
-        S = c0 * q_sum[:, None] + (c1 * tl.dot(Qv, tl.trans(W), input_precision=PREC)) * alpha
-        S += (c2 * tl.dot(Qv, tl.trans(W2), input_precision=PREC)) * a2
-        S += (c3 * tl.dot(Qv, tl.trans(W2 * W), input_precision=PREC)) * (a2 * alpha)
+        if VARIED:
+            S = c0 * tl.dot(Qv, tl.trans(G), input_precision=PREC)
+            S += (c1 * tl.dot(Qv, tl.trans(W * G), input_precision=PREC)) * alpha
+            S += (c2 * tl.dot(Qv, tl.trans(W2 * G), input_precision=PREC)) * a2
+            S += (c3 * tl.dot(Qv, tl.trans(W2 * W * G), input_precision=PREC)) * (a2 * alpha)
+        else:
+            S = c0 * q_sum[:, None] + (c1 * tl.dot(Qv, tl.trans(W), input_precision=PREC)) * alpha
+            S += (c2 * tl.dot(Qv, tl.trans(W2), input_precision=PREC)) * a2
+            S += (c3 * tl.dot(Qv, tl.trans(W2 * W), input_precision=PREC)) * (a2 * alpha)
+    elif VARIED:
+        S = (gain * tl.dot(Qv, tl.trans(W * G), input_precision=PREC)) * alpha
     else:
         S = (gain * tl.dot(Qv, tl.trans(W), input_precision=PREC)) * alpha
     P = tl.where(inside, tl.minimum(tl.maximum(S / qk_sat, 0.0), 1.0), 0.0)
@@ -93,51 +125,76 @@ def _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat, c
 
 
 @triton.jit
-def _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR: tl.constexpr, PREC: tl.constexpr):
+def _value_array(P, alpha, U, G, gain, av_sat, c0, c1, c2, c3, NONLINEAR: tl.constexpr, VARIED: tl.constexpr,
+                 PREC: tl.constexpr):
     """Spec §6: this key block's share of its sub-tile's output A (before clamp + quantize)."""
     if NONLINEAR:
         a2 = alpha * alpha
         U2 = U * U
-        A = c0 * tl.sum(P, 1)[:, None] + c1 * tl.dot(P * alpha, U, input_precision=PREC)
-        A += c2 * tl.dot(P * a2, U2, input_precision=PREC)
-        A += c3 * tl.dot(P * (a2 * alpha), U2 * U, input_precision=PREC)
+        if VARIED:
+            A = c0 * tl.dot(P, G, input_precision=PREC) + c1 * tl.dot(P * alpha, U * G, input_precision=PREC)
+            A += c2 * tl.dot(P * a2, U2 * G, input_precision=PREC)
+            A += c3 * tl.dot(P * (a2 * alpha), U2 * U * G, input_precision=PREC)
+        else:
+            A = c0 * tl.sum(P, 1)[:, None] + c1 * tl.dot(P * alpha, U, input_precision=PREC)
+            A += c2 * tl.dot(P * a2, U2, input_precision=PREC)
+            A += c3 * tl.dot(P * (a2 * alpha), U2 * U, input_precision=PREC)
         A = A / av_sat
+    elif VARIED:
+        A = (gain / av_sat) * tl.dot(P * alpha, U * G, input_precision=PREC)
     else:
         A = (gain / av_sat) * tl.dot(P * alpha, U, input_precision=PREC)
     return A
 
 
 @triton.jit
-def _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3,
-                 EXACT: tl.constexpr, PREC: tl.constexpr):
+def _grad_charge(dA, S, P, alpha, inside, U, G, gain, qk_sat, av_sat, c0, c1, c2, c3,
+                 EXACT: tl.constexpr, VARIED: tl.constexpr, PREC: tl.constexpr):
     """dL/dS of one slab from dL/dA of its sub-tile (value array, then HardSigmoid and window)."""
     if EXACT:
         a2 = alpha * alpha
         U2 = U * U
-        dP = c0 * tl.sum(dA, 1)[:, None] + c1 * alpha * tl.dot(dA, tl.trans(U), input_precision=PREC)
-        dP += c2 * a2 * tl.dot(dA, tl.trans(U2), input_precision=PREC)
-        dP += c3 * (a2 * alpha) * tl.dot(dA, tl.trans(U2 * U), input_precision=PREC)
+        if VARIED:
+            dP = c0 * tl.dot(dA, tl.trans(G), input_precision=PREC)
+            dP += c1 * alpha * tl.dot(dA, tl.trans(U * G), input_precision=PREC)
+            dP += c2 * a2 * tl.dot(dA, tl.trans(U2 * G), input_precision=PREC)
+            dP += c3 * (a2 * alpha) * tl.dot(dA, tl.trans(U2 * U * G), input_precision=PREC)
+        else:
+            dP = c0 * tl.sum(dA, 1)[:, None] + c1 * alpha * tl.dot(dA, tl.trans(U), input_precision=PREC)
+            dP += c2 * a2 * tl.dot(dA, tl.trans(U2), input_precision=PREC)
+            dP += c3 * (a2 * alpha) * tl.dot(dA, tl.trans(U2 * U), input_precision=PREC)
         dP = dP / av_sat
-    else:  # linear cell, or the nonlinear cell's surrogate (spec §8)
+    elif VARIED:  # linear cell, or the nonlinear cell's surrogate (spec §8)
+        dP = tl.dot(dA, tl.trans(U * G), input_precision=PREC) * (alpha * (gain / av_sat))
+    else:
         dP = tl.dot(dA, tl.trans(U), input_precision=PREC) * (alpha * (gain / av_sat))
     return tl.where(inside & _in_range(S / qk_sat, 0.0, 1.0), dP / qk_sat, 0.0)
 
 
 @triton.jit
-def _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT: tl.constexpr, PREC: tl.constexpr):
+def _grad_query(dS, alpha, W, G, gain, c0, c1, c2, c3, EXACT: tl.constexpr, VARIED: tl.constexpr,
+                PREC: tl.constexpr):
     if EXACT:
         a2 = alpha * alpha
         W2 = W * W
-        dQ = c0 * tl.sum(dS, 1)[:, None] + tl.dot(dS * (c1 * alpha), W, input_precision=PREC)
-        dQ += tl.dot(dS * (c2 * a2), W2, input_precision=PREC)
-        dQ += tl.dot(dS * (c3 * a2 * alpha), W2 * W, input_precision=PREC)
+        if VARIED:
+            dQ = c0 * tl.dot(dS, G, input_precision=PREC) + tl.dot(dS * (c1 * alpha), W * G, input_precision=PREC)
+            dQ += tl.dot(dS * (c2 * a2), W2 * G, input_precision=PREC)
+            dQ += tl.dot(dS * (c3 * a2 * alpha), W2 * W * G, input_precision=PREC)
+        else:
+            dQ = c0 * tl.sum(dS, 1)[:, None] + tl.dot(dS * (c1 * alpha), W, input_precision=PREC)
+            dQ += tl.dot(dS * (c2 * a2), W2, input_precision=PREC)
+            dQ += tl.dot(dS * (c3 * a2 * alpha), W2 * W, input_precision=PREC)
+    elif VARIED:
+        dQ = tl.dot(dS * (gain * alpha), W * G, input_precision=PREC)
     else:
         dQ = tl.dot(dS * (gain * alpha), W, input_precision=PREC)
     return dQ
 
 
 @triton.jit
-def _grad_key(dS, alpha, W, Qv, gain, c1, c2, c3, EXACT: tl.constexpr, PREC: tl.constexpr):
+def _grad_key(dS, alpha, W, G, Qv, gain, c1, c2, c3, EXACT: tl.constexpr, VARIED: tl.constexpr,
+              PREC: tl.constexpr):
     if EXACT:
         a2 = alpha * alpha
         dW = c1 * tl.dot(tl.trans(dS * alpha), Qv, input_precision=PREC)
@@ -145,11 +202,14 @@ def _grad_key(dS, alpha, W, Qv, gain, c1, c2, c3, EXACT: tl.constexpr, PREC: tl.
         dW += (3.0 * c3) * W * W * tl.dot(tl.trans(dS * (a2 * alpha)), Qv, input_precision=PREC)
     else:
         dW = tl.dot(tl.trans(dS * (gain * alpha)), Qv, input_precision=PREC)
+    if VARIED:  # every term of the cell carries its gain
+        dW = dW * G
     return dW
 
 
 @triton.jit
-def _grad_value(dA, P, alpha, U, gain, av_sat, c1, c2, c3, EXACT: tl.constexpr, PREC: tl.constexpr):
+def _grad_value(dA, P, alpha, U, G, gain, av_sat, c1, c2, c3, EXACT: tl.constexpr, VARIED: tl.constexpr,
+                PREC: tl.constexpr):
     if EXACT:
         a2 = alpha * alpha
         dU = c1 * tl.dot(tl.trans(P * alpha), dA, input_precision=PREC)
@@ -158,21 +218,27 @@ def _grad_value(dA, P, alpha, U, gain, av_sat, c1, c2, c3, EXACT: tl.constexpr, 
         dU = dU / av_sat
     else:
         dU = (gain / av_sat) * tl.dot(tl.trans(P * alpha), dA, input_precision=PREC)
+    if VARIED:
+        dU = dU * G
     return dU
 
 
 @triton.jit
 def _analog_fwd_kernel(
-        Qp, Kp, Vp, Yp, T, D, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
-        q_inv_step, q_step, kv_hi, kv_inv_step, kv_step, out_inv_step, out_step,
+        Qp, Kp, Vp, Yp, GKp, GVp, T, D, H, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
+        q_inv_step, q_step, kv_hi, kv_inv_step, kv_step, out_inv_step, out_step, noise_seed, noise_std,
         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NONLINEAR: tl.constexpr, Q_QUANT: tl.constexpr,
-        KV_QUANT: tl.constexpr, OUT_QUANT: tl.constexpr, PREC: tl.constexpr):
+        KV_QUANT: tl.constexpr, OUT_QUANT: tl.constexpr, VARIED: tl.constexpr, NOISE: tl.constexpr,
+        PREC: tl.constexpr):
     i = tl.program_id(0)
-    base = tl.program_id(1).to(tl.int64) * T * D
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * T * D
     Qp += base
     Kp += base
     Vp += base
     Yp += base
+    GKp += (bh % H) * window * D  # this head's cells (read only with VARIED)
+    GVp += (bh % H) * window * D
     dtype = Yp.dtype.element_ty
     rows_m = i * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -182,32 +248,37 @@ def _analog_fwd_kernel(
 
     # Sub-tile of key block i: its keys plus those of block i - n_tiles (same slots, older tokens).
     rows_n = i * BLOCK + tl.arange(0, BLOCK)
-    _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
-    _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
-    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
-                                            c0, c1, c2, c3, NONLINEAR, PREC)
-    tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+    _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
+    _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
+    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
+                                            c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+    tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
     if i >= n_tiles:
         rows_n = (i - n_tiles) * BLOCK + tl.arange(0, BLOCK)
-        _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, PREC)
-        tile += _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile += _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+    tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, i % n_tiles, n_tiles, offs_d, D, NOISE)
     y = _clamp_quantize(tile, -1.0, 1.0, out_inv_step, out_step, OUT_QUANT)
 
     # Every other sub-tile of the window holds exactly one key block.
     for j in range(tl.maximum(i - n_tiles + 1, 0), i):
         rows_n = j * BLOCK + tl.arange(0, BLOCK)
-        _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, PREC)
-        tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, j % n_tiles, n_tiles, offs_d, D,
+                                  NOISE)
         y += _clamp_quantize(tile, -1.0, 1.0, out_inv_step, out_step, OUT_QUANT)
 
     mask = (rows_m < T)[:, None] & (offs_d < D)[None, :]
@@ -216,18 +287,22 @@ def _analog_fwd_kernel(
 
 @triton.jit
 def _analog_bwd_dq_kernel(
-        Qp, Kp, Vp, dYp, dQp, T, D, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
-        q_inv_step, q_step, kv_hi, kv_inv_step, kv_step,
+        Qp, Kp, Vp, dYp, dQp, GKp, GVp, T, D, H, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3,
+        stored_offset, q_inv_step, q_step, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std,
         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NONLINEAR: tl.constexpr, EXACT: tl.constexpr,
-        Q_QUANT: tl.constexpr, KV_QUANT: tl.constexpr, PREC: tl.constexpr):
+        Q_QUANT: tl.constexpr, KV_QUANT: tl.constexpr, VARIED: tl.constexpr, NOISE: tl.constexpr,
+        PREC: tl.constexpr):
     """dq of one query block: recompute every sub-tile's output for its clamp mask, then dS -> dQ."""
     i = tl.program_id(0)
-    base = tl.program_id(1).to(tl.int64) * T * D
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * T * D
     Qp += base
     Kp += base
     Vp += base
     dYp += base
     dQp += base
+    GKp += (bh % H) * window * D
+    GVp += (bh % H) * window * D
     dtype = dQp.dtype.element_ty
     rows_m = i * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -239,45 +314,52 @@ def _analog_bwd_dq_kernel(
 
     # The merged sub-tile (key blocks i and i - n_tiles): both outputs first, for the clamp mask.
     rows_n = i * BLOCK + tl.arange(0, BLOCK)
-    _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
-    _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
-    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
-                                            c0, c1, c2, c3, NONLINEAR, PREC)
-    tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+    _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
+    _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
+    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
+                                            c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+    tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
     old_rows = (i - n_tiles) * BLOCK + tl.arange(0, BLOCK)
     if i >= n_tiles:
-        _, W_o = _load_stored(Kp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                              dtype)
-        _, U_o = _load_stored(Vp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                              dtype)
-        S_o, P_o, alpha_o, inside_o = _charge_and_pulse(Qv, q_sum, W_o, rows_m, old_rows, window, lam, gain,
-                                                        qk_sat, c0, c1, c2, c3, NONLINEAR, PREC)
-        tile += _value_array(P_o, alpha_o, U_o, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        _, W_o, Gk_o = _load_stored(Kp, GKp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                    stored_offset, KV_QUANT, VARIED, dtype)
+        _, U_o, Gv_o = _load_stored(Vp, GVp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                    stored_offset, KV_QUANT, VARIED, dtype)
+        S_o, P_o, alpha_o, inside_o = _charge_and_pulse(Qv, q_sum, W_o, Gk_o, rows_m, old_rows, window, lam,
+                                                        gain, qk_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile += _value_array(P_o, alpha_o, U_o, Gv_o, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+    tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, i % n_tiles, n_tiles, offs_d, D, NOISE)
     dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
-    dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
-    dQ += _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT, PREC)
+    dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED, PREC)
+    dQ += _grad_query(dS, alpha, W, Gk, gain, c0, c1, c2, c3, EXACT, VARIED, PREC)
     if i >= n_tiles:  # recomputed rather than kept alive through the block above (register pressure)
-        _, W = _load_stored(Kp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        _, U = _load_stored(Vp, old_rows, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, old_rows, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, PREC)
-        dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
-        dQ += _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT, PREC)
+        _, W, Gk = _load_stored(Kp, GKp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        _, U, Gv = _load_stored(Vp, GVp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, old_rows, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED,
+                          PREC)
+        dQ += _grad_query(dS, alpha, W, Gk, gain, c0, c1, c2, c3, EXACT, VARIED, PREC)
 
     for j in range(tl.maximum(i - n_tiles + 1, 0), i):
         rows_n = j * BLOCK + tl.arange(0, BLOCK)
-        _, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        _, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT,
-                            dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, PREC)
-        tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                stored_offset, KV_QUANT, VARIED, dtype)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, j % n_tiles, n_tiles, offs_d, D,
+                                  NOISE)
         dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
-        dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
-        dQ += _grad_query(dS, alpha, W, gain, c0, c1, c2, c3, EXACT, PREC)
+        dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED,
+                          PREC)
+        dQ += _grad_query(dS, alpha, W, Gk, gain, c0, c1, c2, c3, EXACT, VARIED, PREC)
 
     dq = tl.where(_in_range(q, 0.0, 1.0), dQ, 0.0)  # DAC clamp; the quantizer is straight-through
     mask = (rows_m < T)[:, None] & (offs_d < D)[None, :]
@@ -286,24 +368,30 @@ def _analog_bwd_dq_kernel(
 
 @triton.jit
 def _analog_bwd_dkdv_kernel(
-        Qp, Kp, Vp, dYp, dKp, dVp, T, D, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
-        q_inv_step, q_step, kv_hi, kv_inv_step, kv_step,
+        Qp, Kp, Vp, dYp, dKp, dVp, GKp, GVp, T, D, H, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3,
+        stored_offset, q_inv_step, q_step, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std,
         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NONLINEAR: tl.constexpr, EXACT: tl.constexpr,
-        Q_QUANT: tl.constexpr, KV_QUANT: tl.constexpr, PREC: tl.constexpr):
+        Q_QUANT: tl.constexpr, KV_QUANT: tl.constexpr, VARIED: tl.constexpr, NOISE: tl.constexpr,
+        PREC: tl.constexpr):
     """dk, dv of one key block j: visit the query blocks j .. j + M/BLOCK that see it."""
     j = tl.program_id(0)
-    base = tl.program_id(1).to(tl.int64) * T * D
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * T * D
     Qp += base
     Kp += base
     Vp += base
     dYp += base
     dKp += base
     dVp += base
+    GKp += (bh % H) * window * D
+    GVp += (bh % H) * window * D
     dtype = dKp.dtype.element_ty
     rows_n = j * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    k, W = _load_stored(Kp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
-    v, U = _load_stored(Vp, rows_n, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset, KV_QUANT, dtype)
+    k, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
+    v, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
     n_tiles = window // BLOCK
     n_blocks = tl.cdiv(T, BLOCK)
     dW = tl.zeros((BLOCK, BLOCK_D), dtype=dtype)
@@ -313,25 +401,28 @@ def _analog_bwd_dkdv_kernel(
         _, Qv = _load_query(Qp, rows_m, T, offs_d, D, q_inv_step, q_step, Q_QUANT, dtype)
         q_sum = tl.sum(Qv, 1)
         dy = _load_block(dYp, rows_m, T, offs_d, D).to(dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, rows_m, rows_n, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, PREC)
-        tile = _value_array(P, alpha, U, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
+                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
         # The other key block sharing this sub-tile for query block i, if any: j - n_tiles when i == j,
         # i when i == j + n_tiles. Its output joins the clamp mask only.
         partner = tl.where(i == j, j - n_tiles, tl.where(i - j == n_tiles, i, -1))
         if partner >= 0:
             rows_p = partner * BLOCK + tl.arange(0, BLOCK)
-            _, W_p = _load_stored(Kp, rows_p, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset,
-                                  KV_QUANT, dtype)
-            _, U_p = _load_stored(Vp, rows_p, T, offs_d, D, kv_hi, kv_inv_step, kv_step, stored_offset,
-                                  KV_QUANT, dtype)
-            S_p, P_p, alpha_p, inside_p = _charge_and_pulse(Qv, q_sum, W_p, rows_m, rows_p, window, lam, gain,
-                                                            qk_sat, c0, c1, c2, c3, NONLINEAR, PREC)
-            tile += _value_array(P_p, alpha_p, U_p, gain, av_sat, c0, c1, c2, c3, NONLINEAR, PREC)
+            _, W_p, Gk_p = _load_stored(Kp, GKp, rows_p, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                        stored_offset, KV_QUANT, VARIED, dtype)
+            _, U_p, Gv_p = _load_stored(Vp, GVp, rows_p, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
+                                        stored_offset, KV_QUANT, VARIED, dtype)
+            S_p, P_p, alpha_p, inside_p = _charge_and_pulse(Qv, q_sum, W_p, Gk_p, rows_m, rows_p, window, lam,
+                                                            gain, qk_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+            tile += _value_array(P_p, alpha_p, U_p, Gv_p, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+        tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, j % n_tiles, n_tiles, offs_d, D,
+                                  NOISE)
         dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
-        dU += _grad_value(dA, P, alpha, U, gain, av_sat, c1, c2, c3, EXACT, PREC)
-        dS = _grad_charge(dA, S, P, alpha, inside, U, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, PREC)
-        dW += _grad_key(dS, alpha, W, Qv, gain, c1, c2, c3, EXACT, PREC)
+        dU += _grad_value(dA, P, alpha, U, Gv, gain, av_sat, c1, c2, c3, EXACT, VARIED, PREC)
+        dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED,
+                          PREC)
+        dW += _grad_key(dS, alpha, W, Gk, Qv, gain, c1, c2, c3, EXACT, VARIED, PREC)
 
     mask = (rows_n < T)[:, None] & (offs_d < D)[None, :]
     dk = tl.where(_in_range(k, 0.0, kv_hi), dW, 0.0)

@@ -19,6 +19,7 @@ import triton
 from ..config import AnalogAttentionConfig
 from ..blocked import analog_attention_blocked
 from ..reference import OUTPUT_RANGE, compute_dtype, validate_inputs
+from ..noise import cell_gains, next_readout_seed
 from . import analog_kernels as _k
 
 __all__ = ["analog_attention_triton", "triton_supports", "INTERPRET", "DOT_PRECISIONS"]
@@ -37,7 +38,7 @@ def _tuned(kernel, key):
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
-_KEY = ["D", "window", "NONLINEAR", "PREC"]
+_KEY = ["D", "window", "NONLINEAR", "VARIED", "NOISE", "PREC"]
 _fwd = _tuned(_k._analog_fwd_kernel, _KEY)
 _bwd_dq = _tuned(_k._analog_bwd_dq_kernel, _KEY + ["EXACT"])
 _bwd_dkdv = _tuned(_k._analog_bwd_dkdv_kernel, _KEY + ["EXACT"])
@@ -50,9 +51,6 @@ def triton_supports(cfg: AnalogAttentionConfig, head_dim: Optional[int] = None) 
         return f"tile_rows={n}: the Triton kernels need a power of two in [16, 128] (one tl.dot block)"
     if head_dim is not None and head_dim > 256:
         return f"head dimension D={head_dim}: the Triton kernels hold a (tile_rows x D) block in registers, D <= 256"
-    if cfg.noisy:
-        return (f"cell_variation={cfg.cell_variation}, readout_noise={cfg.readout_noise}: variation and noise "
-                f"are not implemented in the kernels yet")
     return None
 
 
@@ -63,30 +61,36 @@ def _quantizer(levels: Optional[int], lo: float, hi: float) -> Tuple[float, floa
     return (levels - 1) / (hi - lo), (hi - lo) / (levels - 1), True
 
 
-def _launch_args(cfg: AnalogAttentionConfig, t_len: int, head_dim: int):
+def _launch_args(cfg: AnalogAttentionConfig, q: torch.Tensor, noise_seed: Optional[int]):
+    """Scalars, the chip's gain arrays (GKp, GVp: (H, M, D); q itself, never read, without variation)
+    and compile-time constants of one launch."""
+    _, H, t_len, head_dim = q.shape
     c = cfg.folded_coefficients
     q_inv, q_step, q_on = _quantizer(cfg.query_levels, 0.0, 1.0)
     kv_inv, kv_step, kv_on = _quantizer(cfg.stored_levels, 0.0, cfg.stored_max)
-    scalars = dict(T=t_len, D=head_dim, window=cfg.window, lam=cfg.decay_per_step, gain=cfg.gain,
+    gains = cell_gains(cfg, H, head_dim, q.dtype, q.device)
+    scalars = dict(T=t_len, D=head_dim, H=H, window=cfg.window, lam=cfg.decay_per_step, gain=cfg.gain,
                    qk_sat=cfg.qk_saturation, av_sat=cfg.av_saturation, c0=c[0], c1=c[1], c2=c[2], c3=c[3],
                    stored_offset=cfg.stored_offset, q_inv_step=q_inv, q_step=q_step, kv_hi=cfg.stored_max,
-                   kv_inv_step=kv_inv, kv_step=kv_step)
+                   kv_inv_step=kv_inv, kv_step=kv_step, noise_seed=noise_seed or 0, noise_std=cfg.readout_noise,
+                   GKp=gains[0] if gains is not None else q, GVp=gains[1] if gains is not None else q)
     consts = dict(BLOCK=cfg.tile_rows, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                  NONLINEAR=cfg.nonlinear, Q_QUANT=q_on, KV_QUANT=kv_on)
+                  NONLINEAR=cfg.nonlinear, Q_QUANT=q_on, KV_QUANT=kv_on, VARIED=gains is not None,
+                  NOISE=noise_seed is not None)
     return scalars, consts
 
 
 class _TritonAnalogAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cfg, precision):
+    def forward(ctx, q, k, v, cfg, precision, noise_seed):
         B, H, T, D = q.shape
-        scalars, consts = _launch_args(cfg, T, D)
+        scalars, consts = _launch_args(cfg, q, noise_seed)
         out_inv, out_step, out_on = _quantizer(cfg.output_levels, *OUTPUT_RANGE)
         y = torch.empty_like(q)
         grid = (triton.cdiv(T, cfg.tile_rows), B * H)
         _fwd[grid](q, k, v, y, **scalars, out_inv_step=out_inv, out_step=out_step, OUT_QUANT=out_on,
                    PREC=precision, **consts)
-        ctx.cfg, ctx.precision = cfg, precision
+        ctx.cfg, ctx.precision, ctx.noise_seed = cfg, precision, noise_seed
         ctx.save_for_backward(q, k, v)
         return y
 
@@ -96,14 +100,14 @@ class _TritonAnalogAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         cfg = ctx.cfg
         B, H, T, D = q.shape
-        scalars, consts = _launch_args(cfg, T, D)
+        scalars, consts = _launch_args(cfg, q, ctx.noise_seed)  # the forward's noise, drawn again
         exact = cfg.nonlinear and cfg.exact_nonlinear_grad
         dy = dy.to(q.dtype).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grid = (triton.cdiv(T, cfg.tile_rows), B * H)
         _bwd_dq[grid](q, k, v, dy, dq, **scalars, EXACT=exact, PREC=ctx.precision, **consts)
         _bwd_dkdv[grid](q, k, v, dy, dk, dv, **scalars, EXACT=exact, PREC=ctx.precision, **consts)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def analog_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
@@ -138,6 +142,7 @@ def analog_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     dtype = compute_dtype(q.dtype)
     if dtype == torch.float64:
         precision = "ieee"  # tensor-core precisions are float32-only
+    noise_seed = next_readout_seed(cfg) if cfg.readout_noise > 0 else None
     y = _TritonAnalogAttention.apply(q.to(dtype).contiguous(), k.to(dtype).contiguous(),
-                                     v.to(dtype).contiguous(), cfg, precision)
+                                     v.to(dtype).contiguous(), cfg, precision, noise_seed)
     return y.to(out_dtype)
