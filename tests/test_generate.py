@@ -216,3 +216,27 @@ def test_generate_refuses_nan_attention_inputs():
         model.transformer.h[1].attn.c_attn.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="contains NaN"):
         generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, seed=0)
+
+
+def test_generate_refuses_another_tokenizer_and_a_missing_gpu(tmp_path):
+    from gaincell.config import compose
+    from gaincell.data import TokenizerMismatch, tokenizer_fingerprint, train_bpe_tokenizer
+    from gaincell.generate import run
+
+    data_dir, tokenizer = _data_dir_with_tokenizer(tmp_path)
+    state = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=16)).checkpoint_state()
+    state["tokenizer"] = tokenizer_fingerprint(data_dir)
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save(state, checkpoint)
+    args = [f"results_dir={tmp_path}", f"+stage.checkpoint={checkpoint}", "+stage.max_new_tokens=2"]
+    run(compose(args + ["+stage.device=cpu"]))
+    train_bpe_tokenizer(["Some other text entirely, to train another tokenizer."] * 30, vocab_size=300,
+                        out_path=data_dir / "tokenizer.json")
+    with pytest.raises(TokenizerMismatch, match=r"ckpt.pt was trained with tokenizer sha256 \w{12} .* has "
+                                                r"tokenizer sha256 \w{12} \(.*data/tokenizer.json\)"):
+        run(compose(args + ["+stage.device=cpu"]))
+    if not torch.cuda.is_available():  # a missing GPU is named as such, not as a corrupt checkpoint
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            run(compose(args + ["+stage.device=cuda"]))
+        with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*ckpt.pt onto cuda: no CUDA GPU"):
+            GPT.from_checkpoint(checkpoint, map_location="cuda")

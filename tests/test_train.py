@@ -407,3 +407,9 @@ def test_sigterm_writes_a_checkpoint_then_exits_and_the_rerun_resumes(root):
     assert f"SIGTERM: checkpoint written at iteration {state['iter']}" in out
     train_run(compose(_overrides(root, "cut", **settings)))
     _assert_same_curve(_metrics(root, "cut"), _metrics(root, "uncut"), ("lr", "train_loss", "val_loss"))
+
+
+def test_a_truncated_shard_stops_training_naming_the_file(root):
+    (root / "data" / "val.bin").write_bytes((root / "data" / "val.bin").read_bytes()[:4000])
+    with pytest.raises(ValueError, match=r"data/val.bin holds 2000 tokens but meta.json records val_tokens=4000"):
+        train_run(compose(_overrides(root, "short")))

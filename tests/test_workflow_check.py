@@ -27,6 +27,8 @@ def _complete_run(root):
         put(f"adapt/study/{variant}.json", json.dumps({"val_loss": 5.0, "val_loss_spread": 0.01}))
     for value in ("0.0", "0.001", "0.1"):
         put(f"adapt/leakage/{value}.json", json.dumps({"val_loss": 5.0}))
+    for name in ("cell_variation_0", "cell_variation_0.1", "readout_noise_0.1"):
+        put(f"adapt/variation/{name}.json", json.dumps({"models": {}}))
     put("hardware/estimates.json", json.dumps({"latency_per_token_ns": 65.0}))
     put("hardware/gpu_baseline.json", json.dumps({"device": "cpu", "latency_per_token_s": 1e-4}))
     put("samples/nonlinear_finetuned.txt", "To be, or not to be, that is the question")

@@ -26,6 +26,7 @@ STAGES: Dict[str, str] = {
     "study_eval": "gaincell.adapt.study_eval:study_eval",
     "evaluate": "gaincell.evaluate.stage:run",
     "leakage_eval": "gaincell.adapt.leakage:leakage_eval",
+    "variation_eval": "gaincell.variation:variation_eval",
     "analog_convert": "gaincell.analog_stage:convert",
     "analog_eval": "gaincell.analog_stage:evaluate",
     "hardware_estimates": "gaincell.hardware.stage:run",

@@ -36,6 +36,10 @@ import torch.nn.functional as F
 
 from gaincell.attention import AnalogKVDecoder
 from gaincell.attention.module import HW_KINDS
+from gaincell.config import GenerateStage, stage_settings
+from gaincell.data import check_tokenizer, load_tokenizer
+from gaincell.io import atomic_write_json, atomic_write_text
+from gaincell.model import GPT
 
 POSITION_POLICY = "last learned position repeated"
 
@@ -259,46 +263,34 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
 # --------------------------------------------------------------------------------------------------
 # CLI stage
 # --------------------------------------------------------------------------------------------------
-def _stage_value(cfg, key: str, default: Any = None) -> Any:
-    stage = cfg.get("stage") if hasattr(cfg, "get") else None
-    if stage is None:
-        return default
-    value = stage.get(key, default) if hasattr(stage, "get") else default
-    return default if value is None else value
-
-
 def run(cfg) -> Dict[str, Any]:
     """``python -m gaincell generate +stage.checkpoint=<ckpt> [+stage.prompt=..] [+stage.max_new_tokens=N]
     [+stage.temperature=T] [+stage.top_k=K] [+stage.seed=S] [+stage.name=NAME] [+stage.device=cpu|cuda]
-    [+stage.threads=1]``.
+    [+stage.threads=1]`` (``GenerateStage``).
 
     Prints the prompt and its continuation; with ``name`` writes ``<results_dir>/samples/<name>.txt``
     (the text) and ``<name>.json`` (settings, speed, warnings). An empty prompt starts from the
     end-of-text token. The tokenizer is the one of ``cfg.data.data_dir``.
     """
-    from gaincell.data import load_tokenizer
-    from gaincell.io import atomic_write_json, atomic_write_text
-    from gaincell.model import GPT
-
-    checkpoint = _stage_value(cfg, "checkpoint")
+    stage = stage_settings(cfg, GenerateStage)
+    checkpoint = stage.checkpoint
     if not checkpoint:
         raise ValueError("generate: no checkpoint given: expected +stage.checkpoint=<path to ckpt.pt or final.pt>")
-    if not Path(str(checkpoint)).is_file():
+    if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"generate: checkpoint {checkpoint} does not exist")
-    prompt = str(_stage_value(cfg, "prompt", ""))
-    max_new_tokens = int(_stage_value(cfg, "max_new_tokens", 200))
-    temperature = float(_stage_value(cfg, "temperature", 1.0))
-    top_k = _stage_value(cfg, "top_k")
-    top_k = None if top_k in (None, "", "null", "None") else int(top_k)
-    seed = _stage_value(cfg, "seed", int(cfg.seed) if "seed" in cfg else None)
-    seed = None if seed is None else int(seed)
-    name = _stage_value(cfg, "name")
-    device = str(_stage_value(cfg, "device", "cuda" if torch.cuda.is_available() else "cpu"))
-    threads = int(_stage_value(cfg, "threads", 1))
+    prompt, max_new_tokens, temperature, top_k = stage.prompt, stage.max_new_tokens, stage.temperature, stage.top_k
+    seed = cfg.seed if stage.seed is None else stage.seed
+    name, threads = stage.name, stage.threads
+    device = stage.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"generate: +stage.device={device} but no CUDA GPU is available here: expected cpu")
     model = GPT.from_checkpoint(str(checkpoint), map_location=device)
     model.to(device)
-    tokenizer = load_tokenizer(Path(str(cfg.data.data_dir)))
+    tokenizer = load_tokenizer(cfg.data.data_dir)
+    warning = check_tokenizer(model.tokenizer_info, tokenizer.data_dir, checkpoint, tokenizer.fingerprint)
+    if warning:
+        print(f"[generate] warning: {warning}")
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if not prompt_ids:
         prompt_ids = [int(tokenizer.eot_token)]
@@ -331,7 +323,7 @@ def run(cfg) -> Dict[str, Any]:
               "beyond_context": info["beyond_context"], "position_policy": POSITION_POLICY,
               "warnings": info["warnings"], "text": text}
     if name:
-        out_dir = Path(str(cfg.results_dir)) / "samples"
+        out_dir = Path(cfg.results_dir) / "samples"
         atomic_write_text(out_dir / f"{name}.txt", text + "\n")
         atomic_write_json(out_dir / f"{name}.json", result)
         print(f"[generate] wrote {out_dir / f'{name}.txt'}")

@@ -30,6 +30,7 @@ from torch import nn
 
 from gaincell.analog_projections import AnalogProjectionConfig, convert_projections, projection_config_from_dict
 from gaincell.attention import AnalogAttentionConfig, AttentionCore
+from gaincell.attention.config import analog_config_from_settings
 from gaincell.attention.module import HW_KINDS, KINDS
 
 CHECKPOINT_FORMAT = "gaincell-gpt-v1"
@@ -382,9 +383,15 @@ def load_checkpoint_file(path: Union[str, Path], map_location: Any = "cpu") -> D
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if "cuda" in str(map_location) and not torch.cuda.is_available():  # not a corrupt file: no GPU here
+        raise RuntimeError(f"cannot load checkpoint {path} onto {map_location}: no CUDA GPU is available "
+                           f"here (expected device cpu)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated zip, not a torch file, ...
+        if "CUDA" in str(exc) and not torch.cuda.is_available():
+            raise RuntimeError(f"cannot load checkpoint {path}: it asks for a CUDA GPU and none is available "
+                               f"here ({exc}); load it with map_location='cpu'") from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: "
                               f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
@@ -438,17 +445,11 @@ def load_model_weights(model: GPT, state_dict: Dict[str, torch.Tensor], path: Un
 
 def config_from_settings(model_section: Any, attention_section: Any, vocab_size: int) -> GPTConfig:
     """GPTConfig from the Hydra ``model`` and ``attention`` sections (and the data's vocabulary)."""
-    from gaincell.attention.config import analog_config_from_settings
-
-    get = (lambda s, k: s[k]) if hasattr(model_section, "__getitem__") else (lambda s, k: getattr(s, k))
-    return GPTConfig(
-        vocab_size=int(vocab_size), block_size=int(get(model_section, "block_size")),
-        n_layer=int(get(model_section, "n_layer")), n_head=int(get(model_section, "n_head")),
-        n_embd=int(get(model_section, "n_embd")), dropout=float(get(model_section, "dropout")),
-        bias=bool(get(model_section, "bias")), attention=str(get(attention_section, "kind")),
-        analog=analog_config_from_settings(attention_section),
-        pad_vocab_multiple=int(get(model_section, "pad_vocab_multiple")),
-        attention_implementation=str(get(attention_section, "implementation")))
+    m = model_section
+    return GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, attention=str(attention_section.kind),
+                     analog=analog_config_from_settings(attention_section), pad_vocab_multiple=m.pad_vocab_multiple,
+                     attention_implementation=str(attention_section.implementation))
 
 
 __all__ = ["GPT", "GPTConfig", "CheckpointError", "load_checkpoint_file", "model_from_checkpoint_dict",

@@ -53,6 +53,7 @@ import torch
 
 from gaincell.analog_projections import projection_config_from_dict, set_projections
 from gaincell.attention.module import HW_KINDS
+from gaincell.config import TrainStage, stage_settings
 from gaincell.data import read_windows
 from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached
 from gaincell.model import (GPT, CheckpointError, config_from_settings, load_checkpoint_file,
@@ -197,14 +198,6 @@ def set_trainable_scalers(model: GPT) -> None:
 # ----------------------------------------------------------------------------------------------------
 # model initialisation
 # ----------------------------------------------------------------------------------------------------
-def _stage_get(cfg: Any, key: str, default: Any = None) -> Any:
-    stage = cfg.get("stage") if hasattr(cfg, "get") else getattr(cfg, "stage", None)
-    if not stage:
-        return default
-    value = stage.get(key, default) if hasattr(stage, "get") else getattr(stage, key, default)
-    return default if value is None else value
-
-
 def _looks_like_checkpoint(init: str) -> bool:
     return init.endswith((".pt", ".pth")) or Path(init).is_file()
 
@@ -213,7 +206,7 @@ def build_model(cfg: Any, vocab_size: int) -> Tuple[GPT, str]:
     """The model to train and a description of where its weights come from."""
     from gaincell.attention.config import analog_config_from_settings
 
-    init = str(_stage_get(cfg, "init_from", None) or cfg.model.init)
+    init = str(stage_settings(cfg, TrainStage).init_from or cfg.model.init)
     kind = str(cfg.attention.kind)
     analog = analog_config_from_settings(cfg.attention)
     if init == "scratch":
@@ -452,7 +445,7 @@ def setup(cfg: Any, env: DistEnv) -> TrainRun:
     t = cfg.train
     max_iters, batch_size, grad_accum = _checked_batch_settings(t, env)
     results_dir, data_dir = Path(str(cfg.results_dir)), Path(str(cfg.data.data_dir))
-    name = str(_stage_get(cfg, "name", None) or cfg.attention.kind)
+    name = str(stage_settings(cfg, TrainStage).name or cfg.attention.kind)
     meta = read_meta(data_dir)
     for split in ("train", "val"):
         check_token_file(data_dir / f"{split}.bin", meta, split)
@@ -487,7 +480,7 @@ def _set_aside_if_stale(run: TrainRun) -> bool:
     changed since) is moved to ``ckpt.stale.pt`` and training starts afresh. Returns whether one remains."""
     if not run.ckpt_path.is_file():
         return False
-    if str(_stage_get(run.cfg, "on_mismatch", "error")) != "restart":
+    if stage_settings(run.cfg, TrainStage).on_mismatch != "restart":
         return True
     try:
         load_train_checkpoint(run.ckpt_path, run.signature, torch.device("cpu"), run.schedule, run.max_iters)

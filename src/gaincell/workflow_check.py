@@ -19,12 +19,12 @@ ADAPTED_RUNS = [r.name for r in study.runs("adapt")]      # checkpoints/<run>/ck
 CONVERTED_RUNS = [r.name for r in study.runs("convert")]  # checkpoints/<run>/final.pt (analog projections)
 NOISE_SEED_VARIANTS = [v.run for v in study.VARIANTS if v.noise_seeds]  # val_loss over inference-noise seeds
 RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"] + [r.rule for r in study.runs("train")]
-                         + ["leakage_sweep", "gpu_baseline", "hardware_estimates", "figures", "generate_sample"])
+                         + ["leakage_sweep", "variation_sweep", "gpu_baseline", "hardware_estimates", "figures", "generate_sample"])
 # Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
 REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
                     "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
-                    "hardware_breakdown", "hardware_scaling", "hardware_gpu_comparison", "analog_noise",
-                    "analog_energy"]
+                    "hardware_breakdown", "hardware_scaling", "hardware_gpu_comparison",
+                    "device_mismatch", "variation", "analog_noise", "analog_energy"]
 
 
 def _json(path: Path) -> dict:
@@ -95,6 +95,9 @@ def check(results_dir: Path) -> List[str]:
     leak = r / "adapt" / "leakage"
     if not leak.is_dir() or len(list(leak.glob("*.json"))) < 3:
         problems.append("adapt/leakage: fewer than 3 leakage points")
+    variation = r / "adapt" / "variation"
+    if not variation.is_dir() or len(list(variation.glob("*.json"))) < 3:
+        problems.append("adapt/variation: fewer than 3 variation / readout-noise points")
     need("hardware/estimates.json", 20)
     need("hardware/gpu_baseline.json", 20)
     need(f"samples/{study.SAMPLE_RUN}.txt", 20)

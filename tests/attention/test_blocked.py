@@ -196,3 +196,25 @@ def test_bad_input_is_rejected():
         analog_attention_blocked(q, k[:, :, :30], v, cfg)
     with pytest.raises(ValueError, match="NaN"):
         analog_attention_blocked(q.clone().fill_(math.nan), k, v, cfg)
+
+
+@pytest.mark.parametrize("name", ["linear_T>window_ragged", "surrogate_T>window_ragged", "exact_T>window_ragged",
+                                  "exact_T<window"])
+def test_saved_and_recomputed_backward_agree_with_the_reference(name, monkeypatch):
+    """The backward either keeps each lag's operands from the forward or recomputes them
+    (``SAVED_SLABS_MAX_RATIO``): both are the reference's gradient, and they are the same numbers."""
+    T, window, tile_rows, D, extra = CASES[name]
+    cfg = make_config(window, tile_rows, D, **extra)
+    q, k, v = make_inputs(2, 2, T, D)
+    dy = torch.randn(2, 2, T, D, dtype=torch.float64)
+    expected = forward_backward(analog_attention_dense, q, k, v, cfg, dy)
+    results = {}
+    for ratio in (0.0, math.inf):
+        monkeypatch.setattr(blocked_module, "SAVED_SLABS_MAX_RATIO", ratio)
+        band = blocked_module._band(T, cfg, q.dtype, q.device)
+        assert blocked_module._saves_slabs(band, cfg, q) == (ratio > 0)
+        results[ratio] = forward_backward(analog_attention_blocked, q, k, v, cfg, dy)
+        for label, e, g in zip(("y", "dq", "dk", "dv"), expected, results[ratio]):
+            scale = max(1.0, e.abs().max().item())
+            assert torch.allclose(g, e, rtol=0, atol=1e-12 * scale), f"{name} ratio {ratio}: {label}"
+    assert all(torch.equal(a, b) for a, b in zip(results[0.0], results[math.inf]))

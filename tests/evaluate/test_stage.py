@@ -158,3 +158,29 @@ def test_registered_model_loads_from_arg_string(trained_inputs):
     assert lm.eot_token_id == json.loads((data_dir / "meta.json").read_text())["eot_token"]
     with pytest.raises(ValueError, match="checkpoint=PATH"):
         get_model("gaincell").create_from_arg_string(f"data_dir={data_dir}")
+
+
+def test_a_checkpoint_refuses_another_tokenizer_of_the_same_size(tmp_path, trained_inputs, heldout_text):
+    """A retrained tokenizer of the same vocabulary size used to score garbage (word perplexity 410,409
+    instead of 10,340) with exit code 0: the checkpoint records its tokenizer's hash and evaluation refuses."""
+    from gaincell.data import TokenizerMismatch, tokenizer_fingerprint, train_bpe_tokenizer
+    from gaincell.evaluate.stage import run
+    from gaincell.model import GPT
+
+    data_dir, ckpt = trained_inputs
+    state = torch.load(ckpt, weights_only=False)
+    state["tokenizer"] = tokenizer_fingerprint(data_dir)
+    torch.save(state, ckpt)
+    lm = GaincellLM(str(ckpt), str(data_dir), device="cpu")  # its own tokenizer: accepted
+    assert lm.model.tokenizer_info["sha256"] == tokenizer_fingerprint(data_dir)["sha256"]
+    old_hash = state["tokenizer"]["sha256"][:12]
+    train_bpe_tokenizer([heldout_text.upper()], vocab_size=300, out_path=data_dir / "tokenizer.json")
+    new_hash = tokenizer_fingerprint(data_dir)["sha256"][:12]
+    message = (rf"checkpoint .*ckpt.pt was trained with tokenizer sha256 {old_hash} \(.*tokenizer.json\) but "
+               rf".*data has tokenizer sha256 {new_hash} \(.*tokenizer.json\): expected the data folder")
+    with pytest.raises(TokenizerMismatch, match=message):
+        GaincellLM(str(ckpt), str(data_dir), device="cpu")
+    with pytest.raises(TokenizerMismatch, match=message):
+        run(_cfg(tmp_path, data_dir, ckpt))
+    # The record travels with the model into checkpoints written from it (adaptation, exports).
+    assert GPT.from_checkpoint(ckpt).checkpoint_state()["tokenizer"] == state["tokenizer"]

@@ -195,3 +195,21 @@ def test_device_summary_errors_name_the_problem(tmp_path, device_summary):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_device_summary(tmp_path / "broken.json")
+
+
+def test_energy_components_sum_to_the_breakdown_and_say_where_each_comes_from(device_summary):
+    from gaincell.hardware.costmodel import energy_components_nj
+
+    paper, sim = HardwareParameters.paper(), HardwareParameters.simulated(device_summary)
+    for p in (paper, sim):
+        comps = energy_components_nj(p, 1024, 64)
+        est = estimate(p, **PAPER_SIZE)
+        for part, parts in comps.items():
+            assert sum(c["nj"] for c in parts) == pytest.approx(est.energy_breakdown_nj[part], rel=1e-12)
+    # the paper set restates the paper's categories: every nonzero component is "from the paper"
+    assert {c["provenance"] for parts in energy_components_nj(paper, 1024, 64).values() for c in parts} == {"from the paper"}
+    by_name = {c["parameter"]: c["provenance"] for parts in energy_components_nj(sim, 1024, 64).values() for c in parts}
+    assert by_name["qk_array_energy_per_subtile_j"] == by_name["av_array_energy_per_subtile_j"] == "measured here"
+    assert by_name["cell_write_energy_j"] == "measured here"
+    assert by_name["digital_energy_per_subtile_j"] == by_name["dac_energy_per_subtile_j"] == "from the paper"
+    assert by_name["charge_to_pulse_energy_j"] == "assumption"

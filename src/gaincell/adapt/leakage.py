@@ -44,7 +44,7 @@ def leakage_tag(value: float) -> str:
 def leakage_eval(cfg: Any) -> Dict[str, Any]:
     """One job of the leakage sweep (``--multirun attention.decay_per_step=...``), see the module docstring."""
     stage = stage_settings(cfg, LeakageStage)
-    value = float(cfg.attention.decay_per_step)
+    value = cfg.attention.decay_per_step
     tag = leakage_tag(value)
     source = resolve_checkpoint(cfg, stage.init_from)
     if stage.finetune_iters < 0:

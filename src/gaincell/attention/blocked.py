@@ -1,7 +1,7 @@
 """Exact analog attention without T x T matrices: the banded (blocked) PyTorch path, default on CPU.
 
 Computes the same function as ``reference.analog_attention_dense`` (spec analog-attention.md §2-§8),
-forward and backward, in O(T * D) saved memory and O(T * tile_rows) working memory per head.
+forward and backward, with memory linear in T (no T x T tensor; see Backward for what is saved).
 
 The band. Split queries and keys into blocks of ``tile_rows`` (n) positions. Because the window M is a
 multiple of n, key block j lies entirely in sub-tile ``j mod (M / n)`` (spec §6: slot t' mod M). Query
@@ -17,24 +17,28 @@ Layout: blocks first, (blocks, B * H, n, D), so that the key blocks of one lag a
 each product is a single ``bmm`` without copies. The constants of each lag (g alpha / S_sat_qk, ...)
 are folded into one (n, n) matrix per product, so a slab costs few elementwise passes.
 
-Backward. A custom autograd function saves only q, k, v and recomputes each lag's pulses and sub-tile
-output (their clamp masks are needed) while accumulating dQ, dW, dU, FlashAttention-style. The linear
-cell and the nonlinear cell's surrogate use the linear model's gradient with the masks of the actual
-(nonlinear) forward values; ``exact_nonlinear_grad`` differentiates the polynomial. The nonlinear powers
-1..3 of W and U are stacked along the contracted axis so each polynomial product is one ``bmm``.
+Backward. A custom autograd function saves q, k, v, the quantized operands and each sub-tile
+readout's clamp mask (|A| <= 1, a bool per output element and lag). For the linear model's gradient
+(the linear cell, and the nonlinear cell's surrogate, with the masks of the actual nonlinear forward
+values) each lag needs two (n x n) slabs: P * g alpha / S_av for dU, and the HardSigmoid mask times the
+two alpha factors for dL/dR. The forward keeps them when they take at most ``SAVED_SLABS_MAX_RATIO``
+times the memory of q, k, v (then the backward is four products per lag, about one forward); beyond
+that it recomputes them lag by lag, FlashAttention-style, and memory stays O(T * D).
+``exact_nonlinear_grad`` differentiates the polynomial (keeping P_weighted and the mask). The nonlinear
+powers 1..3 of W and U are stacked along the contracted axis so each polynomial product is one ``bmm``.
 
 Cell variation (``cfg.cell_variation``, ``gaincell.attention.noise``): the gain factor of the cell
 holding each key element is laid out in blocks like W and U; the products use gamma * W**i and
 gamma * U**i (and gamma for the c_0 term), and the backward multiplies dW, dU by gamma.
 Readout noise (``cfg.readout_noise``): each sub-tile readout gets a Gaussian before its clamp +
-quantize, drawn from a generator seeded once per call; the backward re-seeds it and draws again in the
-same order, so its clamp masks are those of the forward without storing the noise.
+quantize, drawn from a generator seeded once per call; the readout masks kept for the backward include
+it (a backward called without the forward's state re-seeds and draws again in the same order).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -45,6 +49,11 @@ from .reference import OUTPUT_RANGE, compute_dtype, validate_inputs
 
 __all__ = ["analog_attention_blocked"]
 
+# The forward keeps each lag's backward operands (two floats per pulse for the linear model's gradient)
+# when they take at most this many times the memory of q, k, v together (the tiny profile: 2x); above it
+# (long windows) the backward recomputes them, as FlashAttention does, and memory stays O(T * D).
+SAVED_SLABS_MAX_RATIO = 4.0
+
 
 @dataclass
 class _Lag:
@@ -53,6 +62,7 @@ class _Lag:
     window_mask: Optional[torch.Tensor]  # bool, None when every entry is inside the window
     key_scale: torch.Tensor      # linear: g alpha / S_qk (S / S_qk = R * key_scale, R = Q W^T)
     value_scale: torch.Tensor    # linear: g alpha / S_av (A = (P * value_scale) @ U)
+    grad_scale: torch.Tensor     # linear model's backward: value_scale * key_scale (dA . U^T -> dL/dR)
     key_pow: List[torch.Tensor]  # nonlinear: c_i alpha**i / S_qk, i = 1..3
     value_pow: List[torch.Tensor]  # nonlinear: c_i alpha**i / S_av, i = 1..3
 
@@ -86,6 +96,7 @@ def _band(t_len: int, cfg: AnalogAttentionConfig, dtype: torch.dtype, device) ->
             window_mask=None if bool(inside.all()) else inside,
             key_scale=alpha * (cfg.gain / cfg.qk_saturation),
             value_scale=alpha * (cfg.gain / cfg.av_saturation),
+            grad_scale=(alpha * (cfg.gain / cfg.av_saturation)) * (alpha * (cfg.gain / cfg.qk_saturation)),
             key_pow=[p * (c[i + 1] / cfg.qk_saturation) for i, p in enumerate(powers)],
             value_pow=[p * (c[i + 1] / cfg.av_saturation) for i, p in enumerate(powers)]))
     return _Band(n, blocks, tiles, max_lag, max_lag == tiles, lags)
@@ -164,30 +175,39 @@ class _Operands:
 
 @dataclass
 class _LagState:
-    inside: torch.Tensor         # bool (m, BH, n, n): S / S_qk within [0, 1] and key in the window
-    P: torch.Tensor              # pulse widths, zero outside the window
-    P_weighted: torch.Tensor     # the value array's left operand: P * value_scale, or [P v_1 | P v_2 | P v_3]
-    A: torch.Tensor              # (m, BH, n, D) this lag's sub-tile output, before clamp/quantize
+    """One lag's slabs. Forward-only calls fill ``P``, ``P_weighted``, ``A``; for the backward, the
+    linear cell and the surrogate keep ``P_linear`` and ``grad_scale`` (nothing else), the exact
+    nonlinear gradient ``P_weighted`` and ``inside``."""
+
+    inside: Optional[torch.Tensor]      # bool (m, BH, n, n): S / S_qk within [0, 1] and key in the window
+    P: Optional[torch.Tensor]           # pulse widths, zero outside the window
+    P_weighted: Optional[torch.Tensor]  # value array's left operand: P * value_scale, or [P v_1 | P v_2 | P v_3]
+    A: Optional[torch.Tensor]           # (m, BH, n, D) this lag's sub-tile output, before clamp/quantize
+    P_linear: Optional[torch.Tensor] = None   # P * value_scale: the linear model's value-array operand
+    grad_scale: Optional[torch.Tensor] = None  # dL/dR = (dA . (gamma U)^T) * grad_scale (linear model)
+
+
+def _charge(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int) -> torch.Tensor:
+    """S / S_qk (m, BH, n, n) of key blocks j = i - delta against query blocks i (spec §4), no window mask."""
+    m, n, lag = band.blocks - delta, band.n, band.lags[delta]
+    Qs = ops.Q[delta:]
+    if not cfg.nonlinear:
+        return _bmm(Qs, ops.Wg[:m].transpose(-1, -2)).mul_(lag.key_scale)
+    c = cfg.folded_coefficients
+    R = _bmm(Qs, ops.W_pow[:m].transpose(-1, -2))                          # Q . (W**i)^T, i = 1..3
+    X = R[..., :n] * lag.key_pow[0]
+    X.addcmul_(R[..., n:2 * n], lag.key_pow[1]).addcmul_(R[..., 2 * n:], lag.key_pow[2])
+    # The i = 0 term: c_0 sum_d Q (identical cells) or c_0 Q . gamma^T.
+    zeroth = ops.Q_sum[delta:] if ops.gain_k is None else _bmm(Qs, ops.gain_k[:m].transpose(-1, -2))
+    return X.add_(zeroth, alpha=c[0] / cfg.qk_saturation)
 
 
 def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int,
-                 need_grad: bool) -> _LagState:
-    """Pulses and sub-tile output for key blocks j = i - delta, query blocks i = delta..blocks-1."""
-    m = band.blocks - delta
-    n = band.n
-    lag = band.lags[delta]
-    Qs = ops.Q[delta:]
-    if not cfg.nonlinear:
-        X = _bmm(Qs, ops.Wg[:m].transpose(-1, -2)).mul_(lag.key_scale)         # S / S_qk
-    else:
-        c = cfg.folded_coefficients
-        R = _bmm(Qs, ops.W_pow[:m].transpose(-1, -2))                          # Q . (W**i)^T, i = 1..3
-        X = R[..., :n] * lag.key_pow[0]
-        X.addcmul_(R[..., n:2 * n], lag.key_pow[1]).addcmul_(R[..., 2 * n:], lag.key_pow[2])
-        # The i = 0 term: c_0 sum_d Q (identical cells) or c_0 Q . gamma^T.
-        zeroth = ops.Q_sum[delta:] if ops.gain_k is None else _bmm(Qs, ops.gain_k[:m].transpose(-1, -2))
-        X.add_(zeroth, alpha=c[0] / cfg.qk_saturation)
-        del R
+                 need_grad: bool, need_output: bool = True) -> _LagState:
+    """Pulses and sub-tile output for key blocks j = i - delta, query blocks i = delta..blocks-1;
+    ``need_grad``: also what ``_lag_backward`` needs; ``need_output``: the output A."""
+    m, lag = band.blocks - delta, band.lags[delta]
+    X = _charge(ops, band, cfg, delta)
     P = X.clamp(0.0, 1.0)
     inside = None
     if need_grad:
@@ -197,16 +217,24 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
         if need_grad:
             inside &= lag.window_mask
     del X
+    P_weighted = A = None
     if not cfg.nonlinear:
         P_weighted = P * lag.value_scale
-        A = _bmm(P_weighted, ops.Ug[:m])
-    else:
+        if need_output:
+            A = _bmm(P_weighted, ops.Ug[:m])
+    elif need_output or (need_grad and cfg.exact_nonlinear_grad):
         c = cfg.folded_coefficients
         P_weighted = torch.cat([P * lag.value_pow[0], P * lag.value_pow[1], P * lag.value_pow[2]], dim=-1)
-        A = _bmm(P_weighted, ops.U_pow[:m])
-        zeroth = P.sum(dim=-1, keepdim=True) if ops.gain_v is None else _bmm(P, ops.gain_v[:m])
-        A.add_(zeroth, alpha=c[0] / cfg.av_saturation)
-    return _LagState(inside, P, P_weighted, A)
+        if need_output:
+            A = _bmm(P_weighted, ops.U_pow[:m])
+            zeroth = P.sum(dim=-1, keepdim=True) if ops.gain_v is None else _bmm(P, ops.gain_v[:m])
+            A.add_(zeroth, alpha=c[0] / cfg.av_saturation)
+    if not need_grad or (cfg.nonlinear and cfg.exact_nonlinear_grad):
+        return _LagState(inside, P, P_weighted, A)
+    # Linear model's gradient (linear cell, or the surrogate of spec §8): keep only its two operands.
+    P_linear = P_weighted if not cfg.nonlinear else P * lag.value_scale
+    grad_scale = torch.where(inside, lag.grad_scale, 0.0)
+    return _LagState(None, None, None, A, P_linear, grad_scale)
 
 
 def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int, st: _LagState,
@@ -220,12 +248,10 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     gain_v = None if ops.gain_v is None else ops.gain_v[:m]
     if not (cfg.nonlinear and cfg.exact_nonlinear_grad):
         # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (spec §8).
-        P_weighted = st.P_weighted if not cfg.nonlinear else st.P * lag.value_scale
-        dU[:m] += _times(gain_v, _bmm(P_weighted.transpose(-1, -2), dA))
-        del P_weighted
+        dU[:m] += _times(gain_v, _bmm(st.P_linear.transpose(-1, -2), dA))
         # dL/dR with R = Q (gamma W)^T: through the value array (g alpha gamma / S_av), the HardSigmoid
-        # mask and the key array (g alpha / S_qk).
-        dR = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(lag.value_scale).mul_(lag.key_scale).mul_(st.inside)
+        # mask and the key array (g alpha / S_qk): grad_scale holds the mask and both alpha factors.
+        dR = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(st.grad_scale)
         dQ[delta:] += _bmm(dR, ops.Wg[:m])
         dW[:m] += _times(gain_k, _bmm(dR.transpose(-1, -2), Qs))
         return
@@ -253,21 +279,61 @@ def _noise_generator(cfg: AnalogAttentionConfig, noise_seed: Optional[int], devi
     return readout_generator(noise_seed, device) if cfg.readout_noise > 0 else None
 
 
-def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int]) -> torch.Tensor:
+def _readout_groups(band: _Band) -> List[List[int]]:
+    """The lags read through one counter each: [0, M/n] share one when the sequence is longer than the
+    window (the newest keys overwrite the oldest slots), every other lag has its own."""
+    lags = list(range(band.max_lag + 1))
+    if band.merged:
+        return [[0, band.tiles]] + [[d] for d in lags[1:-1]]
+    return [[d] for d in lags]
+
+
+def _saves_slabs(band: _Band, cfg: AnalogAttentionConfig, q: torch.Tensor) -> bool:
+    """Whether the forward keeps every lag's backward operands (else the backward recomputes them):
+    when they take at most ``SAVED_SLABS_MAX_RATIO`` times the memory of q, k and v."""
+    slabs = sum(band.blocks - d for d in range(band.max_lag + 1)) * band.n * band.n
+    per_entry = 2 if not (cfg.nonlinear and cfg.exact_nonlinear_grad) else 3.25  # floats (bool = 1/4)
+    return slabs * per_entry * q.shape[0] * q.shape[1] <= SAVED_SLABS_MAX_RATIO * 3 * q.numel()
+
+
+@dataclass
+class _Saved:
+    """What the forward hands the backward: the operands, each readout's clamp mask (|A| <= 1, noise
+    included), and (``_saves_slabs``) each lag's backward operands, else None."""
+
+    band: _Band
+    ops: _Operands
+    readout_inside: List[torch.Tensor]
+    states: Optional[Dict[int, _LagState]]
+
+
+def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], keep: bool = False):
+    """y (B, H, T, D); with ``keep`` also the ``_Saved`` state for ``_backward``: ``(y, saved)``."""
     band = _band(q.shape[-2], cfg, q.dtype, q.device)
     ops = _Operands(q, k, v, cfg, band)
     noise = _noise_generator(cfg, noise_seed, q.device)
+    keep_states = keep and _saves_slabs(band, cfg, q)
+    states: Dict[int, _LagState] = {}
+    readout_inside = []
     y = torch.zeros_like(ops.Q)
-    lags = list(range(band.max_lag + 1))
-    if band.merged:  # lag 0 and lag M/n read through the same sub-tile: sum, then clamp + quantize
-        A0 = _lag_forward(ops, band, cfg, 0, False).A
-        A0[band.tiles:] += _lag_forward(ops, band, cfg, band.tiles, False).A
-        y += _readout_(_add_noise_(A0, cfg, noise), cfg)
-        del A0
-        lags = lags[1:-1]
-    for delta in lags:
-        y[delta:] += _readout_(_add_noise_(_lag_forward(ops, band, cfg, delta, False).A, cfg, noise), cfg)
-    return _from_blocks(y, q.shape)
+    for group in _readout_groups(band):
+        parts = [_lag_forward(ops, band, cfg, d, need_grad=keep_states) for d in group]
+        tile = parts[0].A
+        if len(group) == 2:  # the merged sub-tile: the oldest keys' contribution to the newest blocks
+            tile[band.tiles:] += parts[1].A
+        _add_noise_(tile, cfg, noise)
+        if keep:
+            readout_inside.append(tile.abs() <= OUTPUT_RANGE[1])  # the readout clamp passes dy here
+        y[group[0]:] += _readout_(tile, cfg)
+        for d, st in zip(group, parts):
+            st.A = None
+            if keep_states:
+                states[d] = st
+        del parts, tile
+    y = _from_blocks(y, q.shape)
+    if not keep:
+        return y
+    return y, _Saved(band, ops, readout_inside, states if keep_states else None)
 
 
 def _in_range(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -275,35 +341,22 @@ def _in_range(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return (x >= lo) & (x <= hi)
 
 
-def _readout_grad(A: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """dL/dA of one sub-tile: the readout's clamp passes dy inside [-1, 1] (its quantizer is STE)."""
-    return torch.where(A.abs_() <= OUTPUT_RANGE[1], dy, 0.0)
-
-
-def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy: torch.Tensor):
-    band = _band(q.shape[-2], cfg, q.dtype, q.device)
-    ops = _Operands(q, k, v, cfg, band)
-    noise = _noise_generator(cfg, noise_seed, q.device)  # the forward's draws, in the forward's order
+def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy: torch.Tensor,
+              saved: Optional[_Saved] = None):
+    """dq, dk, dv; from the forward's ``saved`` state, or (None) after recomputing it."""
+    if saved is None:
+        _, saved = _forward(q, k, v, cfg, noise_seed, keep=True)
+    band, ops = saved.band, saved.ops
     dyb = _to_blocks(dy.to(q.dtype), band.blocks, band.n)
     dQ, dW, dU = torch.zeros_like(ops.Q), torch.zeros_like(ops.W), torch.zeros_like(ops.U)
-    lags = list(range(band.max_lag + 1))
-    if band.merged:
-        st0 = _lag_forward(ops, band, cfg, 0, True)
-        stL = _lag_forward(ops, band, cfg, band.tiles, True)
-        tile = st0.A
-        tile[band.tiles:] += stL.A
-        dA = _readout_grad(_add_noise_(tile, cfg, noise), dyb)
-        del tile, st0.A, stL.A
-        _lag_backward(ops, band, cfg, 0, st0, dA, dQ, dW, dU)
-        del st0
-        _lag_backward(ops, band, cfg, band.tiles, stL, dA[band.tiles:], dQ, dW, dU)
-        del stL, dA
-        lags = lags[1:-1]
-    for delta in lags:
-        st = _lag_forward(ops, band, cfg, delta, True)
-        dA = _readout_grad(_add_noise_(st.A, cfg, noise), dyb[delta:])
-        _lag_backward(ops, band, cfg, delta, st, dA, dQ, dW, dU)
-        del st, dA
+    for group, inside in zip(_readout_groups(band), saved.readout_inside):
+        dA = torch.where(inside, dyb[group[0]:], 0.0)  # readout clamp; its quantizer is straight-through
+        for d in group:
+            st = (saved.states[d] if saved.states is not None
+                  else _lag_forward(ops, band, cfg, d, need_grad=True, need_output=False))
+            _lag_backward(ops, band, cfg, d, st, dA if d == group[0] else dA[band.tiles:], dQ, dW, dU)
+            del st
+        del dA
     # DAC clamps pass the gradient inside their range; the quantizers are straight-through.
     dq = torch.where(_in_range(q, 0.0, 1.0), _from_blocks(dQ, q.shape), 0.0)
     dk = torch.where(_in_range(k, 0.0, cfg.stored_max), _from_blocks(dW, k.shape), 0.0)
@@ -312,36 +365,47 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy
 
 
 class _BlockedAnalogAttention(torch.autograd.Function):
-    """Saves q, k, v only; the backward recomputes each lag (memory O(T * D) between the passes)."""
+    """Saves q, k, v, the operands and the readout masks, and (when cheap, ``_saves_slabs``) each lag's
+    backward operands; otherwise the backward recomputes the lags (memory O(T * D) between the passes)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cfg, noise_seed):
         ctx.cfg, ctx.noise_seed = cfg, noise_seed
-        ctx.save_for_backward(q, k, v)
+        keep = any(ctx.needs_input_grad[:3])
         # Autocast off: the products must run in the compute dtype (a bf16 bmm would move levels).
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            return _forward(q, k, v, cfg, noise_seed)
+            out = _forward(q, k, v, cfg, noise_seed, keep=keep)
+        if not keep:
+            return out
+        y, ctx.saved = out
+        ctx.save_for_backward(q, k, v)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         q, k, v = ctx.saved_tensors
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(q, k, v, ctx.cfg, ctx.noise_seed, dy)
+            dq, dk, dv = _backward(q, k, v, ctx.cfg, ctx.noise_seed, dy, ctx.saved)
+        ctx.saved = None
         return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
                 dv if ctx.needs_input_grad[2] else None, None, None)
 
 
 def analog_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             cfg: AnalogAttentionConfig) -> torch.Tensor:
+                             cfg: AnalogAttentionConfig, check_inputs: bool = True) -> torch.Tensor:
     """Analog attention (spec §2-§8) on (B, H, T, D) inputs already scaled (spec §1), banded.
 
     Same result as ``analog_attention_dense`` (up to float rounding order), without T x T tensors:
-    time O(T * (M + tile_rows) * D), memory O(T * D) saved for backward and O(T * tile_rows) working.
+    time O(T * (M + tile_rows) * D), working memory O(T * tile_rows).
     Returns y (B, H, T, D) in the input dtype (half precision is computed in float32). Cell variation
     and readout noise as in the reference (the noise: the next seed of the config's stream per call).
+    Memory O(T * (M + tile_rows)) saved for backward where that is at most ``SAVED_SLABS_MAX_RATIO``
+    times q, k, v (then the backward costs about one forward), O(T * D) beyond. ``check_inputs=False``
+    skips ``validate_inputs`` (for callers that ran it: ``functional.analog_attention``).
     """
-    validate_inputs(q, k, v, cfg)
+    if check_inputs:
+        validate_inputs(q, k, v, cfg)
     out_dtype = q.dtype
     dtype = compute_dtype(q.dtype)
     noise_seed = next_readout_seed(cfg) if cfg.readout_noise > 0 else None

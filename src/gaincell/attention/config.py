@@ -5,9 +5,11 @@ the paper's values (TSMC 28 nm gain cell, GPT-2 with a 1,024-token window).
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import InitVar, dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import InitVar, asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Tuple
 
 # Spec §10: the authors' ten coefficients C[i][j], order (0,0)(0,1)(0,2)(0,3)(1,0)(1,1)(1,2)(2,0)(2,1)(3,0).
 PAPER_COEFFICIENTS: Tuple[float, ...] = (
@@ -147,9 +149,6 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
         if coefficients == "paper":
             return PAPER_COEFFICIENTS
         if coefficients == "fitted":
-            import json
-            from pathlib import Path
-
             if not fitted_path or not Path(fitted_path).is_file():
                 raise FileNotFoundError(f"coefficients='fitted' but the fit result {fitted_path!r} does not "
                                         f"exist: run the fit stage first, or use coefficients=paper")
@@ -179,9 +178,6 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
     if isinstance(coefficients, str) and coefficients == "paper":
         return PAPER_GAIN
     if isinstance(coefficients, str) and coefficients == "fitted":
-        import json
-        from pathlib import Path
-
         if not fitted_path or not Path(fitted_path).is_file():
             raise FileNotFoundError(f"attention.gain=null with coefficients='fitted' takes g from the fit "
                                     f"result {fitted_path!r}, which does not exist: run the fit stage first")
@@ -194,33 +190,28 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
                      f"'paper' or 'fitted' only; set attention.gain to a number")
 
 
-def analog_config_from_settings(settings) -> AnalogAttentionConfig:
-    """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``).
+def analog_config_from_settings(settings: Any) -> AnalogAttentionConfig:
+    """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``, a
+    mapping of the same keys, or a dataclass instance): every ``AnalogAttentionConfig`` field present in
+    ``settings`` is taken from it (absent ones keep their default: settings written before the field
+    existed), ``coefficients`` and ``gain`` resolved.
 
     The coefficient set is resolved for ``nonlinear_hw`` only; every other kind gets the linear cell.
     The gain g is resolved (``resolve_gain``) for the hardware kinds; softmax kinds never read it.
     """
-    get = (lambda k: settings[k]) if hasattr(settings, "__getitem__") else (lambda k: getattr(settings, k))
-
-    def optional(key, default):  # settings written before the key existed
-        try:
-            return get(key)
-        except (KeyError, AttributeError):
-            return default
-
+    if is_dataclass(settings):
+        settings = asdict(settings)
+    kind, fitted_path = settings["kind"], settings.get("fitted_coefficients_path")
     coeffs = None
-    if get("kind") == "nonlinear_hw":
-        coeffs = resolve_coefficients(get("coefficients"), get("fitted_coefficients_path"))
+    if kind == "nonlinear_hw":
+        coeffs = resolve_coefficients(settings["coefficients"], fitted_path)
         if coeffs is None:
             raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
-    return AnalogAttentionConfig(
-        window=int(get("window")), tile_rows=int(get("tile_rows")), query_levels=get("query_levels"),
-        stored_levels=get("stored_levels"), output_levels=get("output_levels"),
-        gain=(resolve_gain(get("gain"), get("coefficients"), get("fitted_coefficients_path"))
-              if get("kind") in HARDWARE_KINDS else (PAPER_GAIN if get("gain") is None else float(get("gain")))),
-        qk_saturation=float(get("qk_saturation")), av_saturation=float(get("av_saturation")),
-        stored_offset=float(get("stored_offset")), read_voltage=float(get("read_voltage")),
-        decay_per_step=float(get("decay_per_step")), coefficients=coeffs,
-        exact_nonlinear_grad=bool(get("exact_nonlinear_grad")), cell_variation=float(optional("cell_variation", 0.0)),
-        readout_noise=float(optional("readout_noise", optional("read_noise", 0.0))),
-        noise_seed=int(optional("noise_seed", 0)))
+    gain = settings.get("gain")
+    if kind in HARDWARE_KINDS:
+        gain = resolve_gain(gain, settings.get("coefficients"), fitted_path)
+    knobs = {f.name: settings[f.name] for f in fields(AnalogAttentionConfig)
+             if f.name in settings and f.name not in ("coefficients", "gain")}
+    if "read_noise" in settings:  # the old name of readout_noise (an InitVar, not a field)
+        knobs["read_noise"] = settings["read_noise"]
+    return AnalogAttentionConfig(**knobs, coefficients=coeffs, gain=PAPER_GAIN if gain is None else float(gain))

@@ -64,6 +64,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _check_tokenizer(model: Any, tokenizer: Any, source: str) -> None:
+    """A checkpoint's recorded tokenizer must be the data folder's (``TokenizerMismatch`` otherwise): a
+    retrained tokenizer of the same size scores garbage without any other error. Checked when the
+    tokenizer comes from a data folder (``load_tokenizer``) and the model from a gaincell checkpoint."""
+    current = getattr(tokenizer, "fingerprint", None)
+    if current is None or not hasattr(model, "tokenizer_info"):
+        return
+    from gaincell.data import check_tokenizer
+
+    warning = check_tokenizer(model.tokenizer_info, tokenizer.data_dir, source, current)
+    if warning:
+        log.warning(warning)
+
+
 @register_model("gaincell")
 class GaincellLM(TemplateLM):
     """lm-eval model wrapping a ``gaincell.model.GPT`` (or any module with the same contract).
@@ -91,6 +105,7 @@ class GaincellLM(TemplateLM):
                  max_gen_toks: int = 256) -> None:
         super().__init__()
         self._device = resolve_device(str(device))
+        source = model if isinstance(model, str) else "the model"
         if isinstance(model, str):
             from gaincell.model import GPT
 
@@ -99,6 +114,7 @@ class GaincellLM(TemplateLM):
             from gaincell.data import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)
+        _check_tokenizer(model, tokenizer, source)
         self.model = model.to(self._device).eval()
         self.tokenizer_obj = tokenizer
         tok_vocab = getattr(tokenizer, "vocab_size", None)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from gaincell.config import EvaluateStage, stage_settings
 from gaincell.io import atomic_to_csv, atomic_write_json
 
 from .tasks import LOCAL_TASKS, LocalTaskParams, build_local_tasks, is_local_task, local_task_fingerprint
@@ -308,14 +309,14 @@ def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequenc
 # --------------------------------------------------------------------------------------------------
 # stage entry point
 # --------------------------------------------------------------------------------------------------
-def _stage_value(cfg, key: str, required: bool = True) -> Any:
-    stage = cfg.get("stage") or {}
-    value = stage.get(key) if hasattr(stage, "get") else None
-    if required and value in (None, ""):
-        raise ValueError(f"evaluate: missing +stage.{key}=...; expected e.g. "
-                         f"`python -m gaincell evaluate +stage.name=softmax "
-                         f"+stage.checkpoint=results/<profile>/checkpoints/softmax/ckpt.pt`")
-    return value
+def _stage(cfg) -> EvaluateStage:
+    stage = stage_settings(cfg, EvaluateStage)
+    for key in ("name", "checkpoint"):
+        if getattr(stage, key) in (None, ""):
+            raise ValueError(f"evaluate: missing +stage.{key}=...; expected e.g. "
+                             f"`python -m gaincell evaluate +stage.name=softmax "
+                             f"+stage.checkpoint=results/<profile>/checkpoints/softmax/ckpt.pt`")
+    return stage
 
 
 def local_task_params(eval_cfg) -> LocalTaskParams:
@@ -344,9 +345,8 @@ def _log_to_tracker(cfg, variant: str, table: pd.DataFrame) -> None:
 
 def run(cfg) -> pd.DataFrame:
     """Stage function (``python -m gaincell evaluate``); see the module docstring."""
-    variant = str(_stage_value(cfg, "name"))
-    checkpoint = Path(str(_stage_value(cfg, "checkpoint")))
-    attention = _stage_value(cfg, "attention", required=False)
+    stage = _stage(cfg)
+    variant, checkpoint, attention = stage.name, Path(stage.checkpoint), stage.attention
     if not checkpoint.is_file():
         raise FileNotFoundError(f"evaluate: checkpoint {checkpoint} not found (stage.checkpoint); "
                                 f"expected a ckpt.pt written by train/adapt")
@@ -367,9 +367,10 @@ def run(cfg) -> pd.DataFrame:
             analog_cfg = analog_config_from_settings(cfg.attention)
         model = GPT.from_checkpoint(str(checkpoint), map_location=str(device),
                                     attention=str(attention) if attention else None, analog_cfg=analog_cfg)
-        from gaincell.data import load_tokenizer
+        from gaincell.data import check_tokenizer, load_tokenizer
 
         tokenizer = load_tokenizer(str(cfg.data.data_dir))
+        check_tokenizer(model.tokenizer_info, tokenizer.data_dir, checkpoint, tokenizer.fingerprint)  # names the file
         return GaincellLM(model, tokenizer, batch_size=int(ev.batch_size), device=str(device),
                           dtype=str(ev.dtype), stride=stride, max_gen_toks=int(ev.max_gen_toks))
 

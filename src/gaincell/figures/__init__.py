@@ -15,8 +15,10 @@ import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
+from gaincell.config import FiguresStage, stage_settings
+
 # Modules in pipeline order.
-FIGURE_MODULES = ("device", "train", "adapt", "evaluate", "hardware", "analog", "benchmarks")
+FIGURE_MODULES = ("device", "train", "adapt", "variation", "evaluate", "hardware", "analog", "benchmarks")
 
 
 def figure_functions() -> Dict[str, Tuple[str, Callable]]:
@@ -91,7 +93,6 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
 
 def run(cfg) -> None:
     """CLI stage ``figures``: ``+stage.strict=false`` keeps going past missing inputs; ``+stage.only=[a,b]``."""
-    stage = cfg.get("stage") or {}
+    stage = stage_settings(cfg, FiguresStage)
     results_dir = Path(cfg.results_dir)
-    make_all(results_dir, results_dir / "figures", strict=bool(stage.get("strict", True)),
-             only=list(stage["only"]) if stage.get("only") else None)
+    make_all(results_dir, results_dir / "figures", strict=stage.strict, only=stage.only or None)

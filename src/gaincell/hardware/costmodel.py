@@ -226,7 +226,12 @@ class HardwareParameters:
     # ------------------------------------------------------------------ parameter sets
     @classmethod
     def paper(cls) -> "HardwareParameters":
-        """The authors' published per-part figures (TSMC 28 nm SPICE, paper Methods / Fig. 5)."""
+        """The authors' published per-part figures (TSMC 28 nm SPICE, paper Methods / Fig. 5).
+
+        This set RESTATES the paper's per-category energies (each category / 16 sub-tiles): its total of
+        6.15 nJ per head per token is an input of the cost model, not a reproduction of it. What our own
+        circuit costs is the ``simulated`` set.
+        """
         return cls()
 
     @classmethod
@@ -381,6 +386,45 @@ def _check_size(name: str, value: Any) -> int:
     return int(value)
 
 
+# How a parameter's source reads on a figure: our SPICE measured it, the paper states it, or we assume it.
+PROVENANCE_LABELS = {SPICE: "measured here", PAPER: "from the paper", ASSUMPTION: "assumption"}
+
+
+def provenance(params: HardwareParameters, name: str) -> str:
+    """``measured here`` / ``from the paper`` / ``assumption``: the kind of source of one parameter."""
+    source = params.source_of(name)
+    kind = source.split(":")[0].split(" ")[0].strip()
+    return PROVENANCE_LABELS.get(kind, kind)
+
+
+def energy_components_nj(params: HardwareParameters, window: int, head_dim: int) -> Dict[str, List[Dict[str, Any]]]:
+    """Energy per head per token, nJ, of every energy part (ENERGY_PARTS) as its components, each with the
+    parameter it comes from and that parameter's provenance (``measured here``, ``from the paper``,
+    ``assumption``): what the figures mark on each bar. Components of 0 nJ are kept (a set may zero one).
+
+    Array energy scales with active cells (window x head_dim) relative to the reference tile; the DACs,
+    counters and adders with (sub-tiles along the window) x (features) relative to one tile.
+    """
+    p = params
+    window_tiles = window // p.tile_rows
+    cell_scale = window * head_dim / (p.reference_tile_rows * p.reference_tile_cols)
+    feature_tile_scale = window_tiles * head_dim / p.reference_tile_cols
+    qk_conversions = window                      # one charge-to-pulse per key
+    av_conversions = window_tiles * head_dim     # one read-out per feature per sub-tile
+    cells_written = 4 * head_dim                 # new K and V columns, two cells per signed weight
+    terms = {
+        "qk_arrays_charge_to_pulse": [("qk_array_energy_per_subtile_j", cell_scale),
+                                      ("charge_to_pulse_energy_j", qk_conversions)],
+        "av_arrays_readout": [("av_array_energy_per_subtile_j", cell_scale),
+                              ("charge_to_pulse_energy_j", av_conversions)],
+        "dac_write": [("dac_energy_per_subtile_j", feature_tile_scale), ("cell_write_energy_j", cells_written)],
+        "digital_routing": [("digital_energy_per_subtile_j", feature_tile_scale)],
+    }
+    return {part: [{"parameter": name, "nj": getattr(p, name) * count * 1e9, "provenance": provenance(p, name),
+                    "source": p.source_of(name)} for name, count in parts]
+            for part, parts in terms.items()}
+
+
 def estimate(params: HardwareParameters, window: int, head_dim: int, heads: int, layers: int = 1) -> HardwareEstimate:
     """Latency, energy and area for ``heads`` heads of window ``window`` and head dimension ``head_dim``.
 
@@ -409,23 +453,9 @@ def estimate(params: HardwareParameters, window: int, head_dim: int, heads: int,
     }
     latency_ns = sum(latency.values())
 
-    # ---- energy per head per token ----
-    # Array energy scales with active cells (window x head_dim) relative to the reference tile; the
-    # DACs, counters and adders with (sub-tiles along the window) x (features) relative to one tile.
-    ref_cells = p.reference_tile_rows * p.reference_tile_cols
-    cell_scale = window * head_dim / ref_cells
-    feature_tile_scale = window_tiles * head_dim / p.reference_tile_cols
-    qk_conversions = window                      # one charge-to-pulse per key
-    av_conversions = window_tiles * head_dim     # one read-out per feature per sub-tile
-    cells_written = 4 * head_dim                 # new K and V columns, two cells per signed weight
-    energy_j = {
-        "qk_arrays_charge_to_pulse": p.qk_array_energy_per_subtile_j * cell_scale
-        + p.charge_to_pulse_energy_j * qk_conversions,
-        "av_arrays_readout": p.av_array_energy_per_subtile_j * cell_scale
-        + p.charge_to_pulse_energy_j * av_conversions,
-        "dac_write": p.dac_energy_per_subtile_j * feature_tile_scale + p.cell_write_energy_j * cells_written,
-        "digital_routing": p.digital_energy_per_subtile_j * feature_tile_scale,
-    }
+    # ---- energy per head per token (each part a sum of components, see energy_components_nj) ----
+    energy_j = {part: sum(c["nj"] for c in comps) * 1e-9
+                for part, comps in energy_components_nj(p, window, head_dim).items()}
     energy_nj = {k: v * 1e9 for k, v in energy_j.items()}
     per_head_nj = sum(energy_nj.values())
 

@@ -19,13 +19,14 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from gaincell.hardware.costmodel import (
     PAPER_ENERGY_BREAKDOWN_NJ,
-    AnalogTileParameters,
     PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ,
     PAPER_LATENCY_PER_TOKEN_NS,
     TECHNOLOGIES,
+    AnalogTileParameters,
     HardwareEstimate,
     HardwareParameters,
     attention_share,
+    energy_components_nj,
     estimate,
     estimate_projections,
 )
@@ -154,16 +155,17 @@ def run(cfg: Any) -> Dict[str, Any]:
     for name, params in sets.items():
         est = estimate(params, **size)
         design[name] = {"estimate": est.to_dict(), "relative_error_vs_paper": relative_errors(est),
+                        "energy_components_nj": energy_components_nj(params, size["window"], size["head_dim"]),
                         "parameters": params.describe()}
 
     # This profile's own model (its window, heads, head dim, layers), with the paper's parameters.
     profile_model: Dict[str, Any]
     try:
-        n_head, n_embd = int(cfg.model.n_head), int(cfg.model.n_embd)
+        n_head, n_embd = cfg.model.n_head, cfg.model.n_embd
         model_params = sets.get("paper") or next(iter(sets.values()))
-        model_params = model_params.replace(tile_rows=int(cfg.attention.tile_rows))
-        est = estimate(model_params, window=int(cfg.attention.window), head_dim=n_embd // n_head, heads=n_head,
-                       layers=int(cfg.model.n_layer))
+        model_params = model_params.replace(tile_rows=cfg.attention.tile_rows)
+        est = estimate(model_params, window=cfg.attention.window, head_dim=n_embd // n_head, heads=n_head,
+                       layers=cfg.model.n_layer)
         profile_model = {"estimate": est.to_dict(), "parameter_set": model_params.name}
     except ValueError as err:
         profile_model = {"skipped": str(err)}
