@@ -17,11 +17,11 @@ def _complete_run(root):
     for run in wc.TRAINED_RUNS:
         put(f"checkpoints/{run}/final.pt")
         put(f"train/{run}/metrics.csv", "iter,train_loss\n1,5.0\n2,4.0\n")
+    for run in wc.CONVERTED_RUNS:
+        put(f"checkpoints/{run}/final.pt")
     for run in wc.ADAPTED_RUNS:
         put(f"checkpoints/{run}/ckpt.pt")
         put(f"adapt/{run}/summary.json", json.dumps({"iterations": 3}))
-    for run in wc.CONVERTED_RUNS:
-        put(f"checkpoints/{run}/final.pt")
     for variant in wc.VARIANTS:
         put(f"eval/{variant}/results.csv", "variant,task,metric,value\na,b,acc,0.5\na,b,acc_norm,0.5\n")
         put(f"adapt/study/{variant}.json", json.dumps({"val_loss": 5.0, "val_loss_spread": 0.01}))

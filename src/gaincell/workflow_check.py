@@ -16,10 +16,12 @@ from gaincell import study
 VARIANTS = list(study.VARIANT_RUNS)
 TRAINED_RUNS = [r.name for r in study.runs("train")]      # checkpoints/<run>/final.pt + train/<run>/metrics.csv
 ADAPTED_RUNS = [r.name for r in study.runs("adapt")]      # checkpoints/<run>/ckpt.pt + adapt/<run>/summary.json
-CONVERTED_RUNS = [r.name for r in study.runs("convert")]  # checkpoints/<run>/final.pt (analog projections)
+CONVERTED_RUNS = [r.name for r in study.runs("convert")]  # checkpoints/<run>/final.pt (no training)
 NOISE_SEED_VARIANTS = [v.run for v in study.VARIANTS if v.noise_seeds]  # val_loss over inference-noise seeds
-RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"] + [r.rule for r in study.runs("train")]
-                         + ["leakage_sweep", "variation_sweep", "gpu_baseline", "hardware_estimates", "figures", "generate_sample"])
+RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"]
+                         + [r.rule for r in study.RUNS if r.training != "adapt"]
+                         + ["leakage_sweep", "variation_sweep", "gpu_baseline", "hardware_estimates", "figures",
+                            "generate_sample"])
 # Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
 REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
                     "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
