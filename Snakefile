@@ -15,6 +15,7 @@ include: "workflow/rules/analog.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/gpu_baseline.smk"
 include: "workflow/rules/hardware_estimates.smk"
+include: "workflow/rules/decay.smk"
 include: "workflow/rules/figures.smk"
 
 

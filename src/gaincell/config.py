@@ -163,6 +163,9 @@ class AttentionChoice:
     gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
     #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
     #                                     gaincell.attention.config.resolve_gain
+    decay_per_step: Any = 1.56e-4       # lambda = L * delta_t / tau per token step (the paper's), or "derived":
+    #                                     our cost model's latency and measured retention (stage derive_decay)
+    derived_decay_path: str = "${results_dir}/hardware/decay_per_step.json"  # read when decay_per_step=derived
     implementation: AttentionImplementation = AttentionImplementation.auto  # auto | dense | blocked | triton
 
 
@@ -422,7 +425,8 @@ class WorkflowConfig:
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
     variation_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # cell_variation sweep
-    readout_noise_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # readout_noise sweep
+    readout_noise_values: List[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])  # readout_noise sweep
+    #                                     (value 0 is the same model as cell_variation 0: evaluated once)
     variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
     analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run
@@ -581,9 +585,13 @@ class RootConfig:
 
 # Settings that change how fast or where a stage runs, never what it computes: the workflow does not
 # rerun a rule when only these change (its `section` params leave them out). Dotted keys of RootConfig.
+# The trainer's (gaincell.train): where it runs and how often it checkpoints never change the weights
+# (a resumed run reproduces the uninterrupted one; tested); every attention implementation computes the
+# same function.
 RUNTIME_ONLY_KEYS = frozenset({
     "device.model_cache_dir", "device.workers", "data.num_proc", "data.cache_dir",
-    "train.threads", "train.progress",
+    "train.threads", "train.progress", "train.device", "train.compile", "train.checkpoint_interval",
+    "attention.implementation",
 })
 
 

@@ -53,7 +53,7 @@ import torch
 
 from gaincell.analog_projections import projection_config_from_dict, set_projections
 from gaincell.attention.module import HW_KINDS
-from gaincell.config import TrainStage, stage_settings
+from gaincell.config import RUNTIME_ONLY_KEYS, TrainStage, stage_settings
 from gaincell.data import read_windows
 from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached
 from gaincell.model import (GPT, CheckpointError, config_from_settings, load_checkpoint_file,
@@ -251,11 +251,12 @@ def _set_dropout(model: GPT, p: float) -> None:
 # ----------------------------------------------------------------------------------------------------
 # what a run's result depends on
 # ----------------------------------------------------------------------------------------------------
-# Settings that change how a run executes but not its weights or metrics: they never invalidate a
-# checkpoint. ``device``: where it runs (like the number of processes); ``compile``: the same function,
-# compiled; ``checkpoint_interval``: a resumed run reproduces the uninterrupted one bit for bit (tested),
-# so where checkpoints fall does not matter; ``threads``, ``progress``: speed and display.
-RUNTIME_TRAIN_KEYS = ("device", "compile", "checkpoint_interval", "threads", "progress")
+# Settings that change how a run executes but not its weights or metrics never invalidate a checkpoint:
+# the train.* keys of gaincell.config.RUNTIME_ONLY_KEYS (the workflow reruns nothing for them either).
+# ``device``: where it runs (like the number of processes); ``compile``: the same function, compiled;
+# ``checkpoint_interval``: a resumed run reproduces the uninterrupted one bit for bit (tested), so where
+# checkpoints fall does not matter; ``threads``, ``progress``: speed and display.
+RUNTIME_TRAIN_KEYS = tuple(sorted(k.partition(".")[2] for k in RUNTIME_ONLY_KEYS if k.startswith("train.")))
 # The run length and learning-rate schedule are compared iteration by iteration (``schedule_mismatch``),
 # so a finished run can be extended when the learning rates it used are those of the longer run.
 SCHEDULE_KEYS = ("max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters")

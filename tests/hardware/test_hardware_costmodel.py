@@ -213,3 +213,14 @@ def test_energy_components_sum_to_the_breakdown_and_say_where_each_comes_from(de
     assert by_name["cell_write_energy_j"] == "measured here"
     assert by_name["digital_energy_per_subtile_j"] == by_name["dac_energy_per_subtile_j"] == "from the paper"
     assert by_name["charge_to_pulse_energy_j"] == "assumption"
+
+
+def test_single_ended_cell_writes_one_cell_per_weight(device_summary):
+    s = json.loads(device_summary.read_text())
+    device_summary.write_text(json.dumps({**s, "cell_kind": "single_ended"}))
+    p = HardwareParameters.simulated(device_summary)
+    assert p.cells_per_weight == 1 and p.source_of("cells_per_weight").startswith(SPICE)
+    est = estimate(p, **PAPER_SIZE)
+    write = (16 * p.dac_energy_per_subtile_j + 2 * 64 * s["write_energy_j"]) * 1e9   # K and V, one cell each
+    assert est.energy_breakdown_nj["dac_write"] == pytest.approx(write)
+    assert HardwareParameters.paper().cells_per_weight == 2

@@ -231,3 +231,7 @@ def keep_only_variation_points(points, index_path, log_path):
         p.unlink()
     atomic_write_json(Path(index_path), {"points": list(points), "removed_stale": [str(p) for p in stale]})
     Path(log_path).write_text(f"{len(points)} points; removed {len(stale)} stale: {[str(p) for p in stale]}\n")
+
+# attention.decay_per_step=derived: the hardware training runs read the derive_decay stage's value.
+DERIVED_DECAY = str(CFG.attention.derived_decay_path)
+DECAY_INPUT = [DERIVED_DECAY] if str(CFG.attention.decay_per_step) == "derived" else []

@@ -190,11 +190,29 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
                      f"'paper' or 'fitted' only; set attention.gain to a number")
 
 
+def resolve_decay_per_step(value, derived_path: Optional[str] = None) -> float:
+    """``attention.decay_per_step``: a number, or ``"derived"``: the value the ``derive_decay`` stage
+    computed from our cost model's latency and our measured retention (``derived_path``, key
+    ``decay_per_step``; see ``gaincell.hardware.decay``)."""
+    if isinstance(value, str):
+        if value != "derived":
+            raise ValueError(f"attention.decay_per_step={value!r}: expected a number >= 0 or 'derived'")
+        import json
+        from pathlib import Path
+
+        if not derived_path or not Path(derived_path).is_file():
+            raise FileNotFoundError(f"attention.decay_per_step=derived reads {derived_path!r}, which does not "
+                                    f"exist: run the derive_decay stage first")
+        with open(derived_path) as fh:
+            return float(json.load(fh)["decay_per_step"])
+    return float(value)
+
+
 def analog_config_from_settings(settings: Any) -> AnalogAttentionConfig:
     """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``, a
     mapping of the same keys, or a dataclass instance): every ``AnalogAttentionConfig`` field present in
     ``settings`` is taken from it (absent ones keep their default: settings written before the field
-    existed), ``coefficients`` and ``gain`` resolved.
+    existed), ``coefficients``, ``gain`` and ``decay_per_step`` resolved.
 
     The coefficient set is resolved for ``nonlinear_hw`` only; every other kind gets the linear cell.
     The gain g is resolved (``resolve_gain``) for the hardware kinds; softmax kinds never read it.
@@ -212,6 +230,8 @@ def analog_config_from_settings(settings: Any) -> AnalogAttentionConfig:
         gain = resolve_gain(gain, settings.get("coefficients"), fitted_path)
     knobs = {f.name: settings[f.name] for f in fields(AnalogAttentionConfig)
              if f.name in settings and f.name not in ("coefficients", "gain")}
+    if "decay_per_step" in settings:
+        knobs["decay_per_step"] = resolve_decay_per_step(settings["decay_per_step"], settings.get("derived_decay_path"))
     if "read_noise" in settings:  # the old name of readout_noise (an InitVar, not a field)
         knobs["read_noise"] = settings["read_noise"]
     return AnalogAttentionConfig(**knobs, coefficients=coeffs, gain=PAPER_GAIN if gain is None else float(gain))

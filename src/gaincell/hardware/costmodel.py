@@ -163,12 +163,15 @@ class HardwareParameters:
         "bank counted, as in the paper's x16 accounting)")
     cell_write_energy_j: float = _p(
         0.0, "J per cell", PAPER,
-        "writing one gain cell (4 D cells per token: K and V, two cells per signed weight); 0 in the "
+        "writing one gain cell (2 x cells_per_weight x D cells per token: K and V); 0 in the "
         "paper set because the paper's DAC figure includes it")
     digital_energy_per_subtile_j: float = _p(
         4.0e-9 / _PAPER_SUBTILES, "J", PAPER,
         "digital blocks (pulse generators, counters, adders, control) and routing per sub-tile; the "
         "paper's 4.0 nJ per head / 16")
+
+    cells_per_weight: int = _p(2, "cells", PAPER, "gain cells written per stored signed weight (paper: a pair; "
+                                                  "our single-ended cell: one, its reference cell is not rewritten)")
 
     # ---- area ----
     signed_cell_area_um2: float = _p(1.0, "um^2", PAPER, "one signed weight (two gain cells); worst-case "
@@ -214,7 +217,7 @@ class HardwareParameters:
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected a number ({f.metadata['unit']})")
             if f.type in ("int", int) and not isinstance(value, int):
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected an integer")
-            positive = f.name in ("tile_rows", "tile_cols", "reference_tile_rows", "reference_tile_cols",
+            positive = f.name in ("tile_rows", "tile_cols", "reference_tile_rows", "reference_tile_cols", "cells_per_weight",
                                   "clock_period_ns", "signed_cell_area_um2", "retention_tau_s", "read_voltage_v")
             if positive and not value > 0:
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected > 0 ({f.metadata['unit']})")
@@ -257,6 +260,7 @@ class HardwareParameters:
             "qk_array_energy_per_subtile_j": f"{SPICE}: {where}: array_op_energy_j x {ref_cells}/({rows}x{cols}) cells",
             "av_array_energy_per_subtile_j": f"{SPICE}: {where}: array_op_energy_j x {ref_cells}/({rows}x{cols}) cells",
             "cell_write_energy_j": f"{SPICE}: {where}: write_energy_j",
+            "cells_per_weight": f"{SPICE}: {where}: cell_kind {summary.get('cell_kind', 'differential_pair')}",
             "query_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "phi_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "retention_tau_s": f"{SPICE}: {where}: retention_tau_s",
@@ -270,6 +274,7 @@ class HardwareParameters:
             av_array_energy_per_subtile_j=float(array_per_ref_tile),
             charge_to_pulse_energy_j=0.1e-12,
             cell_write_energy_j=float(summary["write_energy_j"]),
+            cells_per_weight=1 if summary.get("cell_kind") == "single_ended" else 2,
             query_phase_ns=array_phase, phi_phase_ns=array_phase,
             retention_tau_s=float(summary["retention_tau_s"]),
             sources={**dict(base.sources), **sources})
@@ -411,7 +416,7 @@ def energy_components_nj(params: HardwareParameters, window: int, head_dim: int)
     feature_tile_scale = window_tiles * head_dim / p.reference_tile_cols
     qk_conversions = window                      # one charge-to-pulse per key
     av_conversions = window_tiles * head_dim     # one read-out per feature per sub-tile
-    cells_written = 4 * head_dim                 # new K and V columns, two cells per signed weight
+    cells_written = 2 * p.cells_per_weight * head_dim   # the new K and V columns
     terms = {
         "qk_arrays_charge_to_pulse": [("qk_array_energy_per_subtile_j", cell_scale),
                                       ("charge_to_pulse_energy_j", qk_conversions)],
