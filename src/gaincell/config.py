@@ -127,6 +127,14 @@ class DeviceConfig:
     mismatch_cells: int = 32            # Monte-Carlo cells (each one fit); 0: no mismatch run
     mismatch_seed: int = 0              # seed of the per-transistor threshold shifts (delvto)
     mismatch_sigma_scale: float = 1.0   # multiplies the library's vth0 mismatch sigma (1: the sky130 models')
+    c2p_points: int = 6                 # charge-to-pulse read-out: starting voltages simulated (0: not simulated)
+    c2p_capacitance_f: float = 100e-15  # its integration capacitor, F
+    c2p_bias_v: float = 1.1             # gate voltage of its discharge transistor (current ~ C x 0.9 V / T_max), V
+    c2p_discharge_w_um: float = 0.42    # discharge nfet width, um
+    c2p_discharge_l_um: float = 2.0     # discharge nfet length, um (long: a steadier current)
+    c2p_inverter_n_w_um: float = 0.42   # comparator (two inverters): nfet width, um
+    c2p_inverter_p_w_um: float = 0.84   # comparator: pfet width, um
+    c2p_inverter_l_um: float = 0.15     # comparator: channel length, um
 
 
 @dataclass

@@ -245,12 +245,15 @@ class HardwareParameters:
         The arrays' MAC energy and latency, the cell write energy and the retention come from our SPICE
         run (``array_op_energy_j`` of one ``array_rows x array_cols`` array operation, scaled per cell
         to the reference tile; ``write_energy_j`` per cell; ``array_op_latency_ns``; ``retention_tau_s``).
-        Our SPICE has no periphery, so the charge-to-pulse conversions are an assumption (0.1 pJ each:
-        ~100 fF integrated to 0.9 V plus a comparator) and the digital blocks and DACs keep the paper's
-        figures.
+        The charge-to-pulse conversion is our SPICE bench's energy (``charge_to_pulse_energy_j``: integrator,
+        discharge current source and comparator) when the device stage simulated it, else an assumption
+        (0.1 pJ: ~100 fF integrated to 0.9 V plus a comparator); the digital blocks and DACs keep the
+        paper's figures.
         """
         summary = load_device_summary(device_summary_path)
         base = base or cls.paper()
+        c2p = summary.get("charge_to_pulse_energy_j")
+        c2p = float(c2p) if isinstance(c2p, (int, float)) and math.isfinite(c2p) and c2p > 0 else None
         rows, cols = summary["array_rows"], summary["array_cols"]
         ref_cells = base.reference_tile_rows * base.reference_tile_cols
         array_per_ref_tile = summary["array_op_energy_j"] * ref_cells / (rows * cols)
@@ -264,7 +267,9 @@ class HardwareParameters:
             "query_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "phi_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "retention_tau_s": f"{SPICE}: {where}: retention_tau_s",
-            "charge_to_pulse_energy_j": f"{ASSUMPTION}: ~100 fF x (0.9 V)^2 + comparator, no SPICE of the periphery",
+            "charge_to_pulse_energy_j": (f"{SPICE}: {where}: charge_to_pulse_energy_j (integrator + comparator bench)"
+                                         if c2p is not None else
+                                         f"{ASSUMPTION}: ~100 fF x (0.9 V)^2 + comparator, no SPICE of the periphery"),
             "dac_energy_per_subtile_j": f"{PAPER} (our SPICE has no DAC periphery)",
             "digital_energy_per_subtile_j": f"{PAPER} (our SPICE has no digital blocks)",
         }
@@ -272,7 +277,7 @@ class HardwareParameters:
             base, name="simulated",
             qk_array_energy_per_subtile_j=float(array_per_ref_tile),
             av_array_energy_per_subtile_j=float(array_per_ref_tile),
-            charge_to_pulse_energy_j=0.1e-12,
+            charge_to_pulse_energy_j=c2p if c2p is not None else 0.1e-12,
             cell_write_energy_j=float(summary["write_energy_j"]),
             cells_per_weight=1 if summary.get("cell_kind") == "single_ended" else 2,
             query_phase_ns=array_phase, phi_phase_ns=array_phase,
