@@ -9,9 +9,9 @@
     tracker.finish()
 
 The W&B group is ``$WANDB_RUN_GROUP`` (the workflow sets it from a hash of the composed configuration,
-so reruns of one configuration share a group), else ``tracking.group``. W&B's mode comes from ``cfg.tracking.mode`` (``offline`` | ``online`` | ``disabled``), overridden by
-``$WANDB_MODE``; the run gets the full resolved config. In ``disabled`` mode wandb is not imported.
-Figures read the CSV, never W&B. The CSV is rewritten atomically (whole file, at most every
+so reruns of one configuration share a group), else ``tracking.group``. W&B's mode comes from
+``cfg.tracking.mode`` (``offline`` | ``online`` | ``disabled``), overridden by ``$WANDB_MODE``; the run
+gets the full resolved config. In ``disabled`` mode wandb is not imported. Figures read the CSV, never W&B. The CSV is rewritten atomically (whole file, at most every
 ``tracking.csv_flush_s`` seconds and at ``flush``/``finish``); ``resume_step`` keeps only the rows up
 to that step of an existing CSV, so a run resumed from a checkpoint continues one clean curve.
 """
@@ -119,7 +119,8 @@ class Tracker:
             self.wandb_id = uuid.uuid4().hex[:8]
         self.wandb_run = wandb.init(
             project=str(_get(tracking, "project", "gaincell")), entity=_get(tracking, "entity"),
-            group=os.environ.get("WANDB_RUN_GROUP") or _get(tracking, "group"), name=self.run_name, job_type=self.job_type,
+            group=os.environ.get("WANDB_RUN_GROUP") or _get(tracking, "group"), name=self.run_name,
+            job_type=self.job_type,
             config=resolved_config_dict(cfg), dir=str(wandb_dir), mode=self.mode, id=self.wandb_id,
             resume="allow", reinit="finish_previous")
 
