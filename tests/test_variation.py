@@ -37,7 +37,10 @@ def test_variation_sweep_points_and_figure(trained_linear, tmp_path):  # noqa: F
     assert _point(tmp_path, "cell_variation", 0.5, chips=2)["models"]["linear_hw"]["val_loss_per_chip"] == [a, b]
     noisy = _point(tmp_path, "readout_noise", 0.3)
     assert noisy["models"]["linear_hw"]["val_loss"] != zero["models"]["linear_hw"]["val_loss"]
-    _point(tmp_path, "readout_noise", 0.0)
+    from gaincell.figures.variation import variation_table
+
+    table = variation_table(tmp_path)     # the shared zero point starts the readout-noise curve too
+    assert set(table[table.knob == "readout_noise"]["value"]) == {0.0, 0.3}
     paths = fig_variation(tmp_path, tmp_path / "figures")
     assert [p.name for p in paths] == ["variation.png", "variation.pdf"]
     row = json.loads((tmp_path / "adapt" / "variation" / "readout_noise_0.3.json").read_text())

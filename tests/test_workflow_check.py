@@ -17,6 +17,8 @@ def _complete_run(root):
     for run in wc.TRAINED_RUNS:
         put(f"checkpoints/{run}/final.pt")
         put(f"train/{run}/metrics.csv", "iter,train_loss\n1,5.0\n2,4.0\n")
+    for run in wc.CONVERTED_RUNS:
+        put(f"checkpoints/{run}/final.pt")
     for run in wc.ADAPTED_RUNS:
         put(f"checkpoints/{run}/ckpt.pt")
         put(f"adapt/{run}/summary.json", json.dumps({"iterations": 3}))

@@ -127,6 +127,14 @@ class DeviceConfig:
     mismatch_cells: int = 32            # Monte-Carlo cells (each one fit); 0: no mismatch run
     mismatch_seed: int = 0              # seed of the per-transistor threshold shifts (delvto)
     mismatch_sigma_scale: float = 1.0   # multiplies the library's vth0 mismatch sigma (1: the sky130 models')
+    c2p_points: int = 6                 # charge-to-pulse read-out: starting voltages simulated (0: not simulated)
+    c2p_capacitance_f: float = 100e-15  # its integration capacitor, F
+    c2p_bias_v: float = 1.1             # gate voltage of its discharge transistor (current ~ C x 0.9 V / T_max), V
+    c2p_discharge_w_um: float = 0.42    # discharge nfet width, um
+    c2p_discharge_l_um: float = 2.0     # discharge nfet length, um (long: a steadier current)
+    c2p_inverter_n_w_um: float = 0.42   # comparator (two inverters): nfet width, um
+    c2p_inverter_p_w_um: float = 0.84   # comparator: pfet width, um
+    c2p_inverter_l_um: float = 0.15     # comparator: channel length, um
 
 
 @dataclass
@@ -425,7 +433,8 @@ class WorkflowConfig:
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
     variation_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # cell_variation sweep
-    readout_noise_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # readout_noise sweep
+    readout_noise_values: List[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])  # readout_noise sweep
+    #                                     (value 0 is the same model as cell_variation 0: evaluated once)
     variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
     analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run

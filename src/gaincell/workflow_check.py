@@ -16,8 +16,11 @@ from gaincell import study
 VARIANTS = list(study.VARIANT_RUNS)
 TRAINED_RUNS = [r.name for r in study.runs("train")]      # checkpoints/<run>/final.pt + train/<run>/metrics.csv
 ADAPTED_RUNS = [r.name for r in study.runs("adapt")]      # checkpoints/<run>/ckpt.pt + adapt/<run>/summary.json
-RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"] + [r.rule for r in study.runs("train")]
-                         + ["leakage_sweep", "variation_sweep", "gpu_baseline", "hardware_estimates", "figures", "generate_sample"])
+CONVERTED_RUNS = [r.name for r in study.runs("convert")]  # checkpoints/<run>/final.pt (no training)
+RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"]
+                         + [r.rule for r in study.RUNS if r.training != "adapt"]
+                         + ["leakage_sweep", "variation_sweep", "gpu_baseline", "hardware_estimates", "figures",
+                            "generate_sample"])
 # Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
 REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
                     "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
@@ -79,6 +82,8 @@ def check(results_dir: Path) -> List[str]:
     for run in ADAPTED_RUNS:
         need(study.checkpoint(run), 10_000)
         need(f"adapt/{run}/summary.json", 10)
+    for run in CONVERTED_RUNS:
+        need(study.checkpoint(run), 10_000)
     for variant in VARIANTS:
         need(f"eval/{variant}/results.csv", 20, csv_rows(2))
         need(f"adapt/study/{variant}.json", 10)

@@ -185,9 +185,10 @@ def _circuit(title: str):
     return Circuit(title)
 
 
-def _finish(circuit, tech: Technology, cell: CellDesign, transistors: List[str], extra: Sequence[str] = ()) -> str:
-    sizes = [(cell.read_device, cell.read_w_um, cell.read_l_um),
-             (cell.write_device, cell.write_w_um, cell.write_l_um)]
+def _finish(circuit, tech: Technology, cell: CellDesign, transistors: List[str], extra: Sequence[str] = (),
+            sizes: Sequence[Tuple[str, float, float]] = ()) -> str:
+    sizes = list(sizes) or [(cell.read_device, cell.read_w_um, cell.read_l_um),
+                            (cell.write_device, cell.write_w_um, cell.write_l_um)]
     body = str(circuit).rstrip()
     if body.endswith(".end"):
         body = body[:-4].rstrip()
@@ -289,6 +290,50 @@ def retention_netlist(tech: Technology, cell: CellDesign) -> str:
     _preset_control(c, cell)
     transistors = _cell_transistors(tech, cell, "0", "snp", "rwl", "bl", "wwl", "wbl")
     return _finish(c, tech, cell, transistors)
+
+
+@dataclass(frozen=True)
+class ChargeToPulseDesign:
+    """The charge-to-pulse read-out (the HardSigmoid after each array column): the column's charge sits on an
+    integration capacitor; from ``start_ns`` a current-source transistor discharges it at a near-constant
+    current while a two-inverter comparator holds its output high: the output pulse lasts as long as the
+    node stays above the comparator's switching voltage, so its width grows linearly with the charge, and
+    a counter that stops at T_max clips it (the HardSigmoid). Units in the names."""
+
+    integration_capacitance_f: float    # integration capacitor, F
+    discharge_bias_v: float             # gate voltage of the discharge transistor (sets its current), V
+    discharge_w_um: float               # discharge transistor (nfet) width, um
+    discharge_l_um: float               # discharge transistor length, um (long: a better current source)
+    inverter_n_w_um: float              # comparator inverters: nfet width, um
+    inverter_p_w_um: float              # comparator inverters: pfet width, um
+    inverter_l_um: float                # comparator inverters: channel length, um
+    start_ns: float = 2.0               # discharge (and pulse count) start, ns; the preset opens before it
+
+    def sizes(self) -> List[Tuple[str, float, float]]:
+        return [("nfet_01v8", self.discharge_w_um, self.discharge_l_um),
+                ("nfet_01v8", self.inverter_n_w_um, self.inverter_l_um),
+                ("pfet_01v8", self.inverter_p_w_um, self.inverter_l_um)]
+
+
+C2P_SOURCES = {"preset": "vprep", "supply": "vdd"}
+
+
+def charge_to_pulse_netlist(tech: Technology, cell: CellDesign, design: ChargeToPulseDesign, supply_v: float) -> str:
+    """The charge-to-pulse bench: alter ``vprep`` (the integration node's voltage when the count starts)."""
+    c = _circuit("gaincell charge-to-pulse")
+    c.V("dd", "vdd", c.gnd, supply_v)
+    t0, edge = design.start_ns * 1e-9, cell.edge_ns * 1e-9
+    c.PieceWiseLinearVoltageSource("bias", "vb", c.gnd, values=[(0, 0.0), (t0, 0.0), (t0 + edge, design.discharge_bias_v)])
+    c.C("int", "ci", c.gnd, design.integration_capacitance_f)
+    _add_preset(c, "ci", "p", cell)
+    _preset_control(c, cell)
+    n, p, l = design.inverter_n_w_um, design.inverter_p_w_um, design.inverter_l_um
+    transistors = [tech.instance("dis", "ci", "vb", "0", "0", "nfet_01v8", design.discharge_w_um, design.discharge_l_um),
+                   tech.instance("p1", "o1", "ci", "vdd", "vdd", "pfet_01v8", p, l),
+                   tech.instance("n1", "o1", "ci", "0", "0", "nfet_01v8", n, l),
+                   tech.instance("p2", "out", "o1", "vdd", "vdd", "pfet_01v8", p, l),
+                   tech.instance("n2", "out", "o1", "0", "0", "nfet_01v8", n, l)]
+    return _finish(c, tech, cell, transistors, sizes=design.sizes())
 
 
 # --------------------------------------------------------------------------------------------------

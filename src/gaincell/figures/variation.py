@@ -22,7 +22,7 @@ MODEL_STYLE = {"nonlinear_adapted": ("adapted (variant 5)", "tab:orange"),
 
 
 def variation_table(results_dir: Path) -> pd.DataFrame:
-    """One row per (knob, value, model) of the sweep."""
+    """One row per (knob, value, model) of the sweep; the shared zero point appears under both knobs."""
     rows = []
     for path in sorted((Path(results_dir) / "adapt" / "variation").glob("*.json")):
         point = json.loads(path.read_text())
@@ -33,7 +33,13 @@ def variation_table(results_dir: Path) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"no sweep points under {Path(results_dir) / 'adapt' / 'variation'}: run the "
                                 f"variation_sweep rule first")
-    return pd.DataFrame(rows).sort_values(["knob", "model", "value"])
+    table = pd.DataFrame(rows)
+    # value 0 of either knob is the same model (no variation, no noise): every knob's curve starts there
+    zero = table[table["value"] == 0].drop_duplicates("model")
+    for knob in KNOB_LABELS:
+        if not ((table["knob"] == knob) & (table["value"] == 0)).any():
+            table = pd.concat([table, zero.assign(knob=knob)], ignore_index=True)
+    return table.sort_values(["knob", "model", "value"])
 
 
 def _measured_gain_spread(results_dir: Path) -> Optional[Dict[str, Any]]:

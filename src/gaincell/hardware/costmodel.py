@@ -163,12 +163,15 @@ class HardwareParameters:
         "bank counted, as in the paper's x16 accounting)")
     cell_write_energy_j: float = _p(
         0.0, "J per cell", PAPER,
-        "writing one gain cell (4 D cells per token: K and V, two cells per signed weight); 0 in the "
+        "writing one gain cell (2 x cells_per_weight x D cells per token: K and V); 0 in the "
         "paper set because the paper's DAC figure includes it")
     digital_energy_per_subtile_j: float = _p(
         4.0e-9 / _PAPER_SUBTILES, "J", PAPER,
         "digital blocks (pulse generators, counters, adders, control) and routing per sub-tile; the "
         "paper's 4.0 nJ per head / 16")
+
+    cells_per_weight: int = _p(2, "cells", PAPER, "gain cells written per stored signed weight (paper: a pair; "
+                                                  "our single-ended cell: one, its reference cell is not rewritten)")
 
     # ---- area ----
     signed_cell_area_um2: float = _p(1.0, "um^2", PAPER, "one signed weight (two gain cells); worst-case "
@@ -214,7 +217,7 @@ class HardwareParameters:
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected a number ({f.metadata['unit']})")
             if f.type in ("int", int) and not isinstance(value, int):
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected an integer")
-            positive = f.name in ("tile_rows", "tile_cols", "reference_tile_rows", "reference_tile_cols",
+            positive = f.name in ("tile_rows", "tile_cols", "reference_tile_rows", "reference_tile_cols", "cells_per_weight",
                                   "clock_period_ns", "signed_cell_area_um2", "retention_tau_s", "read_voltage_v")
             if positive and not value > 0:
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected > 0 ({f.metadata['unit']})")
@@ -242,12 +245,15 @@ class HardwareParameters:
         The arrays' MAC energy and latency, the cell write energy and the retention come from our SPICE
         run (``array_op_energy_j`` of one ``array_rows x array_cols`` array operation, scaled per cell
         to the reference tile; ``write_energy_j`` per cell; ``array_op_latency_ns``; ``retention_tau_s``).
-        Our SPICE has no periphery, so the charge-to-pulse conversions are an assumption (0.1 pJ each:
-        ~100 fF integrated to 0.9 V plus a comparator) and the digital blocks and DACs keep the paper's
-        figures.
+        The charge-to-pulse conversion is our SPICE bench's energy (``charge_to_pulse_energy_j``: integrator,
+        discharge current source and comparator) when the device stage simulated it, else an assumption
+        (0.1 pJ: ~100 fF integrated to 0.9 V plus a comparator); the digital blocks and DACs keep the
+        paper's figures.
         """
         summary = load_device_summary(device_summary_path)
         base = base or cls.paper()
+        c2p = summary.get("charge_to_pulse_energy_j")
+        c2p = float(c2p) if isinstance(c2p, (int, float)) and math.isfinite(c2p) and c2p > 0 else None
         rows, cols = summary["array_rows"], summary["array_cols"]
         ref_cells = base.reference_tile_rows * base.reference_tile_cols
         array_per_ref_tile = summary["array_op_energy_j"] * ref_cells / (rows * cols)
@@ -257,10 +263,13 @@ class HardwareParameters:
             "qk_array_energy_per_subtile_j": f"{SPICE}: {where}: array_op_energy_j x {ref_cells}/({rows}x{cols}) cells",
             "av_array_energy_per_subtile_j": f"{SPICE}: {where}: array_op_energy_j x {ref_cells}/({rows}x{cols}) cells",
             "cell_write_energy_j": f"{SPICE}: {where}: write_energy_j",
+            "cells_per_weight": f"{SPICE}: {where}: cell_kind {summary.get('cell_kind', 'differential_pair')}",
             "query_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "phi_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "retention_tau_s": f"{SPICE}: {where}: retention_tau_s",
-            "charge_to_pulse_energy_j": f"{ASSUMPTION}: ~100 fF x (0.9 V)^2 + comparator, no SPICE of the periphery",
+            "charge_to_pulse_energy_j": (f"{SPICE}: {where}: charge_to_pulse_energy_j (integrator + comparator bench)"
+                                         if c2p is not None else
+                                         f"{ASSUMPTION}: ~100 fF x (0.9 V)^2 + comparator, no SPICE of the periphery"),
             "dac_energy_per_subtile_j": f"{PAPER} (our SPICE has no DAC periphery)",
             "digital_energy_per_subtile_j": f"{PAPER} (our SPICE has no digital blocks)",
         }
@@ -268,8 +277,9 @@ class HardwareParameters:
             base, name="simulated",
             qk_array_energy_per_subtile_j=float(array_per_ref_tile),
             av_array_energy_per_subtile_j=float(array_per_ref_tile),
-            charge_to_pulse_energy_j=0.1e-12,
+            charge_to_pulse_energy_j=c2p if c2p is not None else 0.1e-12,
             cell_write_energy_j=float(summary["write_energy_j"]),
+            cells_per_weight=1 if summary.get("cell_kind") == "single_ended" else 2,
             query_phase_ns=array_phase, phi_phase_ns=array_phase,
             retention_tau_s=float(summary["retention_tau_s"]),
             sources={**dict(base.sources), **sources})
@@ -411,7 +421,7 @@ def energy_components_nj(params: HardwareParameters, window: int, head_dim: int)
     feature_tile_scale = window_tiles * head_dim / p.reference_tile_cols
     qk_conversions = window                      # one charge-to-pulse per key
     av_conversions = window_tiles * head_dim     # one read-out per feature per sub-tile
-    cells_written = 4 * head_dim                 # new K and V columns, two cells per signed weight
+    cells_written = 2 * p.cells_per_weight * head_dim   # the new K and V columns
     terms = {
         "qk_arrays_charge_to_pulse": [("qk_array_energy_per_subtile_j", cell_scale),
                                       ("charge_to_pulse_energy_j", qk_conversions)],
