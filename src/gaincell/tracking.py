@@ -12,8 +12,9 @@ The W&B group is ``$WANDB_RUN_GROUP`` (the workflow sets it from a hash of the c
 so reruns of one configuration share a group), else ``tracking.group``. W&B's mode comes from
 ``cfg.tracking.mode`` (``offline`` | ``online`` | ``disabled``), overridden by ``$WANDB_MODE``; the run
 gets the full resolved config. In ``disabled`` mode wandb is not imported. Figures read the CSV, never
-W&B. The CSV is rewritten atomically (whole file, at most every ``tracking.csv_flush_s`` seconds and at ``flush``/``finish``); ``resume_step`` keeps only the rows up
-to that step of an existing CSV, so a run resumed from a checkpoint continues one clean curve.
+W&B. The CSV is rewritten atomically (whole file, at most every ``tracking.csv_flush_s`` seconds and at
+``flush``/``finish``); ``resume_step`` keeps only the rows up to that step of an existing CSV, so a run
+resumed from a checkpoint continues one clean curve.
 """
 from __future__ import annotations
 
