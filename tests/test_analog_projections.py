@@ -17,7 +17,7 @@ from gaincell.analog_projections import (PROJECTION_LAYERS, AnalogProjectionConf
                                          projection_config_from_dict, set_projections)
 from gaincell.attention import AnalogAttentionConfig
 from gaincell.attention.config import PAPER_COEFFICIENTS
-from gaincell.generate import IncrementalGPT, generate
+from gaincell.generate import generate
 from gaincell.model import GPT, GPTConfig, model_from_checkpoint_dict
 
 VOCAB, BLOCK = 97, 48
@@ -260,10 +260,10 @@ def test_streaming_decoder_runs_the_analog_layers(kind):
     idx = _tokens(n=2, length=40)
     for overrides, share in ((IDEAL, 1.0), ({}, 0.9)):
         model = _calibrated(AnalogProjectionConfig(kind="analog", **overrides), kind=kind)
-        state = IncrementalGPT(model, batch=2)
+        state = model.start_decoding(batch=2)
         with torch.no_grad():
             full = model(idx)
-            steps = torch.stack([state.step(idx[:, t]) for t in range(idx.shape[1])], dim=1)
+            steps = torch.stack([model.step(idx[:, t], state) for t in range(idx.shape[1])], dim=1)
         agree = ((steps - full).abs() <= 1e-5 + 1e-5 * full.abs()).all(dim=-1)
         assert float(agree.float().mean()) >= share, overrides
     out = generate(model, idx[:, :8], max_new_tokens=10, temperature=0)
