@@ -221,12 +221,13 @@ def run(cfg: Any) -> Dict[str, Any]:
         e = profile_model["estimate"]
         print(f"hardware_estimates [profile model] window {e['window']}, D {e['head_dim']}, {e['heads']} heads x "
               f"{e['layers']} layers: {e['latency_all_layers_ns']:.0f} ns, {e['energy_all_layers_nj']:.1f} nJ per token")
-    _log(cfg, design)
+    _log(cfg, design, out_dir)
     return summary
 
 
-def _log(cfg: Any, design: Dict[str, Any]) -> None:
-    """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage)."""
+def _log(cfg: Any, design: Dict[str, Any], out_dir: Path) -> None:
+    """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage):
+    the design point's numbers as the summary, every table written to ``out_dir`` as a W&B table."""
     from gaincell.tracking import Tracker
 
     try:
@@ -238,6 +239,8 @@ def _log(cfg: Any, design: Dict[str, Any]) -> None:
                         "area_per_head_um2"):
                 flat[f"{name}/{key}"] = e[key]
         tracker.summary(flat)
+        for table in sorted(Path(out_dir).glob("*.csv")):
+            tracker.log_table(f"hardware/{table.stem}", table)
         tracker.finish()
     except Exception as err:  # logging must never lose the written results
         print(f"hardware_estimates: tracking skipped ({type(err).__name__}: {err})")
