@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Tuple
 from gaincell.config import FiguresStage, stage_settings
 
 # Modules in pipeline order.
-FIGURE_MODULES = ("device", "train", "adapt", "variation", "evaluate", "hardware", "benchmarks")
+FIGURE_MODULES = ("device", "train", "adapt", "variation", "evaluate", "hardware", "analog", "benchmarks")
 
 
 def figure_functions() -> Dict[str, Tuple[str, Callable]]:
