@@ -224,7 +224,8 @@ def test_generate_refuses_another_tokenizer_and_a_missing_gpu(tmp_path):
     from gaincell.generate import run
 
     data_dir, tokenizer = _data_dir_with_tokenizer(tmp_path)
-    state = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=16)).checkpoint_state()
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=16)
+    state = GPT(config).checkpoint_state()
     state["tokenizer"] = tokenizer_fingerprint(data_dir)
     checkpoint = tmp_path / "ckpt.pt"
     torch.save(state, checkpoint)

@@ -413,3 +413,14 @@ def test_a_truncated_shard_stops_training_naming_the_file(root):
     (root / "data" / "val.bin").write_bytes((root / "data" / "val.bin").read_bytes()[:4000])
     with pytest.raises(ValueError, match=r"data/val.bin holds 2000 tokens but meta.json records val_tokens=4000"):
         train_run(compose(_overrides(root, "short")))
+
+
+def test_the_final_checkpoint_is_a_wandb_reference_artifact(root, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb = pytest.importorskip("wandb")
+    final = train_run(compose(_overrides(root, "tracked", **{"train.max_iters": 2, "tracking.mode": "offline"})))
+    wandb.teardown()  # the W&B service writes the offline record asynchronously: flush it
+    (record,) = (root / "wandb").rglob("offline-run-*/*.wandb")
+    data = record.read_bytes()
+    assert b"checkpoint-tracked" in data and final.resolve().as_uri().encode() in data

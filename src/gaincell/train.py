@@ -537,6 +537,7 @@ def save_checkpoint(run: TrainRun, tracker: Any, finished: bool) -> Path:
         atomic_save_torch(state, run.ckpt_path)
         if finished:
             publish_final(run.ckpt_path, run.final_path)
+            tracker.log_checkpoint(run.final_path, {"iter": run.iter, "run": run.name, "tokens": run.tokens})
     run.last_good = run.ckpt_path
     return run.ckpt_path
 
