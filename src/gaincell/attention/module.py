@@ -1,8 +1,8 @@
 """`AttentionCore`: the per-head computation between a transformer's QKV and output projections.
 
 Softmax models use PyTorch's fused scaled-dot-product attention. Hardware models add the learnable
-per-head input scalers (spec §1) and output scaler (spec §7) around ``analog_attention``. The
-scalers are the parameters the adaptation algorithm sets (spec §11); ``capture_stats`` makes the
+per-head input scalers (eq. 8) and output scaler (eq. 8) around ``analog_attention``. The
+scalers are the parameters the adaptation algorithm sets (eq. 9); ``capture_stats`` makes the
 module record their outputs' per-head mean and standard deviation on the next forward passes.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .op import config_key, op_supports
 KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
 HW_KINDS = ("linear_hw", "nonlinear_hw")
 SCALER_STAGES = ("q", "k", "v", "out")
-# Spec §1/§7 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
+# Eq. 8 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
 _INIT_BIAS = {"q": 0.0, "k": 0.45, "v": 0.45, "out": 0.0}
 
 
@@ -209,5 +209,5 @@ class AttentionCore(nn.Module):
 
 
 def softmax_scale(head_dim: int) -> float:
-    """The 1/sqrt(D) of standard attention (absent from the hardware models, spec §7)."""
+    """The 1/sqrt(D) of standard attention (absent from the hardware models, eq. 8)."""
     return 1.0 / math.sqrt(head_dim)

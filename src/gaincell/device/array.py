@@ -24,7 +24,7 @@ from gaincell.device.simulate import Run, Task
 from gaincell.device.technology import Technology
 
 ARRAY_KINDS = ("qk", "pv")
-INPUT_LEVELS = 16    # 4-bit pulse-width generators (spec §2)
+INPUT_LEVELS = 16    # 4-bit pulse-width generators (docs/attention.md#quantization)
 STORED_LEVELS = 8    # 3-bit DACs
 
 

@@ -23,7 +23,7 @@ pulse. A signed output takes two bitlines (positive and negative part); the outp
 * ``complementary_pair``: the positive cell stores ``v_min + K / 0.9 * (v_max - v_min)``, the negative
   cell the mirror voltage ``v_max + v_min - V+``. Also odd by construction.
 
-Here ``K`` in [0, 0.9] is the model's stored voltage (spec §2) and ``W = K - 0.45``; the device stage
+Here ``K`` in [0, 0.9] is the model's stored voltage (docs/attention.md#quantization) and ``W = K - 0.45``; the device stage
 sweeps ``K`` levels and maps them to physical voltages with ``stored_voltages``.
 
 Test benches preset a storage node through an ideal switch that opens before the read (the
@@ -54,8 +54,8 @@ class CellKind(str, Enum):
 
 CELL_KINDS = tuple(k.value for k in CellKind)
 ODD_BY_CONSTRUCTION = ("differential_pair", "complementary_pair")   # c_0 = c_2 = 0 exactly
-MODEL_STORED_MAX_V = 0.9     # the model's stored-voltage range is [0, 0.9] V (spec §2)
-MODEL_OFFSET_V = 0.45        # weight W = K - 0.45 (spec §4)
+MODEL_STORED_MAX_V = 0.9     # the model's stored-voltage range is [0, 0.9] V (docs/attention.md#quantization)
+MODEL_OFFSET_V = 0.45        # weight W = K - 0.45 (eq. 4)
 
 
 @dataclass(frozen=True)
