@@ -66,7 +66,7 @@ class DeviceConfig:
     Circuit, encoding and every source of a parameter: ``gaincell.device.netlists`` (cell),
     ``gaincell.device.technology`` (models). Defaults are an open sky130 design (1.8 V core devices)
     standing in for the paper's proprietary TSMC 28 nm, 0.9 V cell: the stored and read windows are
-    ours and are mapped onto the model's 0..0.9 V and 0.45..0.9 V by the fit (spec §10).
+    ours and are mapped onto the model's 0..0.9 V and 0.45..0.9 V by the fit (docs/attention.md#cell-coefficients).
     Design choices (measured with the tt corner): the 0.6..1.0 V window starts near the read transistor's
     threshold, which gives a convex odd characteristic like the authors' (c3/c1 about 4.5 against their
     3.4); L_read = 0.5 um keeps the full-scale signed current near 20 uA (theirs: about 10 uA).
@@ -127,11 +127,19 @@ class DeviceConfig:
     mismatch_cells: int = 32            # Monte-Carlo cells (each one fit); 0: no mismatch run
     mismatch_seed: int = 0              # seed of the per-transistor threshold shifts (delvto)
     mismatch_sigma_scale: float = 1.0   # multiplies the library's vth0 mismatch sigma (1: the sky130 models')
+    c2p_points: int = 6                 # charge-to-pulse read-out: starting voltages simulated (0: not simulated)
+    c2p_capacitance_f: float = 100e-15  # its integration capacitor, F
+    c2p_bias_v: float = 1.1             # gate voltage of its discharge transistor (current ~ C x 0.9 V / T_max), V
+    c2p_discharge_w_um: float = 0.42    # discharge nfet width, um
+    c2p_discharge_l_um: float = 2.0     # discharge nfet length, um (long: a steadier current)
+    c2p_inverter_n_w_um: float = 0.42   # comparator (two inverters): nfet width, um
+    c2p_inverter_p_w_um: float = 0.84   # comparator: pfet width, um
+    c2p_inverter_l_um: float = 0.15     # comparator: channel length, um
 
 
 @dataclass
 class FitConfig:
-    """Least-squares fit of the third-order cell model (`gaincell.fit`, spec §4 and §10)."""
+    """Least-squares fit of the third-order cell model (`gaincell.fit`, eq. 4, docs/attention.md#cell-coefficients)."""
 
     order: int = 3                      # total polynomial order, i + j <= order
     min_points: int = 10                # fewer data points than this is an error
@@ -270,7 +278,7 @@ class TrainConfig:
 
 @dataclass
 class AdaptConfig:
-    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, spec §11).
+    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, eq. 9).
 
     The nonlinear cell is ``attention.coefficients``; the other hardware settings are the checkpoint's.
     """
@@ -328,7 +336,7 @@ class PublishedGpuFigure:
 
 
 def _published_gpus() -> List[PublishedGpuFigure]:
-    # The authors' published measurement files (Leroux et al. 2025 data release, spec hardware.md):
+    # The authors' published measurement files (Leroux et al. 2025 data release, docs/hardware.md):
     # FlashAttention-2, 12 heads, D = 64, 1,024 sequential steps, batch 64, NVML power, idle subtracted.
     src = ("Leroux et al., Nat. Comput. Sci. 2025, authors' published measurement file {} "
            "(mean_latency_per_token, mean_energy_per_token; per decoding step of a 64-sequence batch)")

@@ -224,3 +224,15 @@ def test_single_ended_cell_writes_one_cell_per_weight(device_summary):
     write = (16 * p.dac_energy_per_subtile_j + 2 * 64 * s["write_energy_j"]) * 1e9   # K and V, one cell each
     assert est.energy_breakdown_nj["dac_write"] == pytest.approx(write)
     assert HardwareParameters.paper().cells_per_weight == 2
+
+
+def test_simulated_charge_to_pulse_energy_is_measured_when_the_device_stage_has_it(device_summary):
+    from gaincell.hardware.costmodel import energy_components_nj
+
+    assert HardwareParameters.simulated(device_summary).source_of("charge_to_pulse_energy_j").startswith(ASSUMPTION)
+    s = json.loads(device_summary.read_text())
+    device_summary.write_text(json.dumps({**s, "charge_to_pulse_energy_j": 0.12e-12}))
+    p = HardwareParameters.simulated(device_summary)
+    assert p.charge_to_pulse_energy_j == 0.12e-12
+    comps = {c["parameter"]: c["provenance"] for cs in energy_components_nj(p, 1024, 64).values() for c in cs}
+    assert comps["charge_to_pulse_energy_j"] == "measured here"

@@ -21,7 +21,7 @@ for _run in _CONVERT_RUNS:
             cmd=stage_cmd("analog_convert"),
             args=args(f"attention={_run.kind}", *stage_overrides(name=_run.name, init_from=ckpt(_run.start)),
                       *_run.overrides),
-            section=section("attention", "adapt", "data", "train", kind=_run.kind, extra=_run.overrides),
+            section=section("attention", "adapt", "data", "seed", kind=_run.kind, extra=_run.overrides),
         log:
             f"{LOGS}/{_run.rule}.log",
         benchmark:
@@ -35,7 +35,7 @@ for _run in _CONVERT_RUNS:
         conda:
             ENV
         shell:
-            STAGE_SHELL
+            stage_shell("train.threads")
 
     workflow.get_rule(_run.rule).docstring = _run.doc
 
@@ -53,7 +53,7 @@ rule analog_val_loss:
     params:
         cmd=stage_cmd("analog_eval"),
         args=lambda w: args("projections=analog", *stage_overrides(name=w.run, init_from=ckpt(w.run))),
-        section=section("adapt", "data", "projections"),
+        section=section("adapt", "data", "projections", "seed"),
     log:
         f"{LOGS}/analog_val_loss_{{run}}.log",
     benchmark:
@@ -66,4 +66,4 @@ rule analog_val_loss:
     conda:
         ENV
     shell:
-        STAGE_SHELL
+        stage_shell("train.threads")

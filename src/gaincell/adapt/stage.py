@@ -86,6 +86,7 @@ def run(cfg: Any) -> Dict[str, Any]:
             _write_outputs(cfg, stage.name, model, result, samples, summary)
         if tracker is not None:
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+            tracker.log_checkpoint(results_dir(cfg) / "checkpoints" / stage.name / "ckpt.pt", {"mode": stage.mode})
             tracker.finish()
         return summary
 
