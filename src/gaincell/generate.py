@@ -139,17 +139,52 @@ class IncrementalGPT:
         state = self.states[layer]
         if self.kinds[layer] in HW_KINDS:
             core = attn.core
-
-            def scaled(stage: str, t: torch.Tensor) -> torch.Tensor:  # spec §1 / §7, per head
-                a = getattr(core, f"{stage}_scale").view(1, -1, 1).to(t.dtype)
-                b = getattr(core, f"{stage}_bias").view(1, -1, 1).to(t.dtype)
-                return a * t + b
-
-            y = scaled("out", state.step(scaled("q", q), scaled("k", k), scaled("v", v)))
+            y = self._scaled(core, "out", state.step(self._scaled(core, "q", q), self._scaled(core, "k", k),
+                                                     self._scaled(core, "v", v)))
         else:
             y = state.step(q, k, v)
         # (B, H, D) -> (B, C): the head-major concatenation of the parallel forward.
         return attn.resid_dropout(attn.c_proj(y.reshape(self.batch, self.n_embd)))
+
+    def _scaled(self, core, stage: str, t: torch.Tensor) -> torch.Tensor:
+        """A hardware core's scaler (spec §1 / §7), per head, on (B, H, ...) tensors."""
+        shape = (1, -1) + (1,) * (t.dim() - 2)
+        a = getattr(core, f"{stage}_scale").view(shape).to(t.dtype)
+        b = getattr(core, f"{stage}_bias").view(shape).to(t.dtype)
+        return a * t + b
+
+    def _attention_prompt(self, layer: int, block, x: torch.Tensor) -> torch.Tensor:
+        """One layer's attention for T prompt tokens at once: x (B, T, C) after ln_1 -> (B, T, C)."""
+        attn = block.attn
+        tokens = x.shape[1]
+        q, k, v = attn.split_heads(x)                                  # (B, H, T, D) each
+        state = self.states[layer]
+        if self.kinds[layer] in HW_KINDS:
+            core = attn.core
+            y = self._scaled(core, "out", state.prefill(self._scaled(core, "q", q), self._scaled(core, "k", k),
+                                                        self._scaled(core, "v", v)))
+        else:  # the softmax caches: token by token (their step is one fused kernel)
+            y = torch.stack([state.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
+        return attn.resid_dropout(attn.c_proj(y.transpose(1, 2).reshape(self.batch, tokens, self.n_embd)))
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Consume a prompt, ids (B, T), at once: the transformer runs on all T positions together and
+        each analog layer's arrays take the prompt with ``AnalogKVDecoder.prefill`` (exactly the outputs
+        of stepping it token by token). Returns the logits after the last prompt token (B, vocab_size).
+        The state is that of T calls of ``step``; positions past the context follow POSITION_POLICY."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch or tokens.shape[1] < 1:
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected ({self.batch}, T >= 1)")
+        tf = self.model.transformer
+        count = tokens.shape[1]
+        positions = torch.clamp(torch.arange(self.position, self.position + count, device=self.device),
+                                max=self.block_size - 1)
+        x = tf.drop(tf.wte(tokens.to(self.device)) + tf.wpe(positions))
+        for layer, block in enumerate(tf.h):
+            x = x + self._attention_prompt(layer, block, block.ln_1(x))
+            x = x + block.mlp(block.ln_2(x))
+        self.position += count
+        return self.model.lm_head(tf.ln_f(x[:, -1]))[..., : self.vocab_size]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -194,14 +229,23 @@ def _check_args(idx, max_new_tokens, temperature, top_k) -> None:
         raise ValueError(f"top_k={top_k!r}: expected a positive integer or None")
 
 
+def _warn_beyond_context(info: Dict[str, Any], block_size: int, position: int) -> None:
+    message = beyond_context_message(block_size, position)
+    info["warnings"].append(message)
+    warnings.warn(message, BeyondContextWarning, stacklevel=4)  # past generate and torch.no_grad's wrapper
+
+
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, return_info: bool = False):
     """Continue token ids idx (B, T) by ``max_new_tokens`` tokens, one incremental step per token.
 
-    The prompt is fed token by token too (that is how the K/V arrays are written), so prompts and
-    generations may be longer than the window and than the context (see the module's position policy).
+    The prompt goes in at once (``IncrementalGPT.prefill``: the analog K/V arrays are written as token
+    by token, with the same outputs), then one step per new token; prompts and generations may be
+    longer than the window and than the context (see the module's position policy). With readout
+    noise and a shared ``generator`` the layers draw in another order than stepping token by token
+    (same statistics).
 
     Args:
         temperature: softmax temperature; 0 picks the most likely token (greedy).
@@ -234,17 +278,15 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
         out = [idx]
         start = time.perf_counter()
         total = prompt_len + max_new_tokens
-        for t in range(total - 1):  # the last sampled token is not fed back
-            token = idx[:, t] if t < prompt_len else out[-1][:, 0]
+        if prompt_len > block_size:
+            _warn_beyond_context(info, block_size, block_size)
+        logits = state.prefill(idx)  # the prompt at once (the analog arrays exactly as token by token)
+        state.check_finite()  # once per prompt: a NaN would poison a whole window
+        out.append(sample_next(logits, temperature, top_k, generator))
+        for _ in range(max_new_tokens - 1):  # the last sampled token is not fed back
             if state.position == block_size and not info["warnings"]:
-                message = beyond_context_message(block_size, state.position)
-                info["warnings"].append(message)
-                warnings.warn(message, BeyondContextWarning, stacklevel=3)  # past torch.no_grad's wrapper
-            logits = state.step(token)
-            if t == prompt_len - 1:
-                state.check_finite()  # once per prompt: a NaN would poison a whole window
-            if t >= prompt_len - 1:
-                out.append(sample_next(logits, temperature, top_k, generator))
+                _warn_beyond_context(info, block_size, state.position)
+            out.append(sample_next(state.step(out[-1][:, 0]), temperature, top_k, generator))
         state.check_finite()
         seconds = time.perf_counter() - start
     finally:
