@@ -150,7 +150,7 @@ class AttentionCore(nn.Module):
         op_config = self._op_config[q.is_cuda]
         if op_config is not None and torch.compiler.is_compiling():
             # One opaque node for torch.compile (gaincell.attention.op): no graph break inside the model.
-            y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)
+            y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)[0]
         else:
             y = analog_attention(q, k, v, self.layer_analog, implementation=self.implementation)
         return self._scale("out", y)
