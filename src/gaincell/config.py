@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
+from omegaconf import MISSING, SI, DictConfig, OmegaConf, ValidationError
 
 from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
 from gaincell.attention.config import AnalogAttentionConfig
@@ -272,7 +272,8 @@ class TrainConfig:
     dtype: TrainDtype = TrainDtype.auto                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: ComputeDevice = ComputeDevice.auto                # auto | cpu | cuda
     threads: int = 0                    # torch CPU threads; 0 = leave as set by the environment
-    seed: int = 1337                    # data sampling and initialisation
+    # data sampling and initialisation; follows the top-level ``seed`` unless set here
+    seed: int = SI("${seed}")
     progress: bool = True               # tqdm progress bar (rank 0)
 
 
