@@ -426,7 +426,8 @@ class WorkflowConfig:
     threads: int = 1                    # torch threads / cores per rule (1: rules run side by side)
     train_threads: int = 1              # cores per training rule
     device_threads: int = 1             # cores of the characterize rule (its SPICE process pool, device.workers)
-    data_threads: int = 2               # cores of the prepare_data rule (tokenization processes, data.num_proc)
+    data_threads: int = 1               # cores of the prepare_data rule (tokenization processes, data.num_proc)
+    figure_threads: int = 2             # cores of the figures rule (figures made side by side, +stage.workers)
     linear_iters: int = 300             # linear_hw fine-tuning iterations (paper: 13,000)
     linear_early_iters: int = 70        # the earlier linear checkpoint adapted for variant 6 (paper: 3,000)
     window_iters: int = 150             # softmax_window fine-tuning iterations
@@ -541,6 +542,7 @@ class FiguresStage:
 
     strict: bool = True                 # a figure whose inputs exist but fails is an error
     only: Optional[List[str]] = None    # figure names to make (None: all)
+    workers: int = 1                    # processes making figures side by side (the workflow: the rule's cores)
 
 
 StageT = TypeVar("StageT")
