@@ -28,6 +28,8 @@ STAGES: Dict[str, str] = {
     "leakage_eval": "gaincell.adapt.leakage:leakage_eval",
     "analog_convert": "gaincell.analog_stage:convert",
     "analog_eval": "gaincell.analog_stage:evaluate",
+    "diagnose": "gaincell.diagnose:run",
+    "study_table": "gaincell.comparisons:run",
     "hardware_estimates": "gaincell.hardware.stage:run",
     "gpu_baseline": "gaincell.hardware.gpu_baseline:run",
     "generate": "gaincell.generate:run",

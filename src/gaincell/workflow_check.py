@@ -21,7 +21,8 @@ RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"] + [r.rule for r
 # Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
 REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
                     "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
-                    "hardware_breakdown", "hardware_scaling", "hardware_gpu_comparison"]
+                    "hardware_breakdown", "hardware_scaling", "hardware_gpu_comparison",
+                    "study_claims", "signal_health", "nonlinearity"]
 
 
 def _json(path: Path) -> dict:
@@ -84,6 +85,10 @@ def check(results_dir: Path) -> List[str]:
     leak = r / "adapt" / "leakage"
     if not leak.is_dir() or len(list(leak.glob("*.json"))) < 3:
         problems.append("adapt/leakage: fewer than 3 leakage points")
+    for row in study.TABLE_ROWS:  # the study table (issue 15): every row on the same validation sequences
+        need(f"diagnose/{row.run}.json", 100)
+    for name, rows in (("study_table", len(study.TABLE_ROWS)), ("claims", len(study.CLAIMS)), ("cells", 3)):
+        need(f"diagnose/{name}.csv", 20, csv_rows(rows))
     need("hardware/estimates.json", 20)
     need("hardware/gpu_baseline.json", 20)
     need(f"samples/{study.SAMPLE_RUN}.txt", 20)

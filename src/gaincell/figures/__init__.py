@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 # Modules in pipeline order.
-FIGURE_MODULES = ("device", "train", "adapt", "evaluate", "hardware", "benchmarks")
+FIGURE_MODULES = ("device", "train", "adapt", "diagnose", "evaluate", "hardware", "benchmarks")
 
 
 def figure_functions() -> Dict[str, Tuple[str, Callable]]:
