@@ -16,6 +16,7 @@ from typing import List
 
 import numpy as np
 import pandas as pd
+
 from gaincell.figures._common import save_figure
 
 ROLE_COLORS = {"variant": "#1f77b4", "fair baseline": "#4d4d4d", "ablation": "#9467bd", "cell": "#d62728"}
@@ -60,7 +61,8 @@ def fig_study_claims(results_dir: Path, out_dir: Path) -> List[Path]:
     lo = table["val_loss"].min() - 0.05
     ax.set_xlim(lo, table["val_loss"].max() + 0.12)
     for yi, (_, r) in zip(y, table.iterrows()):
-        ax.text(r["val_loss"] + 0.01, yi, f"{r['val_loss']:.3f}  ({r['iterations']:,} it.)", va="center", fontsize=8)
+        ax.text(r["val_loss"] + r["val_loss_se"] + 0.005, yi, f"{r['val_loss']:.3f}  ({r['iterations']:,} it.)",
+                va="center", fontsize=8)
     ax.set_yticks(y, table["label"], fontsize=8)
     ax.set_xlabel(f"validation loss, nats/token ({summary['sequences']} sequences)")
     ax.set_title("every model on the same validation sequences")
@@ -81,7 +83,7 @@ def fig_study_claims(results_dir: Path, out_dir: Path) -> List[Path]:
     bx.set_xlabel("paired loss difference, nats/token (bar: 2 SE)")
     bx.set_title(f"paper claims: resolved beyond {k:g} SE; shaded: +-{summary['equivalence_margin']:g} margin",
                  fontsize=10)
-    fig.suptitle("Study table (tiny-scale models). SE over validation sequences; training-seed variance not "
+    fig.suptitle("Study table at this profile's scale. SE over validation sequences; training-seed variance not "
                  "included" + ("" if summary["target_se_met"] else f" - worst SE {summary['worst_claim_se']:.4f} "
                                                                    f"above the {summary['target_se']} target"),
                  fontsize=10)
@@ -112,7 +114,7 @@ def fig_signal_health(results_dir: Path, out_dir: Path) -> List[Path]:
         ax.set_xticks(x, [label for _, label in HEALTH_COLUMNS], rotation=20, ha="right")
         ax.set_ylabel("fraction")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.set_title("analog signal health (mean over layers and heads)")
     y = np.arange(len(table))[::-1]
     bx.barh(y + 0.2, table["share_zero"], 0.4, xerr=table["share_zero_se"], color="#1f77b4", label="zero ablation")
@@ -141,15 +143,17 @@ def fig_nonlinearity(results_dir: Path, out_dir: Path) -> List[Path]:
     se = dict(zip(table["run"], table["val_loss_se"]))
     loss = dict(zip(table["run"], table["val_loss"]))
     for ax, (_, c) in zip(axes, cells.iterrows()):
-        names = ["linear_hw", c["mapped_run"], c["adapted_run"]] + ([c["finetuned_run"]] if c["finetuned_run"] else [])
-        labels = ["3 linear", "4 mapped", "5 adapted"] + (["6 fine-tuned"] if c["finetuned_run"] else [])
-        ax.bar(labels, [loss[n] for n in names], yerr=[se[n] for n in names],
+        finetuned = c["finetuned_run"] if isinstance(c["finetuned_run"], str) and c["finetuned_run"] else None
+        names = ["linear_hw", c["mapped_run"], c["adapted_run"]] + ([finetuned] if finetuned else [])
+        labels = ["3 linear", "4 mapped", "5 adapted"] + (["6 fine-tuned"] if finetuned else [])
+        ax.bar(labels, [loss[n] for n in names], yerr=[se[n] for n in names], width=0.7,
                color=["#1f77b4", "#ff7f0e", "#d62728", "#2ca02c"][:len(names)])
         for ref, style in (("softmax", "--"), ("softmax_long", ":")):
             ax.axhline(loss[ref], color="k", ls=style, lw=1, label=f"{ref} {loss[ref]:.3f}")
         values = [loss[n] for n in names] + [loss["softmax"]]
         ax.set_ylim(min(values) - 0.05, max(values) + 0.05)
         ax.set_title(f"cell '{c['cell']}'", fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_ylabel("validation loss, nats/token")
         ax.legend(fontsize=7)
     ax = axes[-1]
