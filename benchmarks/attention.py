@@ -1,6 +1,6 @@
 """Speed and memory of the analog attention implementations, side by side in one run.
 
-Implementations (all compute the same function, spec analog-attention.md, except the softmax baseline):
+Implementations (all compute the same function, docs/attention.md, except the softmax baseline):
     dense        gaincell.attention.reference.analog_attention_dense  (T x T matrices; the oracle)
     blocked      gaincell.attention.blocked.analog_attention_blocked  (banded PyTorch; default on CPU)
     triton       gaincell.attention.kernels.analog_attention_triton   (CUDA only; tl.dot in exact float32)
@@ -111,7 +111,7 @@ def make_config(model: str, window: int):
 def make_inputs(shape: Shape, device: str, grad: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     size = (shape.B, shape.H, shape.T, shape.D)
-    # Scaled inputs in the DAC ranges (spec §1-§2): q~ in [0, 1], k~ and v~ around the 0.45 V midpoint.
+    # Scaled inputs in the DAC ranges (eq. 8 and docs/attention.md#quantization): q~ in [0, 1], k~ and v~ around the 0.45 V midpoint.
     q = torch.rand(size, generator=g)
     k = 0.45 + 0.3 * (torch.rand(size, generator=g) - 0.5)
     v = 0.45 + 0.6 * (torch.rand(size, generator=g) - 0.5)

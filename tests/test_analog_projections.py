@@ -17,7 +17,7 @@ from gaincell.analog_projections import (PROJECTION_LAYERS, AnalogProjectionConf
                                          projection_config_from_dict, set_projections)
 from gaincell.attention import AnalogAttentionConfig
 from gaincell.attention.config import PAPER_COEFFICIENTS
-from gaincell.generate import IncrementalGPT, generate
+from gaincell.generate import generate
 from gaincell.model import GPT, GPTConfig, model_from_checkpoint_dict
 
 VOCAB, BLOCK = 97, 48
@@ -260,10 +260,10 @@ def test_streaming_decoder_runs_the_analog_layers(kind):
     idx = _tokens(n=2, length=40)
     for overrides, share in ((IDEAL, 1.0), ({}, 0.9)):
         model = _calibrated(AnalogProjectionConfig(kind="analog", **overrides), kind=kind)
-        state = IncrementalGPT(model, batch=2)
+        state = model.start_decoding(batch=2)
         with torch.no_grad():
             full = model(idx)
-            steps = torch.stack([state.step(idx[:, t]) for t in range(idx.shape[1])], dim=1)
+            steps = torch.stack([model.step(idx[:, t], state) for t in range(idx.shape[1])], dim=1)
         agree = ((steps - full).abs() <= 1e-5 + 1e-5 * full.abs()).all(dim=-1)
         assert float(agree.float().mean()) >= share, overrides
     out = generate(model, idx[:, :8], max_new_tokens=10, temperature=0)
@@ -281,3 +281,35 @@ def test_hydra_group_selects_the_projections(tmp_path):
     with pytest.raises(Exception):
         compose(["projections=analog", "projections.inp_res=eight"])
     assert math.isclose(cfg.projections.inference.programming_noise, 0.05)
+
+
+def test_lm_eval_wrapper_loads_an_analog_checkpoint(tmp_path):
+    """lm-eval's model (GaincellLM) given an analog checkpoint path scores with the analog layers."""
+    pytest.importorskip("lm_eval")
+    import torch.nn.functional as F
+    from lm_eval.api.instance import Instance
+
+    from gaincell.evaluate.lm import GaincellLM
+
+    class Chars:  # one token per character, end-of-text = 0
+        eot_token, vocab_size = 0, VOCAB
+
+        def encode(self, text):
+            return [1 + ord(c) % (VOCAB - 1) for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(96 + i % 26) for i in ids)
+
+    model = _calibrated(AnalogProjectionConfig(kind="analog"))
+    path = tmp_path / "analog.pt"
+    torch.save(model.checkpoint_state(), path)
+    lm = GaincellLM(str(path), Chars(), batch_size=2, device="cpu", dtype="float32")
+    assert len(analog_layers(lm.model)) == 8
+    context, continuation = "to be or not", " to be"
+    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    tokens = Chars().encode(context + continuation)  # a non-empty context: no end-of-text prefix
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([tokens[:-1]]))[0].float(), dim=-1)
+    n = len(continuation)
+    expected = sum(float(logp[t - 1, tokens[t]]) for t in range(len(tokens) - n, len(tokens)))
+    assert ll == pytest.approx(expected, abs=1e-4)  # float32 sums of 6 log-probs, other batch shapes: ~1e-6

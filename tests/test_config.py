@@ -86,3 +86,24 @@ def test_stage_extras_are_typed_per_stage():
         stage_settings(compose(["+stage.finetune_iters=abc"]), LeakageStage)
     with pytest.raises(ValueError, match=r"\+stage.prompt: not a setting of this stage \(LeakageStage\)"):
         stage_settings(compose(["+stage.prompt=x"]), LeakageStage)
+
+
+def test_every_attention_knob_is_a_config_key_that_reaches_the_attention():
+    """AnalogAttentionConfig's fields are declared once: each is an ``attention.<name>`` key whose value
+    reaches the built config (a field added there needs no edit here or in the schema)."""
+    import dataclasses
+
+    from gaincell.attention import AnalogAttentionConfig
+
+    changed = []
+    for f in dataclasses.fields(AnalogAttentionConfig):
+        if f.name == "coefficients":  # a set name resolved to ten numbers: tested above
+            continue
+        value = (not f.default) if isinstance(f.default, bool) else (f.default * 2 or 3)
+        # window 1024 (the dataclass default) leaves room for twice the default tile_rows
+        cfg = compose(["attention=linear_hw", "attention.coefficients=paper", "attention.window=1024",
+                       f"attention.{f.name}={value}"])
+        built = analog_config_from_settings(cfg.attention)
+        assert getattr(built, f.name) == value, f.name
+        changed.append(f.name)
+    assert {"window", "gain", "decay_per_step", "stored_max"} <= set(changed)

@@ -8,7 +8,7 @@ import torch
 
 from gaincell.attention import AnalogAttentionConfig
 from gaincell.attention.config import PAPER_COEFFICIENTS
-from gaincell.generate import BeyondContextWarning, IncrementalGPT, generate
+from gaincell.generate import BeyondContextWarning, generate
 from gaincell.model import GPT, GPTConfig
 
 VOCAB, BLOCK, WINDOW = 97, 96, 32
@@ -32,8 +32,8 @@ def _model(kind: str, block_size: int = BLOCK, seed: int = 0) -> GPT:
 
 
 def _incremental_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    state = IncrementalGPT(model, batch=idx.shape[0])
-    return torch.stack([state.step(idx[:, t]) for t in range(idx.shape[1])], dim=1)
+    state = model.start_decoding(batch=idx.shape[0])
+    return torch.stack([model.step(idx[:, t], state) for t in range(idx.shape[1])], dim=1)
 
 
 @pytest.mark.parametrize("kind", ["softmax", "softmax_window", "linear_hw", "nonlinear_hw"])
@@ -224,7 +224,8 @@ def test_generate_refuses_another_tokenizer_and_a_missing_gpu(tmp_path):
     from gaincell.generate import run
 
     data_dir, tokenizer = _data_dir_with_tokenizer(tmp_path)
-    state = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=16)).checkpoint_state()
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=16)
+    state = GPT(config).checkpoint_state()
     state["tokenizer"] = tokenizer_fingerprint(data_dir)
     checkpoint = tmp_path / "ckpt.pt"
     torch.save(state, checkpoint)

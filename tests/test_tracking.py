@@ -72,3 +72,70 @@ def test_wandb_offline_run_records_config_and_metrics(tmp_path, monkeypatch):
     tr.finish()
     runs = list((tmp_path / "wandb").rglob(f"offline-run-*-{tr.wandb_id}"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def _offline_run_dir(root, wandb_id):
+    (run,) = list((root / "wandb").rglob(f"offline-run-*-{wandb_id}"))
+    return run
+
+
+def test_figures_tables_and_checkpoints_reach_an_offline_run_without_network(tmp_path):
+    """Figures as images (with captions), tables as W&B tables, a checkpoint as a file:// reference
+    artifact: all in offline mode, in a process with no network at all (its own network namespace when
+    the system allows one, else every proxy pointing at a closed port)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("wandb")
+    repo = Path(__file__).resolve().parents[1]
+    script = f'''
+import json, torch, pandas as pd, matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from pathlib import Path
+from gaincell.config import compose
+from gaincell.figures import log_figures
+from gaincell.tracking import Tracker
+root = Path({str(tmp_path)!r})
+cfg = compose([f"results_dir={{root}}", "tracking.mode=offline"])
+out = root / "figures"; out.mkdir()
+plt.plot([0, 1]); plt.savefig(out / "fig4_study.png")
+table = pd.DataFrame({{"variant": ["softmax", "linear_hw"], "val_loss": [5.04, 4.94]}})
+table.to_csv(out / "study_table.csv", index=False)
+log_figures(cfg, {{"made": {{"fig4": {{"files": [str(out / "fig4_study.png")], "caption": "Study."}}}}}}, out)
+torch.save({{"w": torch.ones(3)}}, root / "final.pt")
+tr = Tracker(cfg, "linear_hw", "train")
+tr.log_checkpoint(root / "final.pt", {{"iter": 3}})
+tr.finish()
+print("ID", tr.wandb_id)
+'''
+    env = dict(os.environ, PYTHONPATH=str(repo / "src"), WANDB_SILENT="true", HTTP_PROXY="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", NO_PROXY="")
+    env.pop("WANDB_MODE", None)
+    isolate = ["unshare", "-rn"] if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0 \
+        else []
+    proc = subprocess.run(isolate + [sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wandb_id = proc.stdout.split("ID")[-1].strip()
+    runs = sorted((tmp_path / "wandb").rglob("offline-run-*"))
+    assert len(runs) == 2
+    figures_run = next(r for r in runs if not r.name.endswith(wandb_id))
+    assert list(figures_run.rglob("media/images/figures/fig4_study_*.png"))
+    (table,) = figures_run.rglob("media/table/tables/study_table_*.table.json")
+    assert json.loads(table.read_text())["data"] == [["softmax", 5.04], ["linear_hw", 4.94]]
+    record = next(_offline_run_dir(tmp_path, wandb_id).glob("*.wandb")).read_bytes()
+    assert b"checkpoint-linear_hw" in record and (tmp_path / "final.pt").resolve().as_uri().encode() in record
+
+
+def test_wandb_group_comes_from_the_environment(tmp_path, monkeypatch):
+    """The workflow sets $WANDB_RUN_GROUP from a hash of the configuration: every stage joins it."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "tiny-0123456789abcdef")
+    tr = Tracker(_cfg(tmp_path, mode="offline"), "g", "train")
+    assert tr.wandb_run.group == "tiny-0123456789abcdef"
+    tr.finish()

@@ -112,7 +112,7 @@ def test_training_learns_writes_metrics_and_checkpoints(root):
     summary = json.loads((root / "train" / "soft" / "metrics.summary.json").read_text())
     assert summary["iters"] == 12 and summary["final_val_loss"] == pytest.approx(val["val_loss"].iloc[-1])
     # Fine-tune a hardware model from that checkpoint: attention switched, weights carried over.
-    cfg = compose(_overrides(root, "lin", **{"attention": "linear_hw", "+stage.init_from": str(final),
+    cfg = compose(_overrides(root, "lin", **{"attention": "linear_hw", "+stage.init_from": "soft",  # run name
                                              "train.max_iters": 4}))
     lin_final = train_run(cfg)
     lin = GPT.from_checkpoint(lin_final)
@@ -413,3 +413,14 @@ def test_a_truncated_shard_stops_training_naming_the_file(root):
     (root / "data" / "val.bin").write_bytes((root / "data" / "val.bin").read_bytes()[:4000])
     with pytest.raises(ValueError, match=r"data/val.bin holds 2000 tokens but meta.json records val_tokens=4000"):
         train_run(compose(_overrides(root, "short")))
+
+
+def test_the_final_checkpoint_is_a_wandb_reference_artifact(root, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb = pytest.importorskip("wandb")
+    final = train_run(compose(_overrides(root, "tracked", **{"train.max_iters": 2, "tracking.mode": "offline"})))
+    wandb.teardown()  # the W&B service writes the offline record asynchronously: flush it
+    (record,) = (root / "wandb").rglob("offline-run-*/*.wandb")
+    data = record.read_bytes()
+    assert b"checkpoint-tracked" in data and final.resolve().as_uri().encode() in data

@@ -21,14 +21,14 @@ def snakemake(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def dry_run(*args: str) -> str:
-    run = snakemake("-n", "--forceall", "--cores", "2", "--quiet", "rules", *args)
+    run = snakemake("-n", "--forceall", "--cores", "2", "--quiet", "rules", *args)  # (-n: nothing is written)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("profile", ["tiny", "ci", "paper"])
-def test_dag_builds(profile):
-    out = dry_run("--config", f"profile={profile}")
+def test_dag_builds(profile, tmp_path):
+    out = dry_run("--config", f"profile={profile}", f"overrides=results_dir={tmp_path}")
     for rule in ["characterize", "fit", "pretrain", "train_linear", "adapt", "finetune", "evaluate",
                  "gpu_baseline", "hardware_estimates", "figures", "leakage_point", "leakage_sweep",
                  "generate_sample"]:
@@ -44,21 +44,22 @@ def test_misspelt_config_key_and_choice_value_fail_in_a_dry_run():
         bad_choice.stdout + bad_choice.stderr, bad_choice.stdout
 
 
-def test_printed_commands_carry_the_overrides():
+def test_printed_commands_carry_the_overrides(tmp_path):
     """-p shows each rule's effective command, the pipeline's overrides written out in it."""
     run = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "profile=ci",
-                    "overrides=attention.window=64 train.eval_iters=3")
+                    f"overrides=results_dir={tmp_path} attention.window=64 train.eval_iters=3")
     assert run.returncode == 0, run.stderr
     commands = [line for line in run.stdout.splitlines() if line.startswith("Shell command: ")
                 and "None" not in line]
     assert len(commands) >= 20 and not any("$" in c for c in commands[:-1] if "srun" not in c)
     for command in commands:
-        assert "profile=ci attention.window=64 train.eval_iters=3" in command, command
+        assert f"profile=ci results_dir={tmp_path} attention.window=64 train.eval_iters=3" in command, command
 
 
-def test_one_job_per_leakage_point_and_multinode_training_launcher():
-    run = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "profile=paper",
-                    "overrides=workflow.nodes_per_training=2 workflow.leakage_values=[0.0,0.001]")
+def test_slurm_profile_one_job_per_leakage_point_and_multinode_training(tmp_path):
+    run = snakemake("-n", "-p", "--forceall", "--workflow-profile", "workflow/profiles/slurm", "--config",
+                    "profile=paper", f"overrides=results_dir={tmp_path} workflow.nodes_per_training=2 "
+                    "workflow.leakage_values=[0.0,0.001]")
     assert run.returncode == 0, run.stderr
     assert len(re.findall(r"^rule leakage_point:", run.stdout, flags=re.M)) == 2
     train = [line for line in run.stdout.splitlines() if " -m gaincell train " in line]

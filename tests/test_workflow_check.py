@@ -17,14 +17,18 @@ def _complete_run(root):
     for run in wc.TRAINED_RUNS:
         put(f"checkpoints/{run}/final.pt")
         put(f"train/{run}/metrics.csv", "iter,train_loss\n1,5.0\n2,4.0\n")
+    for run in wc.CONVERTED_RUNS:
+        put(f"checkpoints/{run}/final.pt")
     for run in wc.ADAPTED_RUNS:
         put(f"checkpoints/{run}/ckpt.pt")
         put(f"adapt/{run}/summary.json", json.dumps({"iterations": 3}))
     for variant in wc.VARIANTS:
         put(f"eval/{variant}/results.csv", "variant,task,metric,value\na,b,acc,0.5\na,b,acc_norm,0.5\n")
-        put(f"adapt/study/{variant}.json", json.dumps({"val_loss": 5.0}))
+        put(f"adapt/study/{variant}.json", json.dumps({"val_loss": 5.0, "val_loss_spread": 0.01}))
     for value in ("0.0", "0.001", "0.1"):
         put(f"adapt/leakage/{value}.json", json.dumps({"val_loss": 5.0}))
+    for name in ("cell_variation_0", "cell_variation_0.1", "readout_noise_0.1"):
+        put(f"adapt/variation/{name}.json", json.dumps({"models": {}}))
     put("hardware/estimates.json", json.dumps({"latency_per_token_ns": 65.0}))
     put("hardware/gpu_baseline.json", json.dumps({"device": "cpu", "latency_per_token_s": 1e-4}))
     put("samples/nonlinear_finetuned.txt", "To be, or not to be, that is the question")
@@ -41,6 +45,15 @@ def test_complete_run_passes(tmp_path):
     _complete_run(tmp_path)
     assert wc.check(tmp_path) == []
     assert wc.main([str(tmp_path)]) == 0
+
+
+def test_analog_variant_without_noise_spread_is_reported(tmp_path):
+    """A spread of exactly 0 over inference-noise seeds means the noise was not applied."""
+    _complete_run(tmp_path)
+    run = wc.NOISE_SEED_VARIANTS[0]
+    (tmp_path / f"adapt/study/{run}.json").write_text(json.dumps({"val_loss": 5.0, "val_loss_spread": 0.0}))
+    problems = wc.check(tmp_path)
+    assert len(problems) == 1 and run in problems[0] and "val_loss_spread" in problems[0]
 
 
 def test_missing_trivial_and_failed_outputs_are_each_reported(tmp_path):

@@ -26,11 +26,13 @@ STAGES: Dict[str, str] = {
     "study_eval": "gaincell.adapt.study_eval:study_eval",
     "evaluate": "gaincell.evaluate.stage:run",
     "leakage_eval": "gaincell.adapt.leakage:leakage_eval",
+    "variation_eval": "gaincell.variation:variation_eval",
     "analog_convert": "gaincell.analog_stage:convert",
     "analog_eval": "gaincell.analog_stage:evaluate",
     "diagnose": "gaincell.diagnose:run",
     "study_table": "gaincell.comparisons:run",
     "hardware_estimates": "gaincell.hardware.stage:run",
+    "derive_decay": "gaincell.hardware.decay:run",
     "gpu_baseline": "gaincell.hardware.gpu_baseline:run",
     "generate": "gaincell.generate:run",
     "figures": "gaincell.figures:run",
@@ -119,6 +121,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\nstages: " + ", ".join(sorted(STAGES)))
+        print("lm_eval: lm-evaluation-harness's CLI with the gaincell model (gaincell.evaluate.harness_cli)")
         return
     if argv[0] in SHELL_COMPLETION:
         line = os.environ.get("COMP_LINE")
@@ -131,6 +134,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         _run_hydra("completion", argv, print_config)
         return
     stage, overrides = argv[0], argv[1:]
+    if stage == "lm_eval":  # lm-evaluation-harness's own CLI, not a Hydra stage
+        from gaincell.evaluate.harness_cli import main as lm_eval_main
+
+        lm_eval_main(overrides)
+        return
     func = _resolve(stage)
     if not any(o.startswith("hydra.job.name=") for o in overrides):
         overrides = overrides + [f"hydra.job.name={_job_name(stage, overrides)}"]

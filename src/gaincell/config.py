@@ -10,15 +10,17 @@ module: they take their own small config objects, built from these sections by t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
+from gaincell.attention.config import AnalogAttentionConfig
 from gaincell.device.netlists import CellKind
 
 
@@ -64,7 +66,7 @@ class DeviceConfig:
     Circuit, encoding and every source of a parameter: ``gaincell.device.netlists`` (cell),
     ``gaincell.device.technology`` (models). Defaults are an open sky130 design (1.8 V core devices)
     standing in for the paper's proprietary TSMC 28 nm, 0.9 V cell: the stored and read windows are
-    ours and are mapped onto the model's 0..0.9 V and 0.45..0.9 V by the fit (spec §10).
+    ours and are mapped onto the model's 0..0.9 V and 0.45..0.9 V by the fit (docs/attention.md#cell-coefficients).
     Design choices (measured with the tt corner): the 0.6..1.0 V window starts near the read transistor's
     threshold, which gives a convex odd characteristic like the authors' (c3/c1 about 4.5 against their
     3.4); L_read = 0.5 um keeps the full-scale signed current near 20 uA (theirs: about 10 uA).
@@ -125,11 +127,19 @@ class DeviceConfig:
     mismatch_cells: int = 32            # Monte-Carlo cells (each one fit); 0: no mismatch run
     mismatch_seed: int = 0              # seed of the per-transistor threshold shifts (delvto)
     mismatch_sigma_scale: float = 1.0   # multiplies the library's vth0 mismatch sigma (1: the sky130 models')
+    c2p_points: int = 6                 # charge-to-pulse read-out: starting voltages simulated (0: not simulated)
+    c2p_capacitance_f: float = 100e-15  # its integration capacitor, F
+    c2p_bias_v: float = 1.1             # gate voltage of its discharge transistor (current ~ C x 0.9 V / T_max), V
+    c2p_discharge_w_um: float = 0.42    # discharge nfet width, um
+    c2p_discharge_l_um: float = 2.0     # discharge nfet length, um (long: a steadier current)
+    c2p_inverter_n_w_um: float = 0.42   # comparator (two inverters): nfet width, um
+    c2p_inverter_p_w_um: float = 0.84   # comparator: pfet width, um
+    c2p_inverter_l_um: float = 0.15     # comparator: channel length, um
 
 
 @dataclass
 class FitConfig:
-    """Least-squares fit of the third-order cell model (`gaincell.fit`, spec §4 and §10)."""
+    """Least-squares fit of the third-order cell model (`gaincell.fit`, eq. 4, docs/attention.md#cell-coefficients)."""
 
     order: int = 3                      # total polynomial order, i + j <= order
     min_points: int = 10                # fewer data points than this is an error
@@ -147,35 +157,40 @@ class FitConfig:
 # attention
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class AttentionSettings:
-    """Which attention the model uses, and every hardware knob of spec analog-attention.md.
+class AttentionChoice:
+    """Which attention the model uses and how it is computed: the ``attention`` section's own fields.
 
     ``coefficients`` is the cell model used whenever ``kind`` is ``nonlinear_hw`` (the other kinds ignore
-    it): a set name (``paper``: spec §10; ``fitted``: the pipeline's own fit in
-    ``fitted_coefficients_path``) or ten floats in spec §10 order.
+    it): a set name (``paper``: the authors' ten C[i][j]; ``fitted``: the pipeline's own fit in
+    ``fitted_coefficients_path``) or ten floats in ``COEFFICIENT_ORDER``.
     """
 
-    kind: AttentionKind = AttentionKind.softmax          # softmax | softmax_window | linear_hw | nonlinear_hw
-    window: int = 1024                  # sliding window M, tokens (multiple of tile_rows)
-    tile_rows: int = 64                 # rows (keys) per sub-tile array
-    query_levels: Optional[int] = 16    # input pulse-width levels (None: no quantization)
-    stored_levels: Optional[int] = 8    # stored-voltage (DAC) levels for K and V
-    output_levels: Optional[int] = 32   # pulse-counter levels per sub-tile readout
+    kind: AttentionKind = AttentionKind.softmax  # softmax | softmax_window | linear_hw | nonlinear_hw
+    coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
+    fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
     #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
     #                                     gaincell.attention.config.resolve_gain
-    qk_saturation: float = 80.0         # S_sat of the charge-to-pulse HardSigmoid (first array)
-    av_saturation: float = 40.0         # S_sat of the second array readout
-    stored_offset: float = 0.45         # V_DD/2 offset of the stored weight, V
-    read_voltage: float = 0.9           # read word-line voltage V_read, V
-    decay_per_step: float = 1.56e-4     # lambda = L * delta_t / tau, per token step
-    coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
-    fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
-    exact_nonlinear_grad: bool = False  # False: surrogate (linear) backward for nonlinear_hw
-    cell_variation: float = 0.0         # relative std of each cell's gain, fixed per chip (0 = identical cells)
-    readout_noise: float = 0.0          # std of Gaussian noise on each sub-tile readout before its ADC (0 = off)
-    noise_seed: int = 0                 # seed of the chip and the readout noise (each layer derives its own)
+    decay_per_step: Any = 1.56e-4       # lambda = L * delta_t / tau per token step (the paper's), or "derived":
+    #                                     our cost model's latency and measured retention (stage derive_decay)
+    derived_decay_path: str = "${results_dir}/hardware/decay_per_step.json"  # read when decay_per_step=derived
     implementation: AttentionImplementation = AttentionImplementation.auto  # auto | dense | blocked | triton
+
+
+
+def _attention_settings() -> type:
+    """``AttentionChoice`` plus every hardware knob of ``AnalogAttentionConfig`` (declared and documented
+    there once), with its type and default: a new knob there is a config key here without an edit."""
+    types = typing.get_type_hints(AnalogAttentionConfig)
+    own = {f.name for f in fields(AttentionChoice)}
+    knobs = [(f.name, types[f.name], field(default=f.default)) for f in fields(AnalogAttentionConfig)
+             if f.name not in own]
+    return make_dataclass("AttentionSettings", knobs, bases=(AttentionChoice,), namespace={"__module__": __name__,
+                          "__doc__": "The ``attention`` section: ``AttentionChoice`` and the fields of "
+                                     "``gaincell.attention.AnalogAttentionConfig``."})
+
+
+AttentionSettings = _attention_settings()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +279,7 @@ class TrainConfig:
 
 @dataclass
 class AdaptConfig:
-    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, spec §11).
+    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, eq. 9).
 
     The nonlinear cell is ``attention.coefficients``; the other hardware settings are the checkpoint's.
     """
@@ -345,7 +360,7 @@ class PublishedGpuFigure:
 
 
 def _published_gpus() -> List[PublishedGpuFigure]:
-    # The authors' published measurement files (Leroux et al. 2025 data release, spec hardware.md):
+    # The authors' published measurement files (Leroux et al. 2025 data release, docs/hardware.md):
     # FlashAttention-2, 12 heads, D = 64, 1,024 sequential steps, batch 64, NVML power, idle subtracted.
     src = ("Leroux et al., Nat. Comput. Sci. 2025, authors' published measurement file {} "
            "(mean_latency_per_token, mean_energy_per_token; per decoding step of a 64-sequence batch)")
@@ -441,6 +456,10 @@ class WorkflowConfig:
     finetune_learning_rate: float = 6e-4  # peak lr of every fine-tuning rule (paper: 6e-4)
     leakage_values: List[float] = field(default_factory=lambda: [0.0, 1.56e-7, 1.56e-5, 1.56e-4, 1e-3, 1e-2, 1e-1])
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
+    variation_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # cell_variation sweep
+    readout_noise_values: List[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])  # readout_noise sweep
+    #                                     (value 0 is the same model as cell_variation 0: evaluated once)
+    variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
     analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run
     #                                     fully_analog_hwa), iterations at finetune_learning_rate
@@ -449,6 +468,14 @@ class WorkflowConfig:
 # --------------------------------------------------------------------------------------------------
 # per-stage extras: ``+stage.<key>=value`` on the command line (paths and names chosen by the rules)
 # --------------------------------------------------------------------------------------------------
+ADAPT_MODES = ("adapt", "map_only", "evaluate", "calibrate")
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"+stage.{key}={value!r}: expected one of {list(choices)}")
+
+
 @dataclass
 class TrainStage:
     """``train``: which run to write and where it starts."""
@@ -456,6 +483,9 @@ class TrainStage:
     name: Optional[str] = None          # run name: checkpoints/<name>/ (None: the attention kind)
     init_from: Optional[str] = None     # checkpoint file, run folder or run name (None: model.init)
     on_mismatch: str = "error"          # a ckpt.pt of other settings: error | restart (discard it)
+
+    def __post_init__(self) -> None:
+        _check_choice("on_mismatch", self.on_mismatch, ("error", "restart"))
 
 
 @dataclass
@@ -466,6 +496,9 @@ class AdaptStage:
     name: Optional[str] = None          # output run: checkpoints/<name>/ckpt.pt and adapt/<name>/
     mode: str = "adapt"                 # adapt | map_only | evaluate (alias of the study_eval stage) |
     #                                     calibrate (a softmax model's scalers set from data, gaincell.adapt.calibration)
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, ADAPT_MODES)
 
 
 @dataclass
@@ -502,11 +535,21 @@ class DiagnoseStage:
 
 
 @dataclass
+class VariationStage:
+    """``variation_eval``: one value of the cell-variation / readout-noise sweep (``gaincell.variation``)."""
+
+    knob: str = ""                      # cell_variation | readout_noise (its value: attention.<knob>)
+    models: List[str] = field(default_factory=list)  # trained nonlinear models: run names, folders or files
+    chips: int = 1                      # chips (noise seeds attention.noise_seed + k) per model
+
+
+@dataclass
 class EvaluateStage:
     """``evaluate``: downstream tasks of one variant."""
 
-    name: Optional[str] = None          # variant name: eval/<name>/
-    checkpoint: Optional[str] = None    # the variant's checkpoint file
+    name: Optional[str] = None          # variant name: eval/<name>/ (required)
+    checkpoint: Optional[str] = None    # the variant's checkpoint file (required)
+    attention: Optional[str] = None     # switch the loaded model to this kind, with cfg.attention's knobs
 
 
 @dataclass
@@ -584,9 +627,13 @@ class RootConfig:
 
 # Settings that change how fast or where a stage runs, never what it computes: the workflow does not
 # rerun a rule when only these change (its `section` params leave them out). Dotted keys of RootConfig.
+# The trainer's (gaincell.train): where it runs and how often it checkpoints never change the weights
+# (a resumed run reproduces the uninterrupted one; tested); every attention implementation computes the
+# same function.
 RUNTIME_ONLY_KEYS = frozenset({
     "device.model_cache_dir", "device.workers", "data.num_proc", "data.cache_dir",
-    "train.threads", "train.progress",
+    "train.threads", "train.progress", "train.device", "train.compile", "train.checkpoint_interval",
+    "attention.implementation",
 })
 
 

@@ -1,4 +1,4 @@
-"""Token-by-token generation, as the hardware runs: one token's forward pass per step, with state.
+"""Token-by-token generation (``GPT.generate``) with argument checks, warnings and timing, and the CLI stage.
 
     from gaincell.generate import generate
     out = generate(model, idx, max_new_tokens=200, temperature=0.8, top_k=50, seed=0)   # (B, T + N)
@@ -9,15 +9,14 @@ and a ``<name>.json`` with the settings and speed):
     python -m gaincell generate +stage.checkpoint=results/tiny/checkpoints/linear/final.pt \\
         +stage.prompt="ROMEO:" +stage.max_new_tokens=200 +stage.temperature=0.8 +stage.top_k=50 +stage.seed=0
 
-The incremental forward pass is built from the model's nanoGPT submodules (``transformer.wte``,
-``wpe``, ``h[i].ln_1``, ``h[i].attn.c_attn``, ``h[i].attn.core``, ``h[i].attn.c_proj``, ``ln_2``,
-``mlp``, ``transformer.ln_f``, ``lm_head``). Per layer, the attention state is:
+The decoding itself is the model's (``GPT.start_decoding``, ``GPT.step``): per layer, the attention
+state is
 
 * ``softmax``: the usual key/value cache, holding the last ``block_size`` tokens (the longest history
   the model was trained with; within the context this is the whole history);
 * ``softmax_window``: the last ``window`` tokens;
 * ``linear_hw`` / ``nonlinear_hw``: an ``AnalogKVDecoder`` (the gain-cell K/V arrays as a ring buffer
-  of sub-tiles, spec analog-attention.md §6), with the layer's per-head scalers applied around it.
+  of sub-tiles), with the layer's per-head scalers applied around it (``AttentionCore.step``).
 
 Positions: the learned position embedding has ``block_size`` rows. Tokens at positions
 ``0 .. block_size - 1`` use them as trained. POSITION POLICY beyond the context: every later token uses
@@ -29,15 +28,14 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
-from gaincell.attention import AnalogKVDecoder
-from gaincell.attention.module import HW_KINDS
-
-POSITION_POLICY = "last learned position repeated"
+from gaincell.config import GenerateStage, stage_settings
+from gaincell.data import check_tokenizer, load_tokenizer
+from gaincell.io import atomic_write_json, atomic_write_text
+from gaincell.model import GPT, POSITION_POLICY
 
 
 class BeyondContextWarning(UserWarning):
@@ -47,137 +45,6 @@ class BeyondContextWarning(UserWarning):
 def beyond_context_message(block_size: int, position: int) -> str:
     return (f"the model runs beyond its trained positions: token position {position} >= context "
             f"block_size={block_size}; policy: {POSITION_POLICY} (position {block_size - 1})")
-
-
-class _SoftmaxCache:
-    """Key/value ring buffer of ``capacity`` tokens for one softmax layer, (B, H, capacity, D)."""
-
-    def __init__(self, capacity: int, batch: int, heads: int, head_dim: int, device, dtype) -> None:
-        self.capacity = capacity
-        self.k = torch.zeros(batch, heads, capacity, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.steps = 0
-
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        slot = self.steps % self.capacity
-        self.k[:, :, slot], self.v[:, :, slot] = k, v
-        self.steps += 1
-        filled = min(self.steps, self.capacity)
-        # Every cached key is in the past or present of the query: no mask. The order of the keys in
-        # the buffer does not change softmax attention.
-        return F.scaled_dot_product_attention(q.unsqueeze(2), self.k[:, :, :filled],
-                                              self.v[:, :, :filled]).squeeze(2)
-
-
-class IncrementalGPT:
-    """A ``gaincell.model.GPT`` run one token per step for a batch of sequences.
-
-    ``step(tokens)`` takes token ids (B,) at the next position and returns the next-token logits
-    (B, vocab_size). The attention kind of every layer is read once, when this object is built.
-
-    Args:
-        model: the GPT (put in eval mode by the caller; dropout would make steps random).
-        batch: sequences decoded together.
-        max_steps: optional limit on tokens consumed (passed to the analog decoders).
-        generator: draws the analog readout noise (only when the config has ``readout_noise > 0``;
-            None: each layer's own noise stream, ``gaincell.attention.noise``).
-    """
-
-    def __init__(self, model, batch: int, max_steps: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> None:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch={batch!r}: expected a positive integer")
-        self.model = model
-        self.batch = batch
-        self.config = model.config
-        self.block_size = int(model.config.block_size)
-        self.n_head = int(model.config.n_head)
-        self.n_embd = int(model.config.n_embd)
-        self.head_dim = self.n_embd // self.n_head
-        self.vocab_size = int(model.config.vocab_size)
-        self.max_steps = max_steps
-        weight = model.transformer.wte.weight
-        device, dtype = weight.device, weight.dtype
-        self.states: List[Any] = []
-        self.kinds: List[str] = []
-        for block in model.transformer.h:
-            core = block.attn.core
-            if core.n_head != self.n_head:
-                raise ValueError(f"attention core has n_head={core.n_head}, the model config n_head={self.n_head}")
-            if core.kind in HW_KINDS:
-                state = AnalogKVDecoder(core.layer_analog, batch=batch, heads=self.n_head, head_dim=self.head_dim,
-                                        max_steps=max_steps, device=device, dtype=dtype, generator=generator)
-            elif core.kind == "softmax_window":
-                state = _SoftmaxCache(core.analog.window, batch, self.n_head, self.head_dim, device, dtype)
-            elif core.kind == "softmax":
-                state = _SoftmaxCache(self.block_size, batch, self.n_head, self.head_dim, device, dtype)
-            else:  # pragma: no cover - AttentionCore validates its kind
-                raise ValueError(f"attention kind {core.kind!r}: no incremental form")
-            self.states.append(state)
-            self.kinds.append(core.kind)
-        self.position = 0  # position of the next token
-        self.device = device
-
-    def check_finite(self) -> None:
-        """Raise ValueError if an analog layer's attention inputs held NaN (reads each decoder's device
-        flag: one host synchronisation, so call it once per prompt, not per step)."""
-        for state in self.states:
-            if isinstance(state, AnalogKVDecoder):
-                state.check_finite()
-
-    @property
-    def beyond_context(self) -> bool:
-        """Whether a token past the learned positions has been consumed."""
-        return self.position > self.block_size
-
-    def _attention(self, layer: int, block, x: torch.Tensor) -> torch.Tensor:
-        """One layer's attention for one token: x (B, C) after ln_1 -> (B, C) after c_proj."""
-        attn = block.attn
-        q, k, v = attn.c_attn(x).split(self.n_embd, dim=-1)
-        shape = (self.batch, self.n_head, self.head_dim)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        state = self.states[layer]
-        if self.kinds[layer] in HW_KINDS:
-            core = attn.core
-
-            def scaled(stage: str, t: torch.Tensor) -> torch.Tensor:  # spec §1 / §7, per head
-                a = getattr(core, f"{stage}_scale").view(1, -1, 1).to(t.dtype)
-                b = getattr(core, f"{stage}_bias").view(1, -1, 1).to(t.dtype)
-                return a * t + b
-
-            y = scaled("out", state.step(scaled("q", q), scaled("k", k), scaled("v", v)))
-        else:
-            y = state.step(q, k, v)
-        # (B, H, D) -> (B, C): the head-major concatenation of the parallel forward.
-        return attn.resid_dropout(attn.c_proj(y.reshape(self.batch, self.n_embd)))
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Consume one token per sequence, ids (B,); return next-token logits (B, vocab_size)."""
-        if tokens.shape != (self.batch,):
-            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected ({self.batch},), one id per sequence")
-        tf = self.model.transformer
-        position = min(self.position, self.block_size - 1)  # POSITION_POLICY past the context
-        pos = torch.full((self.batch,), position, dtype=torch.long, device=self.device)
-        x = tf.drop(tf.wte(tokens.to(self.device)) + tf.wpe(pos))
-        for layer, block in enumerate(tf.h):
-            x = x + self._attention(layer, block, block.ln_1(x))
-            x = x + block.mlp(block.ln_2(x))
-        self.position += 1
-        return self.model.lm_head(tf.ln_f(x))[..., : self.vocab_size]
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Next ids (B, 1) from logits (B, V): greedy for temperature 0, else top-k softmax sampling."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
 def _check_args(idx, max_new_tokens, temperature, top_k) -> None:
@@ -194,14 +61,11 @@ def _check_args(idx, max_new_tokens, temperature, top_k) -> None:
         raise ValueError(f"top_k={top_k!r}: expected a positive integer or None")
 
 
-@torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, return_info: bool = False):
-    """Continue token ids idx (B, T) by ``max_new_tokens`` tokens, one incremental step per token.
-
-    The prompt is fed token by token too (that is how the K/V arrays are written), so prompts and
-    generations may be longer than the window and than the context (see the module's position policy).
+    """Continue token ids idx (B, T) by ``max_new_tokens`` tokens, one incremental step per token
+    (``GPT.generate``), after checking the arguments; warns when the tokens pass the context.
 
     Args:
         temperature: softmax temperature; 0 picks the most likely token (greedy).
@@ -215,92 +79,50 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
         (B, T + max_new_tokens) ids; with ``return_info``, ``(ids, info)``.
     """
     _check_args(idx, max_new_tokens, temperature, top_k)
-    if max_new_tokens == 0:
-        info0 = {"warnings": [], "prompt_tokens": idx.shape[1], "new_tokens": 0, "seconds": 0.0,
-                 "tokens_per_s": float("nan"), "beyond_context": False, "attention": []}
-        return (idx, info0) if return_info else idx
-    device = model.transformer.wte.weight.device
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-    was_training = model.training
-    model.eval()
-    batch, prompt_len = idx.shape
-    block_size = int(model.config.block_size)
-    info: Dict[str, Any] = {"warnings": [], "prompt_tokens": prompt_len, "new_tokens": max_new_tokens}
-    try:
-        state = IncrementalGPT(model, batch, generator=generator)
-        info["attention"] = sorted(set(state.kinds))
-        idx = idx.to(device)
-        out = [idx]
-        start = time.perf_counter()
-        total = prompt_len + max_new_tokens
-        for t in range(total - 1):  # the last sampled token is not fed back
-            token = idx[:, t] if t < prompt_len else out[-1][:, 0]
-            if state.position == block_size and not info["warnings"]:
-                message = beyond_context_message(block_size, state.position)
-                info["warnings"].append(message)
-                warnings.warn(message, BeyondContextWarning, stacklevel=3)  # past torch.no_grad's wrapper
-            logits = state.step(token)
-            if t == prompt_len - 1:
-                state.check_finite()  # once per prompt: a NaN would poison a whole window
-            if t >= prompt_len - 1:
-                out.append(sample_next(logits, temperature, top_k, generator))
-        state.check_finite()
-        seconds = time.perf_counter() - start
-    finally:
-        model.train(was_training)
-    info["seconds"] = seconds
-    info["tokens_per_s"] = (total - 1) / seconds if seconds > 0 else float("inf")
+    prompt_len, block_size = idx.shape[1], model.config.block_size
+    fed = prompt_len + max_new_tokens - 1 if max_new_tokens else 0  # the last sampled token is not fed back
+    info: Dict[str, Any] = {"warnings": [], "prompt_tokens": prompt_len, "new_tokens": max_new_tokens,
+                            "attention": sorted({core.kind for core in model.attention_cores()}) if fed else []}
+    if fed > block_size:
+        info["warnings"].append(beyond_context_message(block_size, block_size))
+        warnings.warn(info["warnings"][0], BeyondContextWarning, stacklevel=2)
+    start = time.perf_counter()
+    ids = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, generator=generator)
+    seconds = time.perf_counter() - start
+    info["seconds"] = seconds if fed else 0.0
+    info["tokens_per_s"] = (fed / seconds if seconds > 0 else float("inf")) if fed else float("nan")
     info["beyond_context"] = bool(info["warnings"])
-    ids = torch.cat(out, dim=1)
     return (ids, info) if return_info else ids
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI stage
 # --------------------------------------------------------------------------------------------------
-def _stage_value(cfg, key: str, default: Any = None) -> Any:
-    stage = cfg.get("stage") if hasattr(cfg, "get") else None
-    if stage is None:
-        return default
-    value = stage.get(key, default) if hasattr(stage, "get") else default
-    return default if value is None else value
-
-
 def run(cfg) -> Dict[str, Any]:
     """``python -m gaincell generate +stage.checkpoint=<ckpt> [+stage.prompt=..] [+stage.max_new_tokens=N]
     [+stage.temperature=T] [+stage.top_k=K] [+stage.seed=S] [+stage.name=NAME] [+stage.device=cpu|cuda]
-    [+stage.threads=1]``.
+    [+stage.threads=1]`` (``GenerateStage``).
 
     Prints the prompt and its continuation; with ``name`` writes ``<results_dir>/samples/<name>.txt``
     (the text) and ``<name>.json`` (settings, speed, warnings). An empty prompt starts from the
     end-of-text token. The tokenizer is the one of ``cfg.data.data_dir``.
     """
-    from gaincell.data import check_tokenizer, load_tokenizer
-    from gaincell.io import atomic_write_json, atomic_write_text
-    from gaincell.model import GPT
-
-    checkpoint = _stage_value(cfg, "checkpoint")
+    stage = stage_settings(cfg, GenerateStage)
+    checkpoint = stage.checkpoint
     if not checkpoint:
         raise ValueError("generate: no checkpoint given: expected +stage.checkpoint=<path to ckpt.pt or final.pt>")
-    if not Path(str(checkpoint)).is_file():
+    if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"generate: checkpoint {checkpoint} does not exist")
-    prompt = str(_stage_value(cfg, "prompt", ""))
-    max_new_tokens = int(_stage_value(cfg, "max_new_tokens", 200))
-    temperature = float(_stage_value(cfg, "temperature", 1.0))
-    top_k = _stage_value(cfg, "top_k")
-    top_k = None if top_k in (None, "", "null", "None") else int(top_k)
-    seed = _stage_value(cfg, "seed", int(cfg.seed) if "seed" in cfg else None)
-    seed = None if seed is None else int(seed)
-    name = _stage_value(cfg, "name")
-    device = str(_stage_value(cfg, "device", "cuda" if torch.cuda.is_available() else "cpu"))
-    threads = int(_stage_value(cfg, "threads", 1))
+    prompt, max_new_tokens, temperature, top_k = stage.prompt, stage.max_new_tokens, stage.temperature, stage.top_k
+    seed = cfg.seed if stage.seed is None else stage.seed
+    name, threads = stage.name, stage.threads
+    device = stage.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"generate: +stage.device={device} but no CUDA GPU is available here: expected cpu")
     model = GPT.from_checkpoint(str(checkpoint), map_location=device)
     model.to(device)
-    tokenizer = load_tokenizer(Path(str(cfg.data.data_dir)))
+    tokenizer = load_tokenizer(cfg.data.data_dir)
     warning = check_tokenizer(model.tokenizer_info, tokenizer.data_dir, checkpoint, tokenizer.fingerprint)
     if warning:
         print(f"[generate] warning: {warning}")
@@ -336,11 +158,11 @@ def run(cfg) -> Dict[str, Any]:
               "beyond_context": info["beyond_context"], "position_policy": POSITION_POLICY,
               "warnings": info["warnings"], "text": text}
     if name:
-        out_dir = Path(str(cfg.results_dir)) / "samples"
+        out_dir = Path(cfg.results_dir) / "samples"
         atomic_write_text(out_dir / f"{name}.txt", text + "\n")
         atomic_write_json(out_dir / f"{name}.json", result)
         print(f"[generate] wrote {out_dir / f'{name}.txt'}")
     return result
 
 
-__all__ = ["generate", "run", "IncrementalGPT", "BeyondContextWarning", "POSITION_POLICY", "sample_next"]
+__all__ = ["generate", "run", "BeyondContextWarning"]

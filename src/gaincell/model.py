@@ -7,10 +7,13 @@
 
 The module names are nanoGPT's (and so GPT-2's): ``transformer.wte``, ``.wpe``, ``.drop``,
 ``.h[i].ln_1``, ``.h[i].attn.c_attn``, ``.h[i].attn.c_proj``, ``.h[i].ln_2``, ``.h[i].mlp.c_fc``,
-``.h[i].mlp.c_proj``, ``transformer.ln_f`` and ``lm_head`` (tied to ``wte``). The streaming decoder of
-``gaincell.generate`` builds on these names. Each attention layer splits ``c_attn``'s output into
-(B, H, T, D) queries, keys and values and hands them to ``self.core``, an ``AttentionCore`` that is
-softmax attention or one of the analog gain-cell models (spec analog-attention.md); ``c_proj`` follows.
+``.h[i].mlp.c_proj``, ``transformer.ln_f`` and ``lm_head`` (tied to ``wte``). Each attention layer
+splits ``c_attn``'s output into (B, H, T, D) queries, keys and values and hands them to ``self.core``,
+an ``AttentionCore`` that is softmax attention or one of the analog gain-cell models; ``c_proj`` follows.
+
+Generation runs as the hardware does, one token per step with state (``start_decoding``, ``step``,
+``generate``): every layer keeps a key/value cache (softmax) or the gain-cell K/V arrays (hardware
+attention, ``AnalogKVDecoder``), and ``CausalSelfAttention.step`` computes one token's attention.
 
 The token embedding may be padded to a multiple of 64 rows for speed (GPT-2's 50,257 -> 50,304, as in
 the paper); the padded rows are never returned: logits and the loss cover the real vocabulary only.
@@ -30,6 +33,7 @@ from torch import nn
 
 from gaincell.analog_projections import AnalogProjectionConfig, convert_projections, projection_config_from_dict
 from gaincell.attention import AnalogAttentionConfig, AttentionCore
+from gaincell.attention.config import analog_config_from_settings
 from gaincell.attention.module import HW_KINDS, KINDS
 
 CHECKPOINT_FORMAT = "gaincell-gpt-v1"
@@ -152,6 +156,18 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def new_state(self, batch: int, context: int, max_steps: Optional[int] = None, device=None, dtype=None,
+                  generator: Optional[torch.Generator] = None):
+        """This layer's decoding state (KV cache or gain-cell arrays) for ``step``."""
+        return self.core.new_state(batch, self.n_embd // self.n_head, context, max_steps, device, dtype, generator)
+
+    def step(self, x: torch.Tensor, state) -> torch.Tensor:
+        """One token per sequence, x (B, C) -> (B, C): ``forward`` at the newest position, the earlier
+        tokens held by ``state`` (from ``new_state``), which is advanced."""
+        q, k, v = self.split_heads(x.unsqueeze(1))             # (B, H, 1, D)
+        y = self.core.step(q, k, v, state)                      # (B, H, 1, D)
+        return self.resid_dropout(self.c_proj(y.reshape(x.shape)))
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -178,6 +194,43 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def step(self, x: torch.Tensor, state) -> torch.Tensor:
+        """One token per sequence, x (B, C) -> (B, C) (see ``CausalSelfAttention.step``)."""
+        x = x + self.attn.step(self.ln_1(x), state)
+        return x + self.mlp(self.ln_2(x))
+
+
+# Past the context, every token takes the last learned position embedding (see ``GPT.step``).
+POSITION_POLICY = "last learned position repeated"
+
+
+@dataclass
+class DecodingState:
+    """Every layer's attention state of a batch decoded one token at a time (``GPT.start_decoding``),
+    and the position of the next token."""
+
+    layers: List[Any]
+    position: int = 0
+
+    def check_finite(self) -> None:
+        """Raise ValueError if an analog layer's attention inputs held NaN (one host synchronisation per
+        analog layer: call it once per prompt, not per step)."""
+        for layer in self.layers:
+            layer.check_finite()
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next ids (B, 1) from logits (B, V): greedy for temperature 0, else top-k softmax sampling."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
 class GPT(nn.Module):
@@ -262,17 +315,70 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
+    # ------------------------------------------------------------------------------------------------
+    # token-by-token decoding, as the hardware runs (one token's forward pass per step, with state)
+    # ------------------------------------------------------------------------------------------------
+    def start_decoding(self, batch: int, max_steps: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None) -> "DecodingState":
+        """Empty attention states of every layer for decoding ``batch`` sequences with ``step``.
+
+        ``generator`` draws the analog readout noise (when ``readout_noise > 0``; None: each layer's own
+        stream); ``max_steps`` optionally limits the tokens the analog arrays may consume."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch={batch!r}: expected a positive integer")
+        weight = self.transformer.wte.weight
+        return DecodingState([block.attn.new_state(batch, self.config.block_size, max_steps, weight.device,
+                                                   weight.dtype, generator) for block in self.transformer.h])
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: "DecodingState") -> torch.Tensor:
+        """Consume one token per sequence, ids (B,) at position ``state.position``; return the next-token
+        logits (B, vocab_size), equal to ``forward``'s at that position within the context. Past the
+        context every token takes the last learned position (``POSITION_POLICY``)."""
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected (batch,), one id per sequence")
+        device = self.transformer.wte.weight.device
+        position = min(state.position, self.config.block_size - 1)
+        pos = torch.full(tokens.shape, position, dtype=torch.long, device=device)
+        x = self.transformer.drop(self.transformer.wte(tokens.to(device)) + self.transformer.wpe(pos))
+        for block, layer_state in zip(self.transformer.h, state.layers):
+            x = block.step(x, layer_state)
+        state.position += 1
+        return self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, **kwargs: Any) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuation tokens of idx (B, T) -> (B, T + max_new_tokens).
+                 top_k: Optional[int] = None, seed: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Continue idx (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens).
 
-        Delegates to ``gaincell.generate.generate``: incremental decoding, with the streaming KV arrays
-        for the hardware attention (imported here, not at the top: that module builds on this one).
+        The prompt is fed token by token too (that is how the K/V arrays are written), so prompts and
+        generations may be longer than the window and the context. ``temperature=0`` is greedy;
+        ``seed`` (or a ``generator`` on the model's device) makes sampling and readout noise
+        reproducible. ``gaincell.generate.generate`` adds argument checks, warnings and timing.
         """
-        from gaincell.generate import generate as streaming_generate
-
-        return streaming_generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, **kwargs)
+        if max_new_tokens == 0:
+            return idx
+        device = self.transformer.wte.weight.device
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            idx = idx.to(device)
+            state = self.start_decoding(idx.shape[0], generator=generator)
+            for t in range(idx.shape[1]):
+                logits = self.step(idx[:, t], state)
+            state.check_finite()  # once per prompt: a NaN would poison a whole window
+            for i in range(max_new_tokens):
+                next_id = sample_next(logits, temperature, top_k, generator)
+                idx = torch.cat((idx, next_id), dim=1)
+                if i < max_new_tokens - 1:  # the last sampled token is not fed back
+                    logits = self.step(next_id[:, 0], state)
+            state.check_finite()
+        finally:
+            self.train(was_training)
+        return idx
 
     @torch.no_grad()
     def generate_recompute(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -280,17 +386,8 @@ class GPT(nn.Module):
         """Reference sampler: full forward pass over the last block_size tokens for each new token.
         ``temperature=0`` picks the most likely token."""
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits = self(context)[:, -1, :].float()
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-            idx = torch.cat((idx, next_id), dim=1)
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :]
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k, generator)), dim=1)
         return idx
 
     # ------------------------------------------------------------------------------------------------
@@ -444,17 +541,11 @@ def load_model_weights(model: GPT, state_dict: Dict[str, torch.Tensor], path: Un
 
 def config_from_settings(model_section: Any, attention_section: Any, vocab_size: int) -> GPTConfig:
     """GPTConfig from the Hydra ``model`` and ``attention`` sections (and the data's vocabulary)."""
-    from gaincell.attention.config import analog_config_from_settings
-
-    get = (lambda s, k: s[k]) if hasattr(model_section, "__getitem__") else (lambda s, k: getattr(s, k))
-    return GPTConfig(
-        vocab_size=int(vocab_size), block_size=int(get(model_section, "block_size")),
-        n_layer=int(get(model_section, "n_layer")), n_head=int(get(model_section, "n_head")),
-        n_embd=int(get(model_section, "n_embd")), dropout=float(get(model_section, "dropout")),
-        bias=bool(get(model_section, "bias")), attention=str(get(attention_section, "kind")),
-        analog=analog_config_from_settings(attention_section),
-        pad_vocab_multiple=int(get(model_section, "pad_vocab_multiple")),
-        attention_implementation=str(get(attention_section, "implementation")))
+    m = model_section
+    return GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, attention=str(attention_section.kind),
+                     analog=analog_config_from_settings(attention_section), pad_vocab_multiple=m.pad_vocab_multiple,
+                     attention_implementation=str(attention_section.implementation))
 
 
 __all__ = ["GPT", "GPTConfig", "CheckpointError", "load_checkpoint_file", "model_from_checkpoint_dict",

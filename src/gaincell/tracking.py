@@ -3,13 +3,18 @@
     tracker = Tracker(cfg, run_name="linear_hw", job_type="train", csv_path=".../metrics.csv")
     tracker.log({"train_loss": 3.2, "lr": 6e-4}, step=10)
     tracker.summary({"final_val_loss": 3.1})
+    tracker.log_table("study", df)                       # a DataFrame or CSV path as a W&B table
+    tracker.log_images({"figure/fig4": "fig4.png"})      # figures as images
+    tracker.log_checkpoint("checkpoints/linear_hw/final.pt")  # a reference artifact (file:// URI)
     tracker.finish()
 
-W&B's mode comes from ``cfg.tracking.mode`` (``offline`` | ``online`` | ``disabled``), overridden by
-``$WANDB_MODE``; the run gets the full resolved config. In ``disabled`` mode wandb is not imported.
-Figures read the CSV, never W&B. The CSV is rewritten atomically (whole file, at most every
-``tracking.csv_flush_s`` seconds and at ``flush``/``finish``); ``resume_step`` keeps only the rows up
-to that step of an existing CSV, so a run resumed from a checkpoint continues one clean curve.
+The W&B group is ``$WANDB_RUN_GROUP`` (the workflow sets it from a hash of the composed configuration,
+so reruns of one configuration share a group), else ``tracking.group``. W&B's mode comes from
+``cfg.tracking.mode`` (``offline`` | ``online`` | ``disabled``), overridden by ``$WANDB_MODE``; the run
+gets the full resolved config. In ``disabled`` mode wandb is not imported. Figures read the CSV, never
+W&B. The CSV is rewritten atomically (whole file, at most every ``tracking.csv_flush_s`` seconds and at
+``flush``/``finish``); ``resume_step`` keeps only the rows up to that step of an existing CSV, so a run
+resumed from a checkpoint continues one clean curve.
 """
 from __future__ import annotations
 
@@ -115,7 +120,8 @@ class Tracker:
             self.wandb_id = uuid.uuid4().hex[:8]
         self.wandb_run = wandb.init(
             project=str(_get(tracking, "project", "gaincell")), entity=_get(tracking, "entity"),
-            group=os.environ.get("WANDB_RUN_GROUP") or _get(tracking, "group"), name=self.run_name, job_type=self.job_type,
+            group=os.environ.get("WANDB_RUN_GROUP") or _get(tracking, "group"), name=self.run_name,
+            job_type=self.job_type,
             config=resolved_config_dict(cfg), dir=str(wandb_dir), mode=self.mode, id=self.wandb_id,
             resume="allow", reinit="finish_previous")
 
@@ -155,6 +161,42 @@ class Tracker:
                                 and not (isinstance(v, float) and math.isnan(v))}, step=int(step))
         if time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
+
+    def log_table(self, key: str, table: Any) -> None:
+        """A pandas DataFrame (or a CSV file's path) as a W&B table under ``key``; the local copy is the
+        CSV the stage wrote. No-op without W&B."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        import pandas as pd
+        import wandb
+
+        df = pd.read_csv(table) if isinstance(table, (str, os.PathLike)) else table
+        self.wandb_run.log({key: wandb.Table(dataframe=df)})
+
+    def log_images(self, images: Dict[str, os.PathLike], captions: Optional[Dict[str, str]] = None) -> None:
+        """Image files (PNG) under their keys, with captions. No-op without W&B."""
+        if not self.enabled or self.wandb_run is None or not images:
+            return
+        import wandb
+
+        captions = captions or {}
+        self.wandb_run.log({k: wandb.Image(str(p), caption=captions.get(k)) for k, p in images.items()})
+
+    def log_checkpoint(self, path: os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> None:
+        """A checkpoint as a W&B *reference* artifact (``file://`` URI: the file stays where it is, W&B
+        records its path, size and our SHA-256), named ``checkpoint-<run>``. No-op without W&B."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        import wandb
+
+        from gaincell.io import sha256_file_cached
+
+        path = Path(path).resolve()
+        meta = {"sha256": sha256_file_cached(path), "bytes": path.stat().st_size, **(metadata or {})}
+        artifact = wandb.Artifact(name=artifact_name(f"checkpoint-{self.run_name}"), type="model", metadata=meta)
+        # checksum=False: W&B would read the whole file again; the SHA-256 above identifies the content.
+        artifact.add_reference(path.as_uri(), name=path.name, checksum=False)
+        self.wandb_run.log_artifact(artifact, aliases=["latest", f"sha256-{meta['sha256'][:12]}"])
 
     def summary(self, values: Dict[str, Any]) -> None:
         """Final numbers of the run (W&B summary and ``<csv stem>.summary.json``)."""
@@ -202,6 +244,32 @@ class Tracker:
         self.finish()
 
 
+def artifact_name(text: str) -> str:
+    """A W&B artifact name (letters, digits, ``-``, ``_``, ``.``) from a run name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def log_stage_outputs(cfg: Any, run_name: str, job_type: str, tables: Optional[Dict[str, Any]] = None,
+                      images: Optional[Dict[str, os.PathLike]] = None, captions: Optional[Dict[str, str]] = None,
+                      summary: Optional[Dict[str, Any]] = None) -> None:
+    """One W&B run of a stage's outputs: tables (DataFrames or CSV paths), images, summary numbers.
+    Best effort: a tracking failure is printed and never fails the stage whose results are written."""
+    try:
+        tracker = Tracker(cfg, run_name=run_name, job_type=job_type)
+        try:
+            for key, table in (tables or {}).items():
+                tracker.log_table(key, table)
+            tracker.log_images(images or {}, captions)
+            if summary:
+                tracker.summary(summary)
+        finally:
+            tracker.finish()
+    except Exception as err:  # logging must never lose the written results
+        print(f"{job_type}: tracking skipped ({type(err).__name__}: {err})")
+
+
 def _parse(text: Optional[str]) -> Any:
     if text is None or text == "":
         return None
@@ -212,4 +280,4 @@ def _parse(text: Optional[str]) -> Any:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
-__all__ = ["Tracker", "resolved_config_dict", "MODES"]
+__all__ = ["Tracker", "resolved_config_dict", "MODES", "log_stage_outputs", "artifact_name"]

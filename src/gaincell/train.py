@@ -53,6 +53,7 @@ import torch
 
 from gaincell.analog_projections import projection_config_from_dict, set_projections
 from gaincell.attention.module import HW_KINDS
+from gaincell.config import RUNTIME_ONLY_KEYS, TrainStage, stage_settings
 from gaincell.data import read_windows
 from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached
 from gaincell.model import (GPT, CheckpointError, config_from_settings, load_checkpoint_file,
@@ -206,23 +207,24 @@ def set_trainable_scalers(model: GPT) -> None:
 # ----------------------------------------------------------------------------------------------------
 # model initialisation
 # ----------------------------------------------------------------------------------------------------
-def _stage_get(cfg: Any, key: str, default: Any = None) -> Any:
-    stage = cfg.get("stage") if hasattr(cfg, "get") else getattr(cfg, "stage", None)
-    if not stage:
-        return default
-    value = stage.get(key, default) if hasattr(stage, "get") else getattr(stage, key, default)
-    return default if value is None else value
-
-
 def _looks_like_checkpoint(init: str) -> bool:
     return init.endswith((".pt", ".pth")) or Path(init).is_file()
+
+
+def _resolve_init(cfg: Any, init: str) -> str:
+    """``+stage.init_from`` as a run folder or a run name (``checkpoints/<name>/``) means its ``final.pt``;
+    anything else is taken as given (checkpoint file, Hugging Face name or folder, ``scratch``)."""
+    for folder in (Path(init), Path(str(cfg.results_dir)) / "checkpoints" / init):
+        if folder.is_dir() and (folder / "final.pt").is_file():
+            return str(folder / "final.pt")
+    return init
 
 
 def build_model(cfg: Any, vocab_size: int) -> Tuple[GPT, str]:
     """The model to train and a description of where its weights come from."""
     from gaincell.attention.config import analog_config_from_settings
 
-    init = str(_stage_get(cfg, "init_from", None) or cfg.model.init)
+    init = _resolve_init(cfg, str(stage_settings(cfg, TrainStage).init_from or cfg.model.init))
     kind = str(cfg.attention.kind)
     analog = analog_config_from_settings(cfg.attention)
     if init == "scratch":
@@ -267,11 +269,12 @@ def _set_dropout(model: GPT, p: float) -> None:
 # ----------------------------------------------------------------------------------------------------
 # what a run's result depends on
 # ----------------------------------------------------------------------------------------------------
-# Settings that change how a run executes but not its weights or metrics: they never invalidate a
-# checkpoint. ``device``: where it runs (like the number of processes); ``compile``: the same function,
-# compiled; ``checkpoint_interval``: a resumed run reproduces the uninterrupted one bit for bit (tested),
-# so where checkpoints fall does not matter; ``threads``, ``progress``: speed and display.
-RUNTIME_TRAIN_KEYS = ("device", "compile", "checkpoint_interval", "threads", "progress")
+# Settings that change how a run executes but not its weights or metrics never invalidate a checkpoint:
+# the train.* keys of gaincell.config.RUNTIME_ONLY_KEYS (the workflow reruns nothing for them either).
+# ``device``: where it runs (like the number of processes); ``compile``: the same function, compiled;
+# ``checkpoint_interval``: a resumed run reproduces the uninterrupted one bit for bit (tested), so where
+# checkpoints fall does not matter; ``threads``, ``progress``: speed and display.
+RUNTIME_TRAIN_KEYS = tuple(sorted(k.partition(".")[2] for k in RUNTIME_ONLY_KEYS if k.startswith("train.")))
 # The run length and learning-rate schedule are compared iteration by iteration (``schedule_mismatch``),
 # so a finished run can be extended when the learning rates it used are those of the longer run.
 SCHEDULE_KEYS = ("max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters")
@@ -461,7 +464,7 @@ def setup(cfg: Any, env: DistEnv) -> TrainRun:
     t = cfg.train
     max_iters, batch_size, grad_accum = _checked_batch_settings(t, env)
     results_dir, data_dir = Path(str(cfg.results_dir)), Path(str(cfg.data.data_dir))
-    name = str(_stage_get(cfg, "name", None) or cfg.attention.kind)
+    name = str(stage_settings(cfg, TrainStage).name or cfg.attention.kind)
     meta = read_meta(data_dir)
     for split in ("train", "val"):
         check_token_file(data_dir / f"{split}.bin", meta, split)
@@ -498,7 +501,7 @@ def _set_aside_if_stale(run: TrainRun) -> bool:
     changed since) is moved to ``ckpt.stale.pt`` and training starts afresh. Returns whether one remains."""
     if not run.ckpt_path.is_file():
         return False
-    if str(_stage_get(run.cfg, "on_mismatch", "error")) != "restart":
+    if stage_settings(run.cfg, TrainStage).on_mismatch != "restart":
         return True
     try:
         load_train_checkpoint(run.ckpt_path, run.signature, torch.device("cpu"), run.schedule, run.max_iters)
@@ -554,6 +557,7 @@ def save_checkpoint(run: TrainRun, tracker: Any, finished: bool) -> Path:
         atomic_save_torch(state, run.ckpt_path)
         if finished:
             publish_final(run.ckpt_path, run.final_path)
+            tracker.log_checkpoint(run.final_path, {"iter": run.iter, "run": run.name, "tokens": run.tokens})
     run.last_good = run.ckpt_path
     return run.ckpt_path
 

@@ -16,12 +16,17 @@ from gaincell import study
 VARIANTS = list(study.VARIANT_RUNS)
 TRAINED_RUNS = [r.name for r in study.runs("train")]      # checkpoints/<run>/final.pt + train/<run>/metrics.csv
 ADAPTED_RUNS = [r.name for r in study.runs("adapt")]      # checkpoints/<run>/ckpt.pt + adapt/<run>/summary.json
-RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"] + [r.rule for r in study.runs("train")]
-                         + ["leakage_sweep", "gpu_baseline", "hardware_estimates", "figures", "generate_sample"])
+CONVERTED_RUNS = [r.name for r in study.runs("convert")]  # checkpoints/<run>/final.pt (no training)
+NOISE_SEED_VARIANTS = [v.run for v in study.VARIANTS if v.noise_seeds]  # val_loss over inference-noise seeds
+RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"]
+                         + [r.rule for r in study.RUNS if r.training != "adapt"]
+                         + ["leakage_sweep", "variation_sweep", "gpu_baseline", "hardware_estimates", "figures",
+                            "generate_sample"])
 # Figures every complete run must make (paper Figs. 1e, 1h, 2, 3, 4, 5 and Table 1, at the profile's scale).
 REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
                     "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
                     "hardware_breakdown", "hardware_scaling", "hardware_gpu_comparison",
+                    "device_mismatch", "variation", "analog_noise", "analog_energy",
                     "study_claims", "signal_health", "nonlinearity"]
 
 
@@ -62,6 +67,12 @@ def check(results_dir: Path) -> List[str]:
             return f"expected 10 coefficients, got {coeffs!r}"
         return "" if any(abs(c) > 0 for c in coeffs) else "all coefficients are zero"
 
+    def noise_spread_ok(path: Path) -> str:
+        spread = _json(path).get("val_loss_spread")
+        if not isinstance(spread, (int, float)) or not spread > 0:  # 0: the inference noise was not applied
+            return f"val_loss_spread over inference-noise seeds is {spread!r}, expected > 0"
+        return ""
+
     def csv_rows(min_rows: int) -> Callable[[Path], str]:
         def test(path: Path) -> str:
             rows = path.read_text().strip().splitlines()
@@ -79,9 +90,11 @@ def check(results_dir: Path) -> List[str]:
     for run in ADAPTED_RUNS:
         need(study.checkpoint(run), 10_000)
         need(f"adapt/{run}/summary.json", 10)
+    for run in CONVERTED_RUNS:
+        need(study.checkpoint(run), 10_000)
     for variant in VARIANTS:
         need(f"eval/{variant}/results.csv", 20, csv_rows(2))
-        need(f"adapt/study/{variant}.json", 10)
+        need(f"adapt/study/{variant}.json", 10, noise_spread_ok if variant in NOISE_SEED_VARIANTS else None)
     leak = r / "adapt" / "leakage"
     if not leak.is_dir() or len(list(leak.glob("*.json"))) < 3:
         problems.append("adapt/leakage: fewer than 3 leakage points")
@@ -89,6 +102,9 @@ def check(results_dir: Path) -> List[str]:
         need(f"diagnose/{row.run}.json", 100)
     for name, rows in (("study_table", len(study.TABLE_ROWS)), ("claims", len(study.CLAIMS)), ("cells", 3)):
         need(f"diagnose/{name}.csv", 20, csv_rows(rows))
+    variation = r / "adapt" / "variation"
+    if not variation.is_dir() or len(list(variation.glob("*.json"))) < 3:
+        problems.append("adapt/variation: fewer than 3 variation / readout-noise points")
     need("hardware/estimates.json", 20)
     need("hardware/gpu_baseline.json", 20)
     need(f"samples/{study.SAMPLE_RUN}.txt", 20)

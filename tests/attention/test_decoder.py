@@ -9,7 +9,7 @@ import torch
 from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder, analog_attention
 from gaincell.attention.config import PAPER_COEFFICIENTS
 
-OUTPUT_STEP = 2.0 / 31.0  # one level of the 32-level pulse counter on [-1, 1] (spec §2)
+OUTPUT_STEP = 2.0 / 31.0  # one level of the 32-level pulse counter on [-1, 1] (docs/attention.md#quantization)
 
 
 def _inputs(batch, heads, tokens, dim, seed):

@@ -42,10 +42,10 @@ def test_adaptation_keeps_the_linear_models_gain(fit_json):
     """One linear model serves every cell: mapping onto another cell changes the coefficients, not g."""
     from omegaconf import OmegaConf
 
-    from gaincell.adapt import _nonlinear_config
+    from gaincell.adapt.stage import nonlinear_config
 
     linear = AnalogAttentionConfig(window=128, gain=14.25)
     cfg = OmegaConf.create({"attention": {"coefficients": "paper", "fitted_coefficients_path": fit_json}})
-    mapped = _nonlinear_config(cfg, linear)
+    mapped = nonlinear_config(cfg, linear)
     assert mapped.gain == 14.25 and mapped.coefficients is not None
     assert dataclasses.replace(mapped, coefficients=None) == linear

@@ -66,3 +66,19 @@ def test_mismatch_spread_shrinks_with_a_wider_read_transistor(sky130_tech):
         # a threshold shift moves the output by g_m * dV_T; in units of the cell's own c1 that sensitivity is
         # nearly width-independent, so the spread scales with sigma(V_T); 30 % allows the different bins' V_T
         assert ratio == pytest.approx(pelgrom, rel=0.3), (key, ratio, pelgrom)
+
+
+def test_charge_to_pulse_width_is_the_discharge_time_of_the_charge(sky130_tech):
+    """The read-out's pulse lasts while the integration node discharges to the comparator's threshold: the
+    width difference of two starting voltages is their difference over the measured discharge rate."""
+    from gaincell.device.netlists import ChargeToPulseDesign
+
+    cell = CellDesign.from_config(compose(["profile=ci"]).device)
+    design = ChargeToPulseDesign(100e-15, 1.1, 0.42, 2.0, 0.42, 0.84, 0.15, start_ns=2.0)
+    tasks = sweeps.charge_to_pulse_tasks(sky130_tech, cell, design, 1.8, [1.2, 1.5], stop_ns=32.0)
+    lo, hi = [r.rows[0] for r in simulate.run_tasks(tasks, workers=1, progress=False)]
+    assert 0 < lo["pulse_width_ns"] < hi["pulse_width_ns"] and not hi["clipped"]
+    rate = (lo["discharge_rate_v_per_ns"] + hi["discharge_rate_v_per_ns"]) / 2
+    # 5 %: the discharge current drifts a little as the node's voltage (the transistor's V_DS) falls
+    assert hi["pulse_width_ns"] - lo["pulse_width_ns"] == pytest.approx(0.3 / rate, rel=0.05)
+    assert 0 < lo["conversion_energy_j"] < 1e-12

@@ -184,3 +184,35 @@ def test_a_checkpoint_refuses_another_tokenizer_of_the_same_size(tmp_path, train
         run(_cfg(tmp_path, data_dir, ckpt))
     # The record travels with the model into checkpoints written from it (adaptation, exports).
     assert GPT.from_checkpoint(ckpt).checkpoint_state()["tokenizer"] == state["tokenizer"]
+
+
+def test_lm_eval_cli_runs_the_gaincell_model_on_a_local_task(tmp_path, trained_inputs):
+    """lm-eval's own command line (``gaincell-lm-eval`` / ``python -m gaincell lm_eval``) resolves
+    ``--model gaincell`` from a checkpoint and runs a local task found through ``--include_path``."""
+    import os
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    from gaincell.evaluate.tasks import build_local_tasks
+
+    repo = Path(__file__).resolve().parents[2]
+    script = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]["gaincell-lm-eval"]
+    assert script == "gaincell.evaluate.harness_cli:main"
+    data_dir, ckpt = trained_inputs
+    build_local_tasks(data_dir / "eval_text.txt", tmp_path / "tasks", ["local_next_word"],
+                      LocalTaskParams(num_examples=4, context_words=12))
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gaincell", "lm_eval", "--model", "gaincell", "--model_args",
+           f"checkpoint={ckpt},data_dir={data_dir}", "--tasks", "local_next_word", "--include_path",
+           str(tmp_path / "tasks"), "--batch_size", "2", "--device", "cpu", "--output_path", str(out_dir)]
+    env = dict(os.environ, PYTHONPATH=str(repo / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = out_dir.rglob("results_*.json")
+    results = json.loads(result_file.read_text())
+    assert results["config"]["model"] == "gaincell"
+    assert results["n-samples"]["local_next_word"]["effective"] == 4
+    assert 0 <= results["results"]["local_next_word"]["acc,none"] <= 1

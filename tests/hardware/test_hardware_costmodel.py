@@ -195,3 +195,44 @@ def test_device_summary_errors_name_the_problem(tmp_path, device_summary):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_device_summary(tmp_path / "broken.json")
+
+
+def test_energy_components_sum_to_the_breakdown_and_say_where_each_comes_from(device_summary):
+    from gaincell.hardware.costmodel import energy_components_nj
+
+    paper, sim = HardwareParameters.paper(), HardwareParameters.simulated(device_summary)
+    for p in (paper, sim):
+        comps = energy_components_nj(p, 1024, 64)
+        est = estimate(p, **PAPER_SIZE)
+        for part, parts in comps.items():
+            assert sum(c["nj"] for c in parts) == pytest.approx(est.energy_breakdown_nj[part], rel=1e-12)
+    # the paper set restates the paper's categories: every nonzero component is "from the paper"
+    assert {c["provenance"] for parts in energy_components_nj(paper, 1024, 64).values() for c in parts} == {"from the paper"}
+    by_name = {c["parameter"]: c["provenance"] for parts in energy_components_nj(sim, 1024, 64).values() for c in parts}
+    assert by_name["qk_array_energy_per_subtile_j"] == by_name["av_array_energy_per_subtile_j"] == "measured here"
+    assert by_name["cell_write_energy_j"] == "measured here"
+    assert by_name["digital_energy_per_subtile_j"] == by_name["dac_energy_per_subtile_j"] == "from the paper"
+    assert by_name["charge_to_pulse_energy_j"] == "assumption"
+
+
+def test_single_ended_cell_writes_one_cell_per_weight(device_summary):
+    s = json.loads(device_summary.read_text())
+    device_summary.write_text(json.dumps({**s, "cell_kind": "single_ended"}))
+    p = HardwareParameters.simulated(device_summary)
+    assert p.cells_per_weight == 1 and p.source_of("cells_per_weight").startswith(SPICE)
+    est = estimate(p, **PAPER_SIZE)
+    write = (16 * p.dac_energy_per_subtile_j + 2 * 64 * s["write_energy_j"]) * 1e9   # K and V, one cell each
+    assert est.energy_breakdown_nj["dac_write"] == pytest.approx(write)
+    assert HardwareParameters.paper().cells_per_weight == 2
+
+
+def test_simulated_charge_to_pulse_energy_is_measured_when_the_device_stage_has_it(device_summary):
+    from gaincell.hardware.costmodel import energy_components_nj
+
+    assert HardwareParameters.simulated(device_summary).source_of("charge_to_pulse_energy_j").startswith(ASSUMPTION)
+    s = json.loads(device_summary.read_text())
+    device_summary.write_text(json.dumps({**s, "charge_to_pulse_energy_j": 0.12e-12}))
+    p = HardwareParameters.simulated(device_summary)
+    assert p.charge_to_pulse_energy_j == 0.12e-12
+    comps = {c["parameter"]: c["provenance"] for cs in energy_components_nj(p, 1024, 64).values() for c in cs}
+    assert comps["charge_to_pulse_energy_j"] == "measured here"

@@ -18,9 +18,10 @@ for _run in _CONVERT_RUNS:
         output:
             ckpt(_run.name),
         params:
-            cmd=stage_cmd("analog_convert", f"attention={_run.kind}", f"+stage.name={_run.name}",
-                          f"+stage.init_from={ckpt(_run.start)}", *_run.overrides),
-            section=section("attention", "adapt", "data", "train", kind=_run.kind, extra=_run.overrides),
+            cmd=stage_cmd("analog_convert"),
+            args=args(f"attention={_run.kind}", *stage_overrides(name=_run.name, init_from=ckpt(_run.start)),
+                      *_run.overrides),
+            section=section("attention", "adapt", "data", "seed", kind=_run.kind, extra=_run.overrides),
         log:
             f"{LOGS}/{_run.rule}.log",
         benchmark:
@@ -31,9 +32,9 @@ for _run in _CONVERT_RUNS:
             runtime=60,
             gpu=min(1, WF.gpus_per_training),
         conda:
-            "../../envs/train.yaml"
+            ENV
         shell:
-            "{params.cmd} > {log} 2>&1"
+            stage_shell("train.threads")
 
     workflow.get_rule(_run.rule).docstring = _run.doc
 
@@ -49,9 +50,9 @@ rule analog_val_loss:
     wildcard_constraints:
         run="|".join(ANALOG_VARIANTS),
     params:
-        cmd=lambda w: stage_cmd("analog_eval", "projections=analog", f"+stage.name={w.run}",
-                                f"+stage.init_from={ckpt(w.run)}"),
-        section=section("adapt", "data", "projections"),
+        cmd=stage_cmd("analog_eval"),
+        args=lambda w: args("projections=analog", *stage_overrides(name=w.run, init_from=ckpt(w.run))),
+        section=section("adapt", "data", "projections", "seed"),
     log:
         f"{LOGS}/analog_val_loss_{{run}}.log",
     benchmark:
@@ -62,6 +63,6 @@ rule analog_val_loss:
         runtime=120,
         gpu=min(1, WF.gpus_per_training),
     conda:
-        "../../envs/train.yaml"
+        ENV
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage_shell("train.threads")

@@ -187,7 +187,7 @@ PRIORITY = {"prepare_data": 100, "pretrain": 90, "train_linear": 80, "train_line
             "adapt": 70, "finetune": 70, "leakage_point": 60, "leakage_sweep": 60, "fit": 50}
 
 # Light rules run on the submitting machine under a cluster executor (SLURM), not as jobs.
-localrules: all, fit, hardware_estimates, figures, leakage_sweep
+localrules: all, fit, hardware_estimates, figures, leakage_sweep, variation_sweep
 
 
 # Only one pipeline run writes a results folder at a time, wherever it was started from (Snakemake's own
@@ -222,3 +222,20 @@ def keep_only_points(points, index_path, log_path):
     atomic_write_json(Path(index_path), {"values": [float(v) for v in WF.leakage_values],
                                          "points": list(points), "removed_stale": [str(p) for p in stale]})
     Path(log_path).write_text(f"{len(points)} points; removed {len(stale)} stale: {[str(p) for p in stale]}\n")
+
+# The models of the variation / readout-noise sweep (workflow/rules/variation.smk): variants 5 and 6.
+VARIATION_MODELS = ("nonlinear_adapted", "nonlinear_finetuned")
+
+
+def keep_only_variation_points(points, index_path, log_path):
+    """Remove point files of adapt/variation/ that are not among ``points``, then write the sweep's index."""
+    keep = {Path(p).resolve() for p in points}
+    stale = [p for p in Path(f"{R}/adapt/variation").glob("*.json") if p.resolve() not in keep]
+    for p in stale:
+        p.unlink()
+    atomic_write_json(Path(index_path), {"points": list(points), "removed_stale": [str(p) for p in stale]})
+    Path(log_path).write_text(f"{len(points)} points; removed {len(stale)} stale: {[str(p) for p in stale]}\n")
+
+# attention.decay_per_step=derived: the hardware training runs read the derive_decay stage's value.
+DERIVED_DECAY = str(CFG.attention.derived_decay_path)
+DECAY_INPUT = [DERIVED_DECAY] if str(CFG.attention.decay_per_step) == "derived" else []

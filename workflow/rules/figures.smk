@@ -8,6 +8,7 @@ rule figures:
         rules.hardware_estimates.output,
         rules.gpu_baseline.output,
         rules.leakage_sweep.output,
+        rules.variation_sweep.output,
         expand(f"{R}/eval/{{run}}/results.csv", run=VARIANTS),
         expand(f"{R}/adapt/study/{{run}}.json", run=VARIANTS),
         expand(f"{R}/adapt/{{run}}/summary.json", run=[r.name for r in study.runs("adapt")]),

@@ -9,6 +9,7 @@ for _run in study.runs("train"):
         input:
             TRAIN_INPUTS,
             FIT_INPUT if _run.kind == "nonlinear_hw" else GAIN_INPUT if _run.kind == "linear_hw" else [],
+            DECAY_INPUT if _run.kind in ("linear_hw", "nonlinear_hw") else [],
             base=[ckpt(_run.start)] if _run.start else [],
         output:
             ckpt(_run.name),

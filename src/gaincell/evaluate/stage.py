@@ -23,10 +23,11 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from gaincell.config import EvaluateStage, stage_settings
 from gaincell.io import atomic_to_csv, atomic_write_json
 
 from .tasks import LOCAL_TASKS, LocalTaskParams, build_local_tasks, is_local_task, local_task_fingerprint
@@ -217,25 +218,11 @@ def run_harness_task(lm, task_manager, task: str, limit: Optional[int], bootstra
     return out
 
 
-def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequence[str], eval_dir: Path,
-                     eval_text_path: Path, params: LocalTaskParams, model_fingerprint: str,
-                     limit: Optional[int] = None, bootstrap_iters: int = 1000, seed: int = 1234,
-                     offline: bool = True, settings_fingerprint: str = "") -> pd.DataFrame:
-    """Evaluate one variant on ``tasks``; returns its tidy table (also written to disk).
-
-    ``lm_factory`` builds the harness model only when some task has to run (resumed runs that find
-    every task finished never load the checkpoint).
-    """
-    set_offline(offline)
+def _prepare_tasks(tasks: Sequence[str], task_dir: Path, eval_text_path: Path, params: LocalTaskParams):
+    """The harness's TaskManager for ``tasks`` (local ones built into ``task_dir``), the local tasks'
+    YAML paths and the harness task names; unknown names are an error listing what is expected."""
     from lm_eval.tasks import TaskManager
 
-    if not tasks:
-        raise ValueError("eval.tasks is empty: expected at least one task name")
-    if not variant or "/" in variant or variant in ("tasks", "summary.csv"):
-        raise ValueError(f"stage.name={variant!r}: expected a plain variant name (no '/', not 'tasks')")
-    eval_dir = Path(eval_dir)
-    variant_dir = eval_dir / variant
-    task_dir = eval_dir / "tasks"
     local = [t for t in tasks if is_local_task(t)]
     harness = [t for t in tasks if not is_local_task(t)]
     unknown_message = (f"expected local tasks {sorted(LOCAL_TASKS)} or lm-eval task names (e.g. arc_easy, "
@@ -249,6 +236,26 @@ def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequenc
     unknown = [t for t in harness if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown eval task(s) {unknown}: {unknown_message}")
+    return task_manager, local_yaml, harness
+
+
+def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequence[str], eval_dir: Path,
+                     eval_text_path: Path, params: LocalTaskParams, model_fingerprint: str,
+                     limit: Optional[int] = None, bootstrap_iters: int = 1000, seed: int = 1234,
+                     offline: bool = True, settings_fingerprint: str = "") -> pd.DataFrame:
+    """Evaluate one variant on ``tasks``; returns its tidy table (also written to disk).
+
+    ``lm_factory`` builds the harness model only when some task has to run (resumed runs that find
+    every task finished never load the checkpoint).
+    """
+    set_offline(offline)
+    if not tasks:
+        raise ValueError("eval.tasks is empty: expected at least one task name")
+    if not variant or "/" in variant or variant in ("tasks", "summary.csv"):
+        raise ValueError(f"stage.name={variant!r}: expected a plain variant name (no '/', not 'tasks')")
+    eval_dir = Path(eval_dir)
+    variant_dir = eval_dir / variant
+    task_manager, local_yaml, harness = _prepare_tasks(tasks, eval_dir / "tasks", eval_text_path, params)
 
     def fingerprint(task: str) -> str:
         if task in local_yaml:
@@ -277,23 +284,11 @@ def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequenc
                 outputs[task] = stored
                 continue
         todo.append((task, path, fp))
-
     if todo:
         todo_harness = [t for t, _, _ in todo if t in harness]
         if todo_harness:
             check_harness_tasks(task_manager, todo_harness, offline)
-        lm = lm_factory()
-        for task, path, fp in todo:
-            start = time.perf_counter()
-            out = run_harness_task(lm, task_manager, task, limit, bootstrap_iters, seed)
-            stored = {"task": task, "variant": variant, "fingerprint": fp,
-                      "elapsed_s": round(time.perf_counter() - start, 3),
-                      "results": out["results"], "n-samples": out.get("n-samples", {}),
-                      "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {}),
-                      "lm_eval_version": lm_eval_version()}
-            atomic_write_json(path, json.loads(json.dumps(stored, default=str)))
-            outputs[task] = stored
-            log.info("evaluate %s: %s done in %.1f s", variant, task, stored["elapsed_s"])
+        outputs.update(_run_tasks(lm_factory(), task_manager, variant, todo, limit, bootstrap_iters, seed))
 
     rows = [row for task in tasks for row in tidy_rows(variant, outputs[task])]
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -305,17 +300,36 @@ def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequenc
     return table
 
 
+def _run_tasks(lm: Any, task_manager: Any, variant: str, todo: Sequence[Tuple[str, Path, str]],
+               limit: Optional[int], bootstrap_iters: int, seed: int) -> Dict[str, Dict[str, Any]]:
+    """Run each ``(task, output path, fingerprint)`` through the harness; each result is written (atomically)
+    as soon as it is done, so a killed stage resumes at the next task."""
+    outputs = {}
+    for task, path, fp in todo:
+        start = time.perf_counter()
+        out = run_harness_task(lm, task_manager, task, limit, bootstrap_iters, seed)
+        stored = {"task": task, "variant": variant, "fingerprint": fp,
+                  "elapsed_s": round(time.perf_counter() - start, 3),
+                  "results": out["results"], "n-samples": out.get("n-samples", {}),
+                  "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {}),
+                  "lm_eval_version": lm_eval_version()}
+        atomic_write_json(path, json.loads(json.dumps(stored, default=str)))
+        outputs[task] = stored
+        log.info("evaluate %s: %s done in %.1f s", variant, task, stored["elapsed_s"])
+    return outputs
+
+
 # --------------------------------------------------------------------------------------------------
 # stage entry point
 # --------------------------------------------------------------------------------------------------
-def _stage_value(cfg, key: str, required: bool = True) -> Any:
-    stage = cfg.get("stage") or {}
-    value = stage.get(key) if hasattr(stage, "get") else None
-    if required and value in (None, ""):
-        raise ValueError(f"evaluate: missing +stage.{key}=...; expected e.g. "
-                         f"`python -m gaincell evaluate +stage.name=softmax "
-                         f"+stage.checkpoint=results/<profile>/checkpoints/softmax/ckpt.pt`")
-    return value
+def _stage(cfg) -> EvaluateStage:
+    stage = stage_settings(cfg, EvaluateStage)
+    for key in ("name", "checkpoint"):
+        if getattr(stage, key) in (None, ""):
+            raise ValueError(f"evaluate: missing +stage.{key}=...; expected e.g. "
+                             f"`python -m gaincell evaluate +stage.name=softmax "
+                             f"+stage.checkpoint=results/<profile>/checkpoints/softmax/ckpt.pt`")
+    return stage
 
 
 def local_task_params(eval_cfg) -> LocalTaskParams:
@@ -344,9 +358,8 @@ def _log_to_tracker(cfg, variant: str, table: pd.DataFrame) -> None:
 
 def run(cfg) -> pd.DataFrame:
     """Stage function (``python -m gaincell evaluate``); see the module docstring."""
-    variant = str(_stage_value(cfg, "name"))
-    checkpoint = Path(str(_stage_value(cfg, "checkpoint")))
-    attention = _stage_value(cfg, "attention", required=False)
+    stage = _stage(cfg)
+    variant, checkpoint, attention = stage.name, Path(stage.checkpoint), stage.attention
     if not checkpoint.is_file():
         raise FileNotFoundError(f"evaluate: checkpoint {checkpoint} not found (stage.checkpoint); "
                                 f"expected a ckpt.pt written by train/adapt")

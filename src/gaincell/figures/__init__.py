@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import inspect
 import sys
 import time
@@ -15,8 +16,10 @@ import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
+from gaincell.config import FiguresStage, stage_settings
+
 # Modules in pipeline order.
-FIGURE_MODULES = ("device", "train", "adapt", "diagnose", "evaluate", "hardware", "benchmarks")
+FIGURE_MODULES = ("device", "train", "adapt", "diagnose", "variation", "evaluate", "hardware", "analog", "benchmarks")
 
 
 def figure_functions() -> Dict[str, Tuple[str, Callable]]:
@@ -73,8 +76,6 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
         print(f"figure {name}: {', '.join(Path(p).name for p in paths)}")
     index = {"results_dir": str(results_dir), "made": made, "failed": failed, "skipped": skipped}
     if only and (out_dir / "index.json").is_file():  # a partial remake keeps the other figures' entries
-        import json
-
         previous = json.loads((out_dir / "index.json").read_text())
         for key in ("made", "failed"):
             kept = {k: v for k, v in previous.get(key, {}).items() if k not in only}
@@ -91,7 +92,26 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
 
 def run(cfg) -> None:
     """CLI stage ``figures``: ``+stage.strict=false`` keeps going past missing inputs; ``+stage.only=[a,b]``."""
-    stage = cfg.get("stage") or {}
+    stage = stage_settings(cfg, FiguresStage)
     results_dir = Path(cfg.results_dir)
-    make_all(results_dir, results_dir / "figures", strict=bool(stage.get("strict", True)),
-             only=list(stage["only"]) if stage.get("only") else None)
+    try:
+        make_all(results_dir, results_dir / "figures", strict=stage.strict, only=stage.only or None)
+    finally:  # what was made is logged even when a figure failed (make_all writes the index first)
+        index_path = results_dir / "figures" / "index.json"
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {"made": {}}
+        log_figures(cfg, index, results_dir / "figures")
+
+
+def log_figures(cfg, index: dict, out_dir: Path) -> None:
+    """W&B: every figure made (PNG) as an image with its caption, every table in ``out_dir`` (the study
+    table, the evaluation summary...) as a table. Best effort (gaincell.tracking.log_stage_outputs)."""
+    from gaincell.tracking import log_stage_outputs
+
+    images, captions = {}, {}
+    for name, entry in index.get("made", {}).items():
+        for f in entry["files"]:
+            if str(f).endswith(".png"):
+                key = f"figures/{Path(f).stem}"
+                images[key], captions[key] = Path(f), entry.get("caption", "")
+    tables = {f"tables/{p.stem}": p for p in sorted(Path(out_dir).glob("*.csv"))}
+    log_stage_outputs(cfg, "figures", "figures", tables=tables, images=images, captions=captions)

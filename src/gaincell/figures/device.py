@@ -2,7 +2,7 @@
 
 Inputs: ``cell_sweep.csv``, ``retention.csv``, ``array.csv``, ``summary.json`` (stage ``characterize``)
 and ``coefficients.json``, ``fit_points.csv`` (stage ``fit``). The paper's characteristic is drawn
-from ``gaincell.attention.config.PAPER_COEFFICIENTS`` (spec §10), never from the authors' files.
+from ``gaincell.attention.config.PAPER_COEFFICIENTS`` (docs/attention.md#cell-coefficients), never from the authors' files.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from gaincell.attention.config import PAPER_COEFFICIENTS, fold_coefficients  # noqa: E402
 from gaincell.figures._common import save_figure as _save
 
-PAPER_SOURCE = "Leroux et al. 2025, TSMC 28 nm cell (spec §10 coefficients)"
+PAPER_SOURCE = "Leroux et al. 2025, TSMC 28 nm cell (docs/attention.md#cell-coefficients coefficients)"
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -37,7 +37,9 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _tech_label(summary: Dict[str, Any]) -> str:
-    return (f"{summary.get('technology')} {summary.get('corner')}, {summary.get('signed_encoding', '')}, "
+    cell = summary.get("cell_kind", "")
+    ref = f" (reference {summary['reference_v']:g} V)" if summary.get("reference_v") is not None else ""
+    return (f"{summary.get('technology')} {summary.get('corner')}, {cell}{ref}, "
             f"stored {summary['stored_window_v'][0]:g}-{summary['stored_window_v'][1]:g} V")
 
 
@@ -74,7 +76,7 @@ def fig_device_characteristic(results_dir: Path, out_dir: Path) -> List[Path]:
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_xlabel("stored level K (model units, V)")
     ax.set_ylabel(r"charge / $T_{max}$ (uA)")
-    ax.set_title(f"SPICE: signed pair, pulse = T_max = {t_max:g} ns")
+    ax.set_title(f"SPICE: {summary.get('cell_kind', 'signed')} cell, pulse = T_max = {t_max:g} ns")
     ax.legend(title="read word line", fontsize=8, title_fontsize=8)
     ax.text(0.02, 0.98, _tech_label(summary), transform=ax.transAxes, va="top", fontsize=7, color="0.3")
     ax = axes[1]
@@ -106,7 +108,7 @@ def fig_device_characteristic(results_dir: Path, out_dir: Path) -> List[Path]:
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_xlabel("weight y = K - 0.45 (V)")
     ax.set_ylabel("f(y, x) (paper units, uA)")
-    ax.set_title("normalised (spec §10) with the polynomial fit")
+    ax.set_title("normalised (docs/attention.md#cell-coefficients) with the polynomial fit")
     fig.suptitle("Gain-cell characteristic (Fig. 1e style)", fontsize=11)
     fig.tight_layout()
     return _save(fig, out_dir, "device_characteristic")
@@ -115,7 +117,7 @@ def fig_device_characteristic(results_dir: Path, out_dir: Path) -> List[Path]:
 def fig_device_vs_paper(results_dir: Path, out_dir: Path) -> List[Path]:
     """Our normalised cell characteristic at V_read beside the paper's (TSMC 28 nm), with both linear-model slopes.
 
-    Both are scaled to the same linear coefficient c_1 = 13.612 (spec §10); the difference is the shape: the
+    Both are scaled to the same linear coefficient c_1 = 13.612 (docs/attention.md#cell-coefficients); the difference is the shape: the
     ratios c_0/c_1, c_2/c_1, c_3/c_1 of each cell.
     """
     fit = _read_json(Path(results_dir) / "fit" / "coefficients.json")
@@ -138,21 +140,7 @@ def fig_device_vs_paper(results_dir: Path, out_dir: Path) -> List[Path]:
     ax.set_ylabel(r"f(y) at $V_{read}$ = 0.9 V (paper units, uA)")
     ax.set_title("normalised characteristic")
     ax.legend(fontsize=7, loc="upper left")
-    ax = axes[1]
-    names = ["c0/c1", "c2/c1", "c3/c1"]
-    p_shape = [paper[0] / paper[1], paper[2] / paper[1], paper[3] / paper[1]]
-    o_shape = [fit["shape"]["c0_over_c1"], fit["shape"]["c2_over_c1"], fit["shape"]["c3_over_c1"]]
-    pos = np.arange(3)
-    ax.bar(pos - 0.18, p_shape, 0.36, color="0.4", label="paper")
-    ax.bar(pos + 0.18, o_shape, 0.36, color="crimson", label="ours")
-    for k in range(3):
-        ax.text(pos[k] - 0.18, p_shape[k], f"{p_shape[k]:.3g}", ha="center", va="bottom", fontsize=8)
-        ax.text(pos[k] + 0.18, o_shape[k], _num(o_shape[k], 1.0) if abs(o_shape[k]) > 1e-9 else "0",
-                ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(pos, names)
-    ax.axhline(0, color="0.6", lw=0.6)
-    ax.set_title("shape of the cell (folded coefficients / c1)")
-    ax.legend(fontsize=8)
+    _coefficient_panel(axes[1], fit, paper)
     big = max(abs(v) for v in ours)
     table = ("folded c_0..c_3 at 0.9 V   ours: " + ", ".join(_num(v, big) for v in ours)
              + "\n                          paper: " + ", ".join(f"{v:.4g}" for v in paper))
@@ -160,6 +148,81 @@ def fig_device_vs_paper(results_dir: Path, out_dir: Path) -> List[Path]:
     fig.suptitle("Our gain cell against the paper's, same normalisation", fontsize=11)
     fig.tight_layout()
     return _save(fig, out_dir, "device_vs_paper")
+
+
+_STATUS_STYLE = {"measured": dict(color="crimson", hatch=""),
+                 "imposed": dict(color="white", edgecolor="crimson", hatch="///"),
+                 "zero by construction": dict(color="white", edgecolor="0.5", hatch="..")}
+
+
+def _coefficient_panel(ax, fit: Dict[str, Any], paper) -> None:
+    """Folded c_i, ours (with fit standard errors, styled by what sets each) beside the paper's."""
+    report = fit.get("coefficient_report") or [
+        {"name": f"c{i}", "value": v, "standard_error": float("nan"), "status": "measured"}
+        for i, v in enumerate(fit["folded"])]
+    pos = np.arange(len(report))
+    ax.bar(pos - 0.2, list(paper), 0.4, color="0.45", label="paper (from its coefficients)")
+    for k, r in enumerate(report):
+        style = _STATUS_STYLE.get(r["status"], _STATUS_STYLE["measured"])
+        ax.bar(pos[k] + 0.2, r["value"], 0.4, yerr=r["standard_error"] if r["status"] == "measured" else None,
+               capsize=3, linewidth=1, **{"edgecolor": "crimson", **style})
+        se = r["standard_error"]
+        label = (f"{r['value']:.3g}\n+-{se:.2g}" if r["status"] == "measured" else
+                 f"{r['value']:.4g}\n{r['status']}" if r["status"] == "imposed" else "0\nby construction")
+        ax.text(pos[k] + 0.2, r["value"], label, ha="center", va="bottom" if r["value"] >= 0 else "top", fontsize=6.5)
+        ax.text(pos[k] - 0.2, paper[k], f"{paper[k]:.3g}", ha="center", va="bottom" if paper[k] >= 0 else "top",
+                fontsize=6.5, color="0.3")
+    for status, style in _STATUS_STYLE.items():
+        ax.bar([np.nan], [np.nan], **{"edgecolor": "crimson", **style}, label=f"ours: {status}")
+    ax.set_xticks(pos, [r["name"] for r in report])
+    ax.margins(y=0.15)
+    ax.axhline(0, color="0.6", lw=0.6)
+    ref = fit.get("provenance", {}).get("reference_v")
+    cell = fit.get("provenance", {}).get("cell_kind") or "cell"
+    ax.set_title(f"folded coefficients at V_read ({cell}" + (f", reference {ref:g} V)" if ref is not None else ")")
+                 + "\nerror bars: least-squares standard errors", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def fig_device_mismatch(results_dir: Path, out_dir: Path) -> List[Path]:
+    """Monte-Carlo cell-to-cell mismatch: each simulated cell's read-transistor threshold shift (sky130 vth0 mismatch sigma, Pelgrom) against its fitted offset c0 and gain c1.
+
+    Left: offset c_0 of each cell's cubic versus the threshold shift of its read transistor (the reference
+    cell has its own shift). Right: gain c_1 relative to the mean. Text: the spread of every coefficient across
+    cells with the standard error of that spread. Normalised units of the nominal fit (not renormalised per cell).
+    """
+    results_dir = Path(results_dir)
+    fit = _read_json(results_dir / "fit" / "coefficients.json")
+    mm = fit.get("mismatch") or {}
+    if not mm.get("available"):
+        raise FileNotFoundError(f"no Monte-Carlo mismatch in the fit output: {mm.get('reason', 'not run')}")
+    cells = _read_csv(results_dir / "fit" / "mismatch_fits.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    sc = ax.scatter(cells["delvto_pos_v"] * 1e3, cells["c0"], c=cells["delvto_neg_v"] * 1e3, cmap="coolwarm", s=18)
+    fig.colorbar(sc, ax=ax, label="reference transistor's shift (mV)")
+    ax.axhline(mm["coefficients"]["c0"]["nominal"], color="0.3", ls="--", lw=1, label="nominal cell")
+    ax.set_xlabel("read transistor threshold shift delvto (mV)")
+    ax.set_ylabel("c0 (offset, paper units)")
+    ax.set_title(f"offset: sigma(c0) = {mm['offset_spread']:.3g} "
+                 f"({100 * mm['offset_spread_over_c1']:.2g} % of c1)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    rel = cells["c1"] / mm["coefficients"]["c1"]["mean"]
+    ax.hist(rel, bins=max(5, len(rel) // 3), color="crimson", alpha=0.7)
+    ax.set_xlabel("c1 / mean(c1) (gain of each cell)")
+    ax.set_ylabel("cells")
+    ax.set_title(f"gain: sigma(c1)/c1 = {mm['gain_spread_relative']:.3g} +- "
+                 f"{mm['gain_spread_relative_standard_error']:.2g}", fontsize=9)
+    lines = [f"{mm['cells']} cells, sigma(V_T) = {1e3 * mm['vth_sigma_v']:.3g} mV (sky130 *_mm, "
+             f"W/L = {mm['read_w_um']:g}/{mm['read_l_um']:g} um)"]
+    lines += [f"sigma({k}) = {v['std']:.3g} +- {v['std_standard_error']:.2g}" for k, v in mm["coefficients"].items()]
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.7)          # room for the text above the bars
+    ax.text(0.02, 0.98, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=7,
+            bbox=dict(fc="white", ec="0.8", alpha=0.9))
+    fig.suptitle("Cell-to-cell mismatch, Monte-Carlo SPICE (measured here)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out_dir, "device_mismatch")
 
 
 def fig_device_fit_residuals(results_dir: Path, out_dir: Path) -> List[Path]:

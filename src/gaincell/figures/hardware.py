@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from gaincell.figures._common import save_figure as _save
@@ -29,7 +30,10 @@ AREA_LABELS = {"cell_arrays": "gain-cell arrays (K, V)", "charge_to_pulse": "cha
 PART_COLORS = {"qk_arrays_charge_to_pulse": "#4C72B0", "av_arrays_readout": "#55A868", "dac_write": "#C44E52",
                "digital_routing": "#8172B2"}
 AREA_COLORS = ["#4C72B0", "#55A868", "#DD8452", "#C44E52", "#8172B2", "#937860", "#BBBBBB"]
-SET_LABELS = {"paper": "paper parameters", "simulated": "our SPICE (simulated)"}
+SET_LABELS = {"paper": "paper parameters\n(restated: an input,\nnot a reproduction)",
+              "simulated": "our SPICE (simulated)"}
+# How each energy component's provenance is drawn (cost model: energy_components_nj).
+PROVENANCE_HATCH = {"measured here": "", "from the paper": "///", "assumption": "..."}
 
 
 def _hardware_dir(results_dir: Path) -> Path:
@@ -71,7 +75,10 @@ def fig_hardware_breakdown(results_dir: Path, out_dir: Path) -> List[Path]:
     """Energy, area and timing of one analog attention head at the design point (paper Figs. 2c, 3, 5).
 
     (a) Energy per head per token by part, for the authors' published figures, our cost model with
-    the paper's parameters, and with our SPICE per-operation energies when the device stage ran.
+    the paper's parameters (which restate the paper's per-category energies: its 6.15 nJ is an input
+    there, not a reproduction), and with our SPICE per-operation energies when the device stage ran;
+    each bar segment is solid when our SPICE measured it, hatched when it is taken from the paper,
+    dotted when it is a stated assumption.
     (b) Area of one head by block (cell area from the chosen technology; periphery areas are stated
     assumptions). (c) The timing chain of one token: discharge, write in parallel with the query
     pulses, phi(S) pulses, V read-out, adders (one clock per sub-tile).
@@ -83,28 +90,39 @@ def fig_hardware_breakdown(results_dir: Path, out_dir: Path) -> List[Path]:
 
     # (a) energy
     ax = axes[0]
-    rows = [("published (paper)", est["published"]["energy_breakdown_nj"])]
-    rows += [(SET_LABELS.get(n, n), d["estimate"]["energy_breakdown_nj"]) for n, d in sets.items()]
+    published = {part: [{"nj": v, "provenance": "from the paper"}]
+                 for part, v in est["published"]["energy_breakdown_nj"].items()}
+    rows = [("published (paper)", published)]
+    rows += [(SET_LABELS.get(n, n), d.get("energy_components_nj")
+              or {part: [{"nj": v, "provenance": "?"}] for part, v in d["estimate"]["energy_breakdown_nj"].items()})
+             for n, d in sets.items()]
     y = np.arange(len(rows))[::-1]
     for yi, (label, parts) in zip(y, rows):
         left = 0.0
         for part in ENERGY_PARTS:
-            v = parts.get(part, 0.0)
-            ax.barh(yi, v, left=left, color=PART_COLORS[part], edgecolor="white",
-                    label=ENERGY_LABELS[part] if yi == y[0] else None)
-            if v > 0.45:
-                ax.text(left + v / 2, yi, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
-            left += v
+            total = sum(c["nj"] for c in parts.get(part, []))
+            for k, comp in enumerate(parts.get(part, [])):
+                ax.barh(yi, comp["nj"], left=left, color=PART_COLORS[part], edgecolor="white",
+                        hatch=PROVENANCE_HATCH.get(comp["provenance"], "xx"),
+                        label=ENERGY_LABELS[part] if yi == y[0] and k == 0 else None)
+                left += comp["nj"]
+            if total > 0.45:
+                ax.text(left - total / 2, yi, f"{total:.2f}", ha="center", va="center", color="white", fontsize=8,
+                        fontweight="bold")
         ax.text(left * 1.01, yi, f"{left:.2f} nJ", va="center", fontsize=9, fontweight="bold")
     ax.set_yticks(y, [r[0] for r in rows])
     ax.set_xlabel("energy per head per token (nJ)")
-    ax.set_xlim(0, max(sum(r[1].values()) for r in rows) * 1.25)
+    ax.set_xlim(0, max(sum(c["nj"] for cs in r[1].values() for c in cs) for r in rows) * 1.25)
     ax.set_title(f"(a) energy, window {design['window']}, D = {design['head_dim']}\n"
                  f"({design['heads']} heads: {12 * est['published']['energy_per_head_per_token_nj']:.1f} nJ published)"
                  if design["heads"] == 12 else f"(a) energy, window {design['window']}, D = {design['head_dim']}")
     pub = est["published"]["energy_breakdown_nj"]
-    handles, labels = ax.get_legend_handles_labels()
+    handles = [Patch(facecolor=PART_COLORS[p], edgecolor="white") for p in ENERGY_PARTS]
+    labels = [ENERGY_LABELS[p] for p in ENERGY_PARTS]
     labels = [f"{lab} (paper {pub[p]:.2f} nJ)" for lab, p in zip(labels, ENERGY_PARTS)]
+    for prov, hatch in PROVENANCE_HATCH.items():
+        handles.append(Patch(facecolor="0.75", edgecolor="white", hatch=hatch))
+        labels.append(f"hatch: {prov}" if hatch else "solid: measured here (our SPICE)")
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, fontsize=8, frameon=False)
 
     # (b) area of one head (first set: geometry and cell are the same in every set)

@@ -36,7 +36,7 @@ PAPER = "paper"
 SPICE = "spice"
 ASSUMPTION = "assumption"
 
-# The authors' published totals (paper Fig. 2c / Fig. 5, spec hardware.md) that `paper()` must reproduce.
+# The authors' published totals (paper Fig. 2c / Fig. 5, docs/hardware.md) that `paper()` must reproduce.
 PAPER_LATENCY_PER_TOKEN_NS = 65.0
 PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ = 6.15
 PAPER_ENERGY_BREAKDOWN_NJ = {"qk_arrays_charge_to_pulse": 1.12, "av_arrays_readout": 0.70,
@@ -163,12 +163,15 @@ class HardwareParameters:
         "bank counted, as in the paper's x16 accounting)")
     cell_write_energy_j: float = _p(
         0.0, "J per cell", PAPER,
-        "writing one gain cell (4 D cells per token: K and V, two cells per signed weight); 0 in the "
+        "writing one gain cell (2 x cells_per_weight x D cells per token: K and V); 0 in the "
         "paper set because the paper's DAC figure includes it")
     digital_energy_per_subtile_j: float = _p(
         4.0e-9 / _PAPER_SUBTILES, "J", PAPER,
         "digital blocks (pulse generators, counters, adders, control) and routing per sub-tile; the "
         "paper's 4.0 nJ per head / 16")
+
+    cells_per_weight: int = _p(2, "cells", PAPER, "gain cells written per stored signed weight (paper: a pair; "
+                                                  "our single-ended cell: one, its reference cell is not rewritten)")
 
     # ---- area ----
     signed_cell_area_um2: float = _p(1.0, "um^2", PAPER, "one signed weight (two gain cells); worst-case "
@@ -214,7 +217,7 @@ class HardwareParameters:
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected a number ({f.metadata['unit']})")
             if f.type in ("int", int) and not isinstance(value, int):
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected an integer")
-            positive = f.name in ("tile_rows", "tile_cols", "reference_tile_rows", "reference_tile_cols",
+            positive = f.name in ("tile_rows", "tile_cols", "reference_tile_rows", "reference_tile_cols", "cells_per_weight",
                                   "clock_period_ns", "signed_cell_area_um2", "retention_tau_s", "read_voltage_v")
             if positive and not value > 0:
                 raise ValueError(f"hardware parameter {f.name}={value!r}: expected > 0 ({f.metadata['unit']})")
@@ -226,7 +229,12 @@ class HardwareParameters:
     # ------------------------------------------------------------------ parameter sets
     @classmethod
     def paper(cls) -> "HardwareParameters":
-        """The authors' published per-part figures (TSMC 28 nm SPICE, paper Methods / Fig. 5)."""
+        """The authors' published per-part figures (TSMC 28 nm SPICE, paper Methods / Fig. 5).
+
+        This set RESTATES the paper's per-category energies (each category / 16 sub-tiles): its total of
+        6.15 nJ per head per token is an input of the cost model, not a reproduction of it. What our own
+        circuit costs is the ``simulated`` set.
+        """
         return cls()
 
     @classmethod
@@ -237,12 +245,15 @@ class HardwareParameters:
         The arrays' MAC energy and latency, the cell write energy and the retention come from our SPICE
         run (``array_op_energy_j`` of one ``array_rows x array_cols`` array operation, scaled per cell
         to the reference tile; ``write_energy_j`` per cell; ``array_op_latency_ns``; ``retention_tau_s``).
-        Our SPICE has no periphery, so the charge-to-pulse conversions are an assumption (0.1 pJ each:
-        ~100 fF integrated to 0.9 V plus a comparator) and the digital blocks and DACs keep the paper's
-        figures.
+        The charge-to-pulse conversion is our SPICE bench's energy (``charge_to_pulse_energy_j``: integrator,
+        discharge current source and comparator) when the device stage simulated it, else an assumption
+        (0.1 pJ: ~100 fF integrated to 0.9 V plus a comparator); the digital blocks and DACs keep the
+        paper's figures.
         """
         summary = load_device_summary(device_summary_path)
         base = base or cls.paper()
+        c2p = summary.get("charge_to_pulse_energy_j")
+        c2p = float(c2p) if isinstance(c2p, (int, float)) and math.isfinite(c2p) and c2p > 0 else None
         rows, cols = summary["array_rows"], summary["array_cols"]
         ref_cells = base.reference_tile_rows * base.reference_tile_cols
         array_per_ref_tile = summary["array_op_energy_j"] * ref_cells / (rows * cols)
@@ -252,10 +263,13 @@ class HardwareParameters:
             "qk_array_energy_per_subtile_j": f"{SPICE}: {where}: array_op_energy_j x {ref_cells}/({rows}x{cols}) cells",
             "av_array_energy_per_subtile_j": f"{SPICE}: {where}: array_op_energy_j x {ref_cells}/({rows}x{cols}) cells",
             "cell_write_energy_j": f"{SPICE}: {where}: write_energy_j",
+            "cells_per_weight": f"{SPICE}: {where}: cell_kind {summary.get('cell_kind', 'differential_pair')}",
             "query_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "phi_phase_ns": f"{SPICE}: {where}: max(T_max, array_op_latency_ns)",
             "retention_tau_s": f"{SPICE}: {where}: retention_tau_s",
-            "charge_to_pulse_energy_j": f"{ASSUMPTION}: ~100 fF x (0.9 V)^2 + comparator, no SPICE of the periphery",
+            "charge_to_pulse_energy_j": (f"{SPICE}: {where}: charge_to_pulse_energy_j (integrator + comparator bench)"
+                                         if c2p is not None else
+                                         f"{ASSUMPTION}: ~100 fF x (0.9 V)^2 + comparator, no SPICE of the periphery"),
             "dac_energy_per_subtile_j": f"{PAPER} (our SPICE has no DAC periphery)",
             "digital_energy_per_subtile_j": f"{PAPER} (our SPICE has no digital blocks)",
         }
@@ -263,8 +277,9 @@ class HardwareParameters:
             base, name="simulated",
             qk_array_energy_per_subtile_j=float(array_per_ref_tile),
             av_array_energy_per_subtile_j=float(array_per_ref_tile),
-            charge_to_pulse_energy_j=0.1e-12,
+            charge_to_pulse_energy_j=c2p if c2p is not None else 0.1e-12,
             cell_write_energy_j=float(summary["write_energy_j"]),
+            cells_per_weight=1 if summary.get("cell_kind") == "single_ended" else 2,
             query_phase_ns=array_phase, phi_phase_ns=array_phase,
             retention_tau_s=float(summary["retention_tau_s"]),
             sources={**dict(base.sources), **sources})
@@ -381,6 +396,45 @@ def _check_size(name: str, value: Any) -> int:
     return int(value)
 
 
+# How a parameter's source reads on a figure: our SPICE measured it, the paper states it, or we assume it.
+PROVENANCE_LABELS = {SPICE: "measured here", PAPER: "from the paper", ASSUMPTION: "assumption"}
+
+
+def provenance(params: HardwareParameters, name: str) -> str:
+    """``measured here`` / ``from the paper`` / ``assumption``: the kind of source of one parameter."""
+    source = params.source_of(name)
+    kind = source.split(":")[0].split(" ")[0].strip()
+    return PROVENANCE_LABELS.get(kind, kind)
+
+
+def energy_components_nj(params: HardwareParameters, window: int, head_dim: int) -> Dict[str, List[Dict[str, Any]]]:
+    """Energy per head per token, nJ, of every energy part (ENERGY_PARTS) as its components, each with the
+    parameter it comes from and that parameter's provenance (``measured here``, ``from the paper``,
+    ``assumption``): what the figures mark on each bar. Components of 0 nJ are kept (a set may zero one).
+
+    Array energy scales with active cells (window x head_dim) relative to the reference tile; the DACs,
+    counters and adders with (sub-tiles along the window) x (features) relative to one tile.
+    """
+    p = params
+    window_tiles = window // p.tile_rows
+    cell_scale = window * head_dim / (p.reference_tile_rows * p.reference_tile_cols)
+    feature_tile_scale = window_tiles * head_dim / p.reference_tile_cols
+    qk_conversions = window                      # one charge-to-pulse per key
+    av_conversions = window_tiles * head_dim     # one read-out per feature per sub-tile
+    cells_written = 2 * p.cells_per_weight * head_dim   # the new K and V columns
+    terms = {
+        "qk_arrays_charge_to_pulse": [("qk_array_energy_per_subtile_j", cell_scale),
+                                      ("charge_to_pulse_energy_j", qk_conversions)],
+        "av_arrays_readout": [("av_array_energy_per_subtile_j", cell_scale),
+                              ("charge_to_pulse_energy_j", av_conversions)],
+        "dac_write": [("dac_energy_per_subtile_j", feature_tile_scale), ("cell_write_energy_j", cells_written)],
+        "digital_routing": [("digital_energy_per_subtile_j", feature_tile_scale)],
+    }
+    return {part: [{"parameter": name, "nj": getattr(p, name) * count * 1e9, "provenance": provenance(p, name),
+                    "source": p.source_of(name)} for name, count in parts]
+            for part, parts in terms.items()}
+
+
 def estimate(params: HardwareParameters, window: int, head_dim: int, heads: int, layers: int = 1) -> HardwareEstimate:
     """Latency, energy and area for ``heads`` heads of window ``window`` and head dimension ``head_dim``.
 
@@ -409,23 +463,9 @@ def estimate(params: HardwareParameters, window: int, head_dim: int, heads: int,
     }
     latency_ns = sum(latency.values())
 
-    # ---- energy per head per token ----
-    # Array energy scales with active cells (window x head_dim) relative to the reference tile; the
-    # DACs, counters and adders with (sub-tiles along the window) x (features) relative to one tile.
-    ref_cells = p.reference_tile_rows * p.reference_tile_cols
-    cell_scale = window * head_dim / ref_cells
-    feature_tile_scale = window_tiles * head_dim / p.reference_tile_cols
-    qk_conversions = window                      # one charge-to-pulse per key
-    av_conversions = window_tiles * head_dim     # one read-out per feature per sub-tile
-    cells_written = 4 * head_dim                 # new K and V columns, two cells per signed weight
-    energy_j = {
-        "qk_arrays_charge_to_pulse": p.qk_array_energy_per_subtile_j * cell_scale
-        + p.charge_to_pulse_energy_j * qk_conversions,
-        "av_arrays_readout": p.av_array_energy_per_subtile_j * cell_scale
-        + p.charge_to_pulse_energy_j * av_conversions,
-        "dac_write": p.dac_energy_per_subtile_j * feature_tile_scale + p.cell_write_energy_j * cells_written,
-        "digital_routing": p.digital_energy_per_subtile_j * feature_tile_scale,
-    }
+    # ---- energy per head per token (each part a sum of components, see energy_components_nj) ----
+    energy_j = {part: sum(c["nj"] for c in comps) * 1e-9
+                for part, comps in energy_components_nj(p, window, head_dim).items()}
     energy_nj = {k: v * 1e9 for k, v in energy_j.items()}
     per_head_nj = sum(energy_nj.values())
 
@@ -467,3 +507,116 @@ def estimate(params: HardwareParameters, window: int, head_dim: int, heads: int,
         oldest_value_retention=math.exp(-storage_time_s / p.retention_tau_s),
         refresh_interval_s=refresh_interval_s, refresh_needed=refresh_needed,
         refresh_energy_per_head_per_token_nj=refresh_nj, ir_drop_fraction=ir_drop)
+
+
+# --------------------------------------------------------------------------------------------------
+# the projections on analog weight tiles (beyond the paper; literature inputs, separate from `estimate`)
+# --------------------------------------------------------------------------------------------------
+LITERATURE = "literature"
+# IBM HERMES (Le Gallo et al., Nat. Electron. 6, 680 (2023)): 64 PCM cores of 256 x 256, 14 nm; for 8-bit
+# input/output MVMs 63.1 TOPS at 9.76 TOPS/W (one-phase read) or 16.1 TOPS at 2.48 TOPS/W (four-phase).
+HERMES_CORES = 64
+HERMES_CORE_ROWS = HERMES_CORE_COLS = 256
+HERMES_SOURCE = ("Le Gallo et al., Nat. Electron. 6, 680 (2023), 14 nm PCM chip, 8-bit input/output MVMs: "
+                 "{tops} TOPS at {tops_w} TOPS/W ({mode} read); 1 MAC = 2 operations")
+
+
+@dataclass(frozen=True)
+class AnalogTileParameters:
+    """Analog weight tiles (crossbars holding a projection's weights): per-MAC energy and per-MVM latency.
+
+    Literature inputs, not simulated here (source in ``source``); the projections' cost is kept apart
+    from the attention's :func:`estimate` (see :func:`estimate_projections`).
+    """
+
+    name: str = _p("hermes_one_phase", "-", LITERATURE, "name of the parameter set")
+    tile_rows: int = _p(HERMES_CORE_ROWS, "inputs", LITERATURE, "inputs (crossbar rows) per tile")
+    tile_cols: int = _p(HERMES_CORE_COLS, "outputs", LITERATURE, "outputs (crossbar columns) per tile")
+    energy_per_mac_j: float = _p(2 / 9.76e12, "J per MAC", LITERATURE,
+                                 "chip-level energy of one multiply-accumulate in an 8-bit MVM: 2 / (TOPS/W)")
+    mvm_latency_ns: float = _p(2 * HERMES_CORE_ROWS * HERMES_CORE_COLS / (63.1e12 / HERMES_CORES) * 1e9, "ns",
+                               LITERATURE, "one MVM of a full tile: 2 x rows x cols operations / (TOPS per core)")
+    source: str = _p(HERMES_SOURCE.format(tops=63.1, tops_w=9.76, mode="one-phase"), "-", LITERATURE,
+                     "where the numbers come from")
+
+    def __post_init__(self) -> None:
+        for name in ("tile_rows", "tile_cols", "energy_per_mac_j", "mvm_latency_ns"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"analog tile parameter {name}={value!r}: expected a number > 0")
+
+    @classmethod
+    def hermes_one_phase(cls) -> "AnalogTileParameters":
+        """HERMES in its one-phase (low-precision, fast) read mode: 63.1 TOPS, 9.76 TOPS/W."""
+        return cls()
+
+    @classmethod
+    def hermes_four_phase(cls) -> "AnalogTileParameters":
+        """HERMES in its four-phase (high-precision) read mode: 16.1 TOPS, 2.48 TOPS/W."""
+        return cls(name="hermes_four_phase", energy_per_mac_j=2 / 2.48e12,
+                   mvm_latency_ns=2 * HERMES_CORE_ROWS * HERMES_CORE_COLS / (16.1e12 / HERMES_CORES) * 1e9,
+                   source=HERMES_SOURCE.format(tops=16.1, tops_w=2.48, mode="four-phase"))
+
+    def describe(self) -> List[Dict[str, Any]]:
+        return [{"name": f.name, "value": getattr(self, f.name), "unit": f.metadata["unit"],
+                 "source": f.metadata["source"], "doc": f.metadata["doc"]} for f in dataclasses.fields(self)]
+
+
+# The projections of one GPT-2 block, in order of execution: (name, inputs, outputs) in units of d_model
+# (the MLP's hidden width is 4 d_model). QKV -> [attention] -> out -> fc -> proj run one after another.
+PROJECTIONS = (("qkv", 1, 3), ("attention_out", 1, 1), ("mlp_fc", 1, 4), ("mlp_proj", 4, 1))
+
+
+@dataclass
+class ProjectionEstimate:
+    """Energy and latency per token of a transformer's projections on analog weight tiles.
+
+    One MAC per weight per token; every tile of a projection works in parallel and their partial sums
+    add digitally (that addition, LayerNorm, GELU and the residual adds are not counted).
+    """
+
+    parameter_set: str
+    d_model: int
+    layers: int
+    macs_per_token_per_layer: int
+    tiles_per_layer: int
+    energy_breakdown_nj: Dict[str, float]   # projection -> nJ per token, one layer
+    energy_per_token_nj: float              # one layer
+    energy_all_layers_nj: float
+    latency_per_token_ns: float             # one layer: the projections' MVMs in sequence
+    latency_all_layers_ns: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def estimate_projections(tiles: AnalogTileParameters, d_model: int, layers: int = 1) -> ProjectionEstimate:
+    """The projections (QKV, attention output, MLP up and down) of ``layers`` GPT-2 blocks of width
+    ``d_model`` on analog weight tiles ``tiles``."""
+    d_model = _check_size("d_model", d_model)
+    layers = _check_size("layers", layers)
+    energy, macs, n_tiles = {}, 0, 0
+    for name, k_in, k_out in PROJECTIONS:
+        n_in, n_out = k_in * d_model, k_out * d_model
+        macs += n_in * n_out
+        n_tiles += -(-n_in // tiles.tile_rows) * -(-n_out // tiles.tile_cols)
+        energy[name] = n_in * n_out * tiles.energy_per_mac_j * 1e9
+    per_layer_nj = sum(energy.values())
+    latency = len(PROJECTIONS) * tiles.mvm_latency_ns
+    return ProjectionEstimate(parameter_set=tiles.name, d_model=d_model, layers=layers,
+                              macs_per_token_per_layer=macs, tiles_per_layer=n_tiles, energy_breakdown_nj=energy,
+                              energy_per_token_nj=per_layer_nj, energy_all_layers_nj=layers * per_layer_nj,
+                              latency_per_token_ns=latency, latency_all_layers_ns=layers * latency)
+
+
+def attention_share(attention: HardwareEstimate, projections: ProjectionEstimate) -> Dict[str, float]:
+    """What part of a token's energy and latency the gain-cell attention is once the projections are on
+    analog tiles too (all layers; the attention's heads run in parallel, then the next projection)."""
+    if attention.layers != projections.layers:
+        raise ValueError(f"attention estimate has {attention.layers} layers, the projections {projections.layers}")
+    att_e, proj_e = attention.energy_all_layers_nj, projections.energy_all_layers_nj
+    att_t, proj_t = attention.latency_all_layers_ns, projections.latency_all_layers_ns
+    return {"attention_energy_nj": att_e, "projection_energy_nj": proj_e, "token_energy_nj": att_e + proj_e,
+            "attention_energy_share": att_e / (att_e + proj_e),
+            "attention_latency_ns": att_t, "projection_latency_ns": proj_t, "token_latency_ns": att_t + proj_t,
+            "attention_latency_share": att_t / (att_t + proj_t)}

@@ -22,9 +22,13 @@ from gaincell.hardware.costmodel import (
     PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ,
     PAPER_LATENCY_PER_TOKEN_NS,
     TECHNOLOGIES,
+    AnalogTileParameters,
     HardwareEstimate,
     HardwareParameters,
+    attention_share,
+    energy_components_nj,
     estimate,
+    estimate_projections,
 )
 
 
@@ -106,6 +110,28 @@ def sweeps(hw: Any, sets: Dict[str, HardwareParameters]) -> Dict[str, List[Dict[
     return out
 
 
+def projection_estimates(hw: Any, params: HardwareParameters) -> Dict[str, Any]:
+    """The projections on analog weight tiles (literature tile figures, both HERMES read modes) beside the
+    gain-cell attention of ``params`` at the design point: each one's energy and latency per token, the
+    attention's share of them, and that share over ``hardware.sweep_windows`` (the attention grows with the
+    window, the projections do not)."""
+    size = dict(window=int(hw.window), head_dim=int(hw.head_dim), heads=int(hw.heads), layers=int(hw.layers))
+    d_model = size["heads"] * size["head_dim"]
+    out: Dict[str, Any] = {"attention_parameter_set": params.name, "d_model": d_model, "sets": {}}
+    for tiles in (AnalogTileParameters.hermes_one_phase(), AnalogTileParameters.hermes_four_phase()):
+        proj = estimate_projections(tiles, d_model, size["layers"])
+        sweep = []
+        for window in hw.sweep_windows:
+            if int(window) % params.tile_rows:
+                continue
+            share = attention_share(estimate(params, **{**size, "window": int(window)}), proj)
+            sweep.append({"window": int(window), **share})
+        out["sets"][tiles.name] = {"estimate": proj.to_dict(), "parameters": tiles.describe(),
+                                   "design_point": attention_share(estimate(params, **size), proj),
+                                   "window_sweep": sweep}
+    return out
+
+
 def relative_errors(est: HardwareEstimate) -> Dict[str, float]:
     """Estimate / published - 1 for the paper's totals and energy parts."""
     errs = {"latency_per_token": est.latency_per_token_ns / PAPER_LATENCY_PER_TOKEN_NS - 1,
@@ -129,21 +155,23 @@ def run(cfg: Any) -> Dict[str, Any]:
     for name, params in sets.items():
         est = estimate(params, **size)
         design[name] = {"estimate": est.to_dict(), "relative_error_vs_paper": relative_errors(est),
+                        "energy_components_nj": energy_components_nj(params, size["window"], size["head_dim"]),
                         "parameters": params.describe()}
 
     # This profile's own model (its window, heads, head dim, layers), with the paper's parameters.
     profile_model: Dict[str, Any]
     try:
-        n_head, n_embd = int(cfg.model.n_head), int(cfg.model.n_embd)
+        n_head, n_embd = cfg.model.n_head, cfg.model.n_embd
         model_params = sets.get("paper") or next(iter(sets.values()))
-        model_params = model_params.replace(tile_rows=int(cfg.attention.tile_rows))
-        est = estimate(model_params, window=int(cfg.attention.window), head_dim=n_embd // n_head, heads=n_head,
-                       layers=int(cfg.model.n_layer))
+        model_params = model_params.replace(tile_rows=cfg.attention.tile_rows)
+        est = estimate(model_params, window=cfg.attention.window, head_dim=n_embd // n_head, heads=n_head,
+                       layers=cfg.model.n_layer)
         profile_model = {"estimate": est.to_dict(), "parameter_set": model_params.name}
     except ValueError as err:
         profile_model = {"skipped": str(err)}
 
     tables = sweeps(hw, sets)
+    projections = projection_estimates(hw, sets.get("paper") or next(iter(sets.values())))
     summary = {
         "schema": 1,
         "design_point": {**size, "tile_rows": int(hw.tile_rows), "tile_cols": int(hw.tile_cols),
@@ -154,10 +182,11 @@ def run(cfg: Any) -> Dict[str, Any]:
                       "energy_per_head_per_token_nj": PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ,
                       "energy_per_token_nj_12_heads": 12 * PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ,
                       "energy_breakdown_nj": PAPER_ENERGY_BREAKDOWN_NJ,
-                      "source": "Leroux et al., Nat. Comput. Sci. 2025 (Methods, Fig. 2c, Fig. 5; spec hardware.md)"},
+                      "source": "Leroux et al., Nat. Comput. Sci. 2025 (Methods, Fig. 2c, Fig. 5; docs/hardware.md)"},
         "sets": design,
         "skipped_sets": skipped,
         "profile_model": profile_model,
+        "projections": projections,  # beyond the paper: projections on analog weight tiles (literature inputs)
         "technologies": {k: dataclasses.asdict(v) for k, v in TECHNOLOGIES.items()},
         "sweeps": {k: f"sweep_{k}.csv" for k in tables},
     }
@@ -182,16 +211,23 @@ def run(cfg: Any) -> Dict[str, Any]:
               f"{e['latency_per_token_ns']:.1f} ns/token ({err['latency_per_token']:+.1%} vs 65), "
               f"{e['energy_per_head_per_token_nj']:.3f} nJ/head/token ({err['energy_per_head_per_token']:+.1%} vs 6.15), "
               f"{e['energy_per_token_nj']:.1f} nJ/token, {e['area_per_head_um2'] / 1e6:.3f} mm^2/head")
+    for name, d in projections["sets"].items():
+        share = d["design_point"]
+        print(f"hardware_estimates [projections on analog tiles, {name}] {share['projection_energy_nj']:.0f} nJ "
+              f"and {share['projection_latency_ns']:.0f} ns per token (all layers); the attention is "
+              f"{share['attention_energy_share']:.1%} of the token's energy, {share['attention_latency_share']:.1%} "
+              f"of its latency")
     if "estimate" in profile_model:
         e = profile_model["estimate"]
         print(f"hardware_estimates [profile model] window {e['window']}, D {e['head_dim']}, {e['heads']} heads x "
               f"{e['layers']} layers: {e['latency_all_layers_ns']:.0f} ns, {e['energy_all_layers_nj']:.1f} nJ per token")
-    _log(cfg, design)
+    _log(cfg, design, out_dir)
     return summary
 
 
-def _log(cfg: Any, design: Dict[str, Any]) -> None:
-    """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage)."""
+def _log(cfg: Any, design: Dict[str, Any], out_dir: Path) -> None:
+    """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage):
+    the design point's numbers as the summary, every table written to ``out_dir`` as a W&B table."""
     from gaincell.tracking import Tracker
 
     try:
@@ -203,6 +239,8 @@ def _log(cfg: Any, design: Dict[str, Any]) -> None:
                         "area_per_head_um2"):
                 flat[f"{name}/{key}"] = e[key]
         tracker.summary(flat)
+        for table in sorted(Path(out_dir).glob("*.csv")):
+            tracker.log_table(f"hardware/{table.stem}", table)
         tracker.finish()
     except Exception as err:  # logging must never lose the written results
         print(f"hardware_estimates: tracking skipped ({type(err).__name__}: {err})")
