@@ -43,7 +43,10 @@ rule study_table:
     params:
         cmd=stage_cmd("study_table"),
         args="",
-        section=section("diagnose", "train", "model", "workflow"),
+        # what the table reads from the config: the diagnose section, and each row's iterations and tokens
+        section=section("diagnose") + digest({"iterations": {r: study.chain_iters(r, CFG) for r in TABLE_RUNS},
+                                              "tokens_per_iter": study.tokens_per_iter(CFG),
+                                              "cell": str(CFG.attention.coefficients)}),
     log:
         f"{LOGS}/study_table.log",
     benchmark:
