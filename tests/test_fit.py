@@ -73,7 +73,7 @@ def test_authors_read_current_gives_the_paper_folded_coefficients(reference_dir)
     folded, res = fit_folded(y, np.ones_like(y), iout[:, j])
     np.testing.assert_allclose(folded, [0.5214, 13.612, -2.620, 46.055], atol=1e-3)
     np.testing.assert_allclose(folded, fold_coefficients(PAPER_COEFFICIENTS, 0.9), rtol=1e-6)
-    # their full grid gives quite different C[i][j] (spec §10): C[1][1] about -120, fold 0.34, 15.4, -0.03, 29.2
+    # their full grid gives quite different C[i][j] (docs/attention.md#cell-coefficients): C[1][1] about -120, fold 0.34, 15.4, -0.03, 29.2
     Y, X = np.meshgrid(y, vin, indexing="ij")
     coeffs, _ = fit_surface(Y.ravel(), X.ravel(), np.ones(Y.size), iout.ravel())
     assert coeffs[COEFFICIENT_ORDER.index((1, 1))] == pytest.approx(-120, abs=1)

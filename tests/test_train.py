@@ -112,7 +112,7 @@ def test_training_learns_writes_metrics_and_checkpoints(root):
     summary = json.loads((root / "train" / "soft" / "metrics.summary.json").read_text())
     assert summary["iters"] == 12 and summary["final_val_loss"] == pytest.approx(val["val_loss"].iloc[-1])
     # Fine-tune a hardware model from that checkpoint: attention switched, weights carried over.
-    cfg = compose(_overrides(root, "lin", **{"attention": "linear_hw", "+stage.init_from": str(final),
+    cfg = compose(_overrides(root, "lin", **{"attention": "linear_hw", "+stage.init_from": "soft",  # run name
                                              "train.max_iters": 4}))
     lin_final = train_run(cfg)
     lin = GPT.from_checkpoint(lin_final)

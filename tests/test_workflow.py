@@ -5,12 +5,12 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from gaincell import results_lock, study
+from gaincell.figures import docstring_captions
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -136,8 +136,6 @@ def test_html_report_has_figure_captions_and_tables(touched_results, tmp_path):
                     "--report", str(report), timeout=600)
     assert run.returncode == 0, run.stderr
     html = report.read_text()
-    from gaincell.figures import docstring_captions
-
     first_words = " ".join(docstring_captions()["device_retention"].split()[:6])
     assert first_words in html and "study_table.csv" in html
 

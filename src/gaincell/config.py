@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
+from omegaconf import MISSING, SI, DictConfig, OmegaConf, ValidationError
 
 from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
 from gaincell.attention.config import AnalogAttentionConfig
@@ -66,7 +66,7 @@ class DeviceConfig:
     Circuit, encoding and every source of a parameter: ``gaincell.device.netlists`` (cell),
     ``gaincell.device.technology`` (models). Defaults are an open sky130 design (1.8 V core devices)
     standing in for the paper's proprietary TSMC 28 nm, 0.9 V cell: the stored and read windows are
-    ours and are mapped onto the model's 0..0.9 V and 0.45..0.9 V by the fit (spec §10).
+    ours and are mapped onto the model's 0..0.9 V and 0.45..0.9 V by the fit (docs/attention.md#cell-coefficients).
     Design choices (measured with the tt corner): the 0.6..1.0 V window starts near the read transistor's
     threshold, which gives a convex odd characteristic like the authors' (c3/c1 about 4.5 against their
     3.4); L_read = 0.5 um keeps the full-scale signed current near 20 uA (theirs: about 10 uA).
@@ -139,7 +139,7 @@ class DeviceConfig:
 
 @dataclass
 class FitConfig:
-    """Least-squares fit of the third-order cell model (`gaincell.fit`, spec §4 and §10)."""
+    """Least-squares fit of the third-order cell model (`gaincell.fit`, eq. 4, docs/attention.md#cell-coefficients)."""
 
     order: int = 3                      # total polynomial order, i + j <= order
     min_points: int = 10                # fewer data points than this is an error
@@ -272,13 +272,14 @@ class TrainConfig:
     dtype: TrainDtype = TrainDtype.auto                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: ComputeDevice = ComputeDevice.auto                # auto | cpu | cuda
     threads: int = 0                    # torch CPU threads; 0 = leave as set by the environment
-    seed: int = 1337                    # data sampling and initialisation
+    # data sampling and initialisation; follows the top-level ``seed`` unless set here
+    seed: int = SI("${seed}")
     progress: bool = True               # tqdm progress bar (rank 0)
 
 
 @dataclass
 class AdaptConfig:
-    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, spec §11).
+    """Adaptation of the linear model onto the nonlinear one (`gaincell.adapt`, eq. 9).
 
     The nonlinear cell is ``attention.coefficients``; the other hardware settings are the checkpoint's.
     """
@@ -336,7 +337,7 @@ class PublishedGpuFigure:
 
 
 def _published_gpus() -> List[PublishedGpuFigure]:
-    # The authors' published measurement files (Leroux et al. 2025 data release, spec hardware.md):
+    # The authors' published measurement files (Leroux et al. 2025 data release, docs/hardware.md):
     # FlashAttention-2, 12 heads, D = 64, 1,024 sequential steps, batch 64, NVML power, idle subtracted.
     src = ("Leroux et al., Nat. Comput. Sci. 2025, authors' published measurement file {} "
            "(mean_latency_per_token, mean_energy_per_token; per decoding step of a 64-sequence batch)")
@@ -425,7 +426,8 @@ class WorkflowConfig:
     threads: int = 1                    # torch threads / cores per rule (1: rules run side by side)
     train_threads: int = 1              # cores per training rule
     device_threads: int = 1             # cores of the characterize rule (its SPICE process pool, device.workers)
-    data_threads: int = 2               # cores of the prepare_data rule (tokenization processes, data.num_proc)
+    data_threads: int = 1               # cores of the prepare_data rule (tokenization processes, data.num_proc)
+    figure_threads: int = 2             # cores of the figures rule (figures made side by side, +stage.workers)
     linear_iters: int = 300             # linear_hw fine-tuning iterations (paper: 13,000)
     linear_early_iters: int = 70        # the earlier linear checkpoint adapted for variant 6 (paper: 3,000)
     window_iters: int = 150             # softmax_window fine-tuning iterations
@@ -540,6 +542,7 @@ class FiguresStage:
 
     strict: bool = True                 # a figure whose inputs exist but fails is an error
     only: Optional[List[str]] = None    # figure names to make (None: all)
+    workers: int = 1                    # processes making figures side by side (the workflow: the rule's cores)
 
 
 StageT = TypeVar("StageT")

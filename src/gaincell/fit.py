@@ -1,11 +1,11 @@
 """Pipeline stage ``fit``: the third-order polynomial cell model from the SPICE characterisation.
 
-The model (spec analog-attention.md §4) says the charge a cell adds for an input pulse ``u`` (in units
+The model (eq. 4) says the charge a cell adds for an input pulse ``u`` (in units
 of T_max) and a stored weight ``y = K - 0.45`` read at word-line voltage ``x`` is
 
     u * f(y, x),   f(y, x) = sum_{i + j <= 3} C[i][j] * y**i * x**j
 
-with ``f`` in the paper's current units (uA). Two fits are made, both reported (spec §10):
+with ``f`` in the paper's current units (uA). Two fits are made, both reported (docs/attention.md#cell-coefficients):
 
 * ``read_voltage`` (the authors' procedure, default primary): a cubic in ``y`` at the full read
   voltage gives the folded ``c_i`` (what the model computes with); the ten ``C[i][j]`` are then
@@ -14,13 +14,13 @@ with ``f`` in the paper's current units (uA). Two fits are made, both reported (
 * ``full_grid``: a least-squares fit of all ten ``C[i][j]`` to the whole (stored, read-voltage)
   grid; its fold at 0.9 V generally differs from the read-voltage fit.
 
-Normalisation (spec §10): our stored levels are already the model's ``K`` in [0, 0.9] (the device
+Normalisation (docs/attention.md#cell-coefficients): our stored levels are already the model's ``K`` in [0, 0.9] (the device
 stage maps them onto the cell's physical window), our read window ``[read_v_min, read_v_max]`` maps
 linearly onto [0.45, 0.9] V, and one current scale factor (applied to both fits) makes the
 read-voltage fit's ``c_1`` equal the paper's 13.612, so the model's constants ``g``, 80 and 40 keep
 their meaning. The cell's shape (``c_0/c_1``, ``c_2/c_1``, ``c_3/c_1``) is ours.
 
-Writes ``results/<profile>/fit/coefficients.json`` (key ``coefficients``: ten floats, spec §10 order,
+Writes ``results/<profile>/fit/coefficients.json`` (key ``coefficients``: ten floats, the order of docs/attention.md#cell-coefficients,
 read by ``attention.coefficients: fitted``) and ``fit_points.csv`` (data, predictions, residuals).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class FitError(ValueError):
 
 
 def monomials(order: int) -> List[Tuple[int, int]]:
-    """(i, j) with i + j <= order, in the spec's order: by i, then j (order 3 gives spec §10's)."""
+    """(i, j) with i + j <= order, in the spec's order: by i, then j (order 3 gives docs/attention.md#cell-coefficients's)."""
     if not isinstance(order, (int, np.integer)) or order < 1:
         raise FitError(f"fit.order={order!r}: expected an integer >= 1")
     return [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
@@ -137,7 +137,7 @@ def coefficient_report(folded: Sequence[float], se: Sequence[float], cell_kind: 
     for i, (c, e) in enumerate(zip(folded, se)):
         if i == 1:
             status = "imposed"
-            note = f"the current scale factor is chosen so that c_1 = {target_c1} (spec §10)"
+            note = f"the current scale factor is chosen so that c_1 = {target_c1} (docs/attention.md#cell-coefficients)"
         elif i % 2 == 0 and cell_kind in ODD_BY_CONSTRUCTION:
             status = "zero by construction"
             note = f"the {cell_kind} cell is odd in W, so even terms vanish whatever the device"
@@ -304,7 +304,7 @@ def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], p
                   "shape": {"c0_over_c1": paper_folded[0] / paper_folded[1],
                             "c2_over_c1": paper_folded[2] / paper_folded[1],
                             "c3_over_c1": paper_folded[3] / paper_folded[1]},
-                  "source": "Leroux et al., Nat. Comput. Sci. 2025 (spec analog-attention.md §10)"},
+                  "source": "Leroux et al., Nat. Comput. Sci. 2025 (docs/attention.md#cell-coefficients)"},
         "n_points": int(len(pts)),
     }
     return result, pts

@@ -202,11 +202,20 @@ def _looks_like_checkpoint(init: str) -> bool:
     return init.endswith((".pt", ".pth")) or Path(init).is_file()
 
 
+def _resolve_init(cfg: Any, init: str) -> str:
+    """``+stage.init_from`` as a run folder or a run name (``checkpoints/<name>/``) means its ``final.pt``;
+    anything else is taken as given (checkpoint file, Hugging Face name or folder, ``scratch``)."""
+    for folder in (Path(init), Path(str(cfg.results_dir)) / "checkpoints" / init):
+        if folder.is_dir() and (folder / "final.pt").is_file():
+            return str(folder / "final.pt")
+    return init
+
+
 def build_model(cfg: Any, vocab_size: int) -> Tuple[GPT, str]:
     """The model to train and a description of where its weights come from."""
     from gaincell.attention.config import analog_config_from_settings
 
-    init = str(stage_settings(cfg, TrainStage).init_from or cfg.model.init)
+    init = _resolve_init(cfg, str(stage_settings(cfg, TrainStage).init_from or cfg.model.init))
     kind = str(cfg.attention.kind)
     analog = analog_config_from_settings(cfg.attention)
     if init == "scratch":

@@ -1,4 +1,4 @@
-"""AttentionCore: the four attention kinds, the per-head scalers (spec §1, §7) and statistics capture."""
+"""AttentionCore: the four attention kinds, the per-head scalers (eq. 8) and statistics capture."""
 from __future__ import annotations
 
 import math

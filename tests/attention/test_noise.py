@@ -280,7 +280,7 @@ def test_blocked_backward_redraws_the_forward_noise(cell):
     clean = analog_attention_dense(q, k, v, dataclasses.replace(cfg, readout_noise=0.0)).detach()
     assert (clean.abs() > 0.5).any()  # readouts reach the clamp region
     if cfg.nonlinear and not cfg.exact_nonlinear_grad:
-        pytest.skip("the surrogate gradient is not the forward's derivative (spec §8)")
+        pytest.skip("the surrogate gradient is not the forward's derivative (docs/attention.md#gradients)")
     assert torch.autograd.gradcheck(lambda a, b, c: _BlockedAnalogAttention.apply(a, b, c, cfg, 1234), (q, k, v))
 
 

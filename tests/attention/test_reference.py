@@ -1,8 +1,8 @@
 """The dense analog attention (gaincell.attention.reference) against the spec, written independently.
 
-``loop_reference`` below re-derives spec §2-§6 in float64 NumPy with explicit loops over queries t,
+``loop_reference`` below re-derives eq. 3 to 7 and the converters (docs/attention.md) in float64 NumPy with explicit loops over queries t,
 keys t' and sub-tiles (no T x T matrices, no shared code with the library), and ``loop_backward`` the
-linear model's backward (spec §8) the same way.
+linear model's backward (docs/attention.md#gradients) the same way.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def q_scalar(x: float, levels, lo: float, hi: float) -> float:
 
 
 def folded(cfg: AnalogAttentionConfig):
-    """c_i per spec §4; the linear cell as the polynomial (0, g, 0, 0) is NOT used: the loops below
+    """c_i per eq. 4; the linear cell as the polynomial (0, g, 0, 0) is NOT used: the loops below
     branch on the model instead, to stay independent of the library's folding."""
     c = [0.0] * 4
     for (i, j), value in zip(SPEC_ORDER, cfg.coefficients):
@@ -270,7 +270,7 @@ def test_zeroth_order_term_ignores_key_and_leakage():
 
 
 # ------------------------------------------------------------------------------------------------
-# sequences longer than the window (spec §6)
+# sequences longer than the window (docs/attention.md#second-array-product-and-sub-tiles)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("nonlinear", [False, True])
 def test_excess_multiple_of_tile_rows_matches_window_alone(nonlinear):
@@ -299,7 +299,7 @@ def test_other_excess_changes_subtile_membership(nonlinear):
 
 
 # ------------------------------------------------------------------------------------------------
-# quantizers (spec §2)
+# quantizers (docs/attention.md#quantization)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("levels,lo,hi,expected", [
     (16, 0.0, 1.0, [k / 15 for k in range(16)]),
@@ -366,7 +366,7 @@ def test_quantized_model_outputs_are_sums_of_levels():
 
 
 # ------------------------------------------------------------------------------------------------
-# gradients (spec §8)
+# gradients (docs/attention.md#gradients)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("leaky", [False, True])
 def test_gradcheck_unquantized_linear(leaky):
@@ -393,7 +393,7 @@ def test_gradcheck_exact_nonlinear_gradient():
 @pytest.mark.parametrize("model", ["linear", "nonlinear_surrogate", "linear_float"])
 def test_gradient_matches_loop_backward(model):
     """Autograd of the dense model (quantizers straight-through, clamps cut) equals the hand-written
-    linear backward of spec §8 at the model's own forward activations."""
+    linear backward of docs/attention.md#gradients at the model's own forward activations."""
     cfg = small_cfg(nonlinear=model.startswith("nonlinear"), quantized=model != "linear_float", leaky=True)
     q, k, v = random_inputs(1, 1, 22, 4, seed=9)
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))

@@ -91,3 +91,21 @@ def test_array_netlist_elements_and_parasitics(tech, cell):
     assert sum(1 for l in lines if re.match(rf"^Vbl[pn]\d+ bl[pn]\d+_{rows} 0", l)) == 2 * cols
     with pytest.raises(ValueError, match="shape"):
         array_netlist(tech, cell, layout, pos[:2], neg)
+
+
+def test_single_ended_array_shares_one_reference_column(tech, cell):
+    import dataclasses
+
+    rows, cols = 3, 4
+    se = dataclasses.replace(cell, cell="single_ended", reference_v=0.9)
+    layout = ArrayLayout(rows=rows, cols=cols, wire_resistance_ohm=2.0, wire_capacitance_f=0.8e-15,
+                         reference_column=True)
+    pos, neg = se.stored_voltages(np.linspace(0, 0.9, rows * cols).reshape(rows, cols))
+    lines = array_netlist(tech, se, layout, pos, neg).splitlines()
+    assert len([l for l in lines if re.match(r"^Mrp\d", l)]) == rows * cols       # one data cell per weight
+    ref = [l for l in lines if re.match(r"^Mrn\d+_ref ", l)]
+    assert len(ref) == rows                                                     # one reference cell per row
+    assert all(l.split()[1] == f"rwl{r}_{cols}" for r, l in enumerate(ref))     # after the last data column
+    assert sum(1 for l in lines if re.match(r"^Vbln", l)) == 1                  # one reference bitline
+    with pytest.raises(ValueError, match="one reference voltage"):
+        array_netlist(tech, se, layout, pos, neg + np.arange(cols) * 0.01)

@@ -1,5 +1,5 @@
 rule fit:
-    """Third-order polynomial fit of the simulated cell response (spec §10 normalisation)."""
+    """Third-order polynomial fit of the simulated cell response (docs/attention.md#cell-coefficients normalisation)."""
     input:
         rules.characterize.output.summary,
     output:

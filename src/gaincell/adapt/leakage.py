@@ -4,7 +4,7 @@
         +stage.init_from=<hardware ckpt> [+stage.finetune_iters=N] [+stage.finetune_lr=LR]
 
 Validation loss of a trained hardware model at the leakage ``attention.decay_per_step`` (lambda of
-eq. 8, per token step), on the study's fixed batches, and after ``finetune_iters`` iterations of
+eq. 5, per token step), on the study's fixed batches, and after ``finetune_iters`` iterations of
 fine-tuning at it (the trainer, run ``leakage_<value>``, peak learning rate ``finetune_lr``, default
 ``train.min_lr``). One JSON per value: ``results/<profile>/adapt/leakage/<format(value, 'g')>.json``.
 """

@@ -1,4 +1,4 @@
-"""Analog gain-cell attention (spec analog-attention.md) as plain functions on tensors.
+"""Analog gain-cell attention (docs/attention.md) as plain functions on tensors.
 
     from gaincell.attention import AnalogAttentionConfig, analog_attention
     y = analog_attention(q, k, v, AnalogAttentionConfig(window=128))   # (B, H, T, D) -> (B, H, T, D)

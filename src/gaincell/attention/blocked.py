@@ -1,10 +1,10 @@
 """Exact analog attention without T x T matrices: the banded (blocked) PyTorch path, default on CPU.
 
-Computes the same function as ``reference.analog_attention_dense`` (spec analog-attention.md §2-§8),
+Computes the same function as ``reference.analog_attention_dense`` (docs/attention.md, eq. 3 to 7),
 forward and backward, with memory linear in T (no T x T tensor; see Backward for what is saved).
 
 The band. Split queries and keys into blocks of ``tile_rows`` (n) positions. Because the window M is a
-multiple of n, key block j lies entirely in sub-tile ``j mod (M / n)`` (spec §6: slot t' mod M). Query
+multiple of n, key block j lies entirely in sub-tile ``j mod (M / n)`` (docs/attention.md#second-array-product-and-sub-tiles: slot t' mod M). Query
 block i sees key blocks i - L .. i with L = min(M / n, blocks - 1): the lag in blocks ``delta = i - j``
 runs over 0..L. For one lag, every query block's n x n slab of S and P has the same leakage matrix
 ``alpha = exp(-lambda (delta n + a - b))`` and the same window mask, so a lag is one batched product over
@@ -188,7 +188,7 @@ class _LagState:
 
 
 def _charge(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int) -> torch.Tensor:
-    """S / S_qk (m, BH, n, n) of key blocks j = i - delta against query blocks i (spec §4), no window mask."""
+    """S / S_qk (m, BH, n, n) of key blocks j = i - delta against query blocks i (eq. 4), no window mask."""
     m, n, lag = band.blocks - delta, band.n, band.lags[delta]
     Qs = ops.Q[delta:]
     if not cfg.nonlinear:
@@ -231,7 +231,7 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
             A.add_(zeroth, alpha=c[0] / cfg.av_saturation)
     if not need_grad or (cfg.nonlinear and cfg.exact_nonlinear_grad):
         return _LagState(inside, P, P_weighted, A)
-    # Linear model's gradient (linear cell, or the surrogate of spec §8): keep only its two operands.
+    # Linear model's gradient (linear cell, or the surrogate of docs/attention.md#gradients): keep only its two operands.
     P_linear = P_weighted if not cfg.nonlinear else P * lag.value_scale
     grad_scale = torch.where(inside, lag.grad_scale, 0.0)
     return _LagState(None, None, None, A, P_linear, grad_scale)
@@ -247,7 +247,7 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     gain_k = None if ops.gain_k is None else ops.gain_k[:m]
     gain_v = None if ops.gain_v is None else ops.gain_v[:m]
     if not (cfg.nonlinear and cfg.exact_nonlinear_grad):
-        # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (spec §8).
+        # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (docs/attention.md#gradients).
         dU[:m] += _times(gain_v, _bmm(st.P_linear.transpose(-1, -2), dA))
         # dL/dR with R = Q (gamma W)^T: through the value array (g alpha gamma / S_av), the HardSigmoid
         # mask and the key array (g alpha / S_qk): grad_scale holds the mask and both alpha factors.
@@ -288,12 +288,26 @@ def _readout_groups(band: _Band) -> List[List[int]]:
     return [[d] for d in lags]
 
 
-def _saves_slabs(band: _Band, cfg: AnalogAttentionConfig, q: torch.Tensor) -> bool:
-    """Whether the forward keeps every lag's backward operands (else the backward recomputes them):
-    when they take at most ``SAVED_SLABS_MAX_RATIO`` times the memory of q, k and v."""
-    slabs = sum(band.blocks - d for d in range(band.max_lag + 1)) * band.n * band.n
+def _geometry(t_len: int, cfg: AnalogAttentionConfig):
+    """(n, blocks, tiles, max_lag, merged) of ``_band``, without tensors."""
+    n, tiles = cfg.tile_rows, cfg.tiles
+    blocks = -(-t_len // n)
+    max_lag = min(tiles, blocks - 1)
+    return n, blocks, tiles, max_lag, max_lag == tiles
+
+
+def _saves(shape, cfg: AnalogAttentionConfig) -> bool:
+    """Whether the forward keeps every lag's backward operands for q of ``shape`` (B, H, T, D) (else the
+    backward recomputes them): when they take at most ``SAVED_SLABS_MAX_RATIO`` times q, k and v."""
+    B, H, T, D = shape
+    n, blocks, _, max_lag, _ = _geometry(T, cfg)
+    slabs = sum(blocks - d for d in range(max_lag + 1)) * n * n
     per_entry = 2 if not (cfg.nonlinear and cfg.exact_nonlinear_grad) else 3.25  # floats (bool = 1/4)
-    return slabs * per_entry * q.shape[0] * q.shape[1] <= SAVED_SLABS_MAX_RATIO * 3 * q.numel()
+    return slabs * per_entry * B * H <= SAVED_SLABS_MAX_RATIO * 3 * B * H * T * D
+
+
+def _saves_slabs(band: _Band, cfg: AnalogAttentionConfig, q: torch.Tensor) -> bool:
+    return _saves(tuple(q.shape), cfg)
 
 
 @dataclass
@@ -364,6 +378,58 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy
     return dq, dk, dv
 
 
+# ----------------------------------------------------------------------------------------------------
+# The forward's state as one flat tensor (for gaincell.attention.op, whose custom operator can return
+# tensors only): each lag's two slabs of the linear model's gradient, then each readout's clamp mask.
+# Empty where nothing is kept (exact nonlinear gradient, or above SAVED_SLABS_MAX_RATIO): the backward
+# then recomputes the forward.
+# ----------------------------------------------------------------------------------------------------
+def packed_state_size(shape, cfg: AnalogAttentionConfig) -> int:
+    """Elements of ``forward_packed``'s state for q of ``shape`` (pure arithmetic: usable by fake tensors)."""
+    B, H, T, D = shape
+    if (cfg.nonlinear and cfg.exact_nonlinear_grad) or not _saves(shape, cfg):
+        return 0
+    n, blocks, tiles, max_lag, merged = _geometry(T, cfg)
+    slabs = sum(blocks - d for d in range(max_lag + 1))
+    readouts = sum(blocks - d for d in range(max_lag + 1) if not (merged and d == tiles))
+    return 2 * slabs * B * H * n * n + readouts * B * H * n * D
+
+
+def forward_packed(q, k, v, cfg: AnalogAttentionConfig):
+    """(y, state): the forward (inputs in the compute dtype, no readout noise) and its packed state."""
+    if packed_state_size(tuple(q.shape), cfg) == 0:
+        return _forward(q, k, v, cfg, None), q.new_empty(0)
+    y, saved = _forward(q, k, v, cfg, None, keep=True)
+    parts = []
+    for d in sorted(saved.states):
+        parts += [saved.states[d].P_linear.reshape(-1), saved.states[d].grad_scale.reshape(-1)]
+    parts += [mask.reshape(-1).to(q.dtype) for mask in saved.readout_inside]
+    return y, torch.cat(parts)
+
+
+def backward_packed(q, k, v, cfg: AnalogAttentionConfig, dy, state):
+    """dq, dk, dv from ``forward_packed``'s state (empty: recompute)."""
+    if state.numel() == 0:
+        return _backward(q, k, v, cfg, None, dy)
+    band = _band(q.shape[-2], cfg, q.dtype, q.device)
+    bh, n, D = q.shape[0] * q.shape[1], band.n, q.shape[-1]
+    offset, states, readout_inside = 0, {}, []
+
+    def take(count, shape):
+        nonlocal offset
+        offset += count
+        return state[offset - count:offset].view(shape)
+    for d in range(band.max_lag + 1):
+        m = band.blocks - d
+        slab = (m, bh, n, n)
+        states[d] = _LagState(None, None, None, None, take(m * bh * n * n, slab), take(m * bh * n * n, slab))
+    for group in _readout_groups(band):
+        m = band.blocks - group[0]
+        readout_inside.append(take(m * bh * n * D, (m, bh, n, D)) != 0)
+    saved = _Saved(band, _Operands(q, k, v, cfg, band), readout_inside, states)
+    return _backward(q, k, v, cfg, None, dy, saved)
+
+
 class _BlockedAnalogAttention(torch.autograd.Function):
     """Saves q, k, v, the operands and the readout masks, and (when cheap, ``_saves_slabs``) each lag's
     backward operands; otherwise the backward recomputes the lags (memory O(T * D) between the passes)."""
@@ -394,7 +460,7 @@ class _BlockedAnalogAttention(torch.autograd.Function):
 
 def analog_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              cfg: AnalogAttentionConfig, check_inputs: bool = True) -> torch.Tensor:
-    """Analog attention (spec §2-§8) on (B, H, T, D) inputs already scaled (spec §1), banded.
+    """Analog attention (eq. 3 to 7, docs/attention.md) on (B, H, T, D) inputs already scaled (eq. 8), banded.
 
     Same result as ``analog_attention_dense`` (up to float rounding order), without T x T tensors:
     time O(T * (M + tile_rows) * D), working memory O(T * tile_rows).

@@ -1,4 +1,4 @@
-"""The hardware knobs of one analog attention head (spec analog-attention.md), named once.
+"""The hardware knobs of one analog attention head (docs/attention.md), named once.
 
 This dataclass is all the attention math needs: it imports nothing else from gaincell. Defaults are
 the paper's values (TSMC 28 nm gain cell, GPT-2 with a 1,024-token window).
@@ -11,7 +11,7 @@ from dataclasses import InitVar, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
-# Spec §10: the authors' ten coefficients C[i][j], order (0,0)(0,1)(0,2)(0,3)(1,0)(1,1)(1,2)(2,0)(2,1)(3,0).
+# docs/attention.md#cell-coefficients: the authors' ten coefficients C[i][j], order (0,0)(0,1)(0,2)(0,3)(1,0)(1,1)(1,2)(2,0)(2,1)(3,0).
 PAPER_COEFFICIENTS: Tuple[float, ...] = (
     0.17393044, 0.15653739, 0.14088365, 0.12679529, 5.51975209,
     4.96777688, 4.4709992, -1.44776001, -1.30298401, 46.05483778,
@@ -23,7 +23,7 @@ COEFFICIENT_ORDER: Tuple[Tuple[int, int], ...] = (
 
 
 def fold_coefficients(coefficients: Sequence[float], read_voltage: float) -> Tuple[float, float, float, float]:
-    """c_i = sum_j C[i][j] * V_read**j (spec §4): the four constants the model actually uses."""
+    """c_i = sum_j C[i][j] * V_read**j (eq. 4): the four constants the model actually uses."""
     folded = [0.0, 0.0, 0.0, 0.0]
     for (i, j), c in zip(COEFFICIENT_ORDER, coefficients):
         folded[i] += float(c) * read_voltage ** j
@@ -46,9 +46,9 @@ class AnalogAttentionConfig:
         stored_offset: half-supply offset of the stored weight, V.
         read_voltage: read word-line voltage V_read, V.
         decay_per_step: lambda = L * delta_t / tau, leakage per token step (0: no leakage).
-        coefficients: None for the linear cell; ten C[i][j] (spec §10 order) for the nonlinear cell.
+        coefficients: None for the linear cell; ten C[i][j] (the order of docs/attention.md#cell-coefficients) for the nonlinear cell.
         exact_nonlinear_grad: nonlinear model backward: exact polynomial gradient (True) or the
-            linear model's gradient as a surrogate (False, spec §8).
+            linear model's gradient as a surrogate (False, docs/attention.md#gradients).
         stored_max: top of the stored-voltage range, V.
         cell_variation: relative standard deviation of each physical cell's gain (a factor
             1 + cell_variation * N(0, 1) on every polynomial term of that cell, c_0 included); one cell
@@ -134,14 +134,14 @@ class AnalogAttentionConfig:
 
     @property
     def folded_coefficients(self) -> Tuple[float, float, float, float]:
-        """(c_0, c_1, c_2, c_3) at ``read_voltage`` (spec §4); the linear model is (0, g, 0, 0)."""
+        """(c_0, c_1, c_2, c_3) at ``read_voltage`` (eq. 4); the linear model is (0, g, 0, 0)."""
         if self.coefficients is None:
             return (0.0, self.gain, 0.0, 0.0)
         return fold_coefficients(self.coefficients, self.read_voltage)
 
 
 def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Optional[Tuple[float, ...]]:
-    """A coefficient set from the config: None, ``"paper"`` (spec §10), ``"fitted"`` (the pipeline's
+    """A coefficient set from the config: None, ``"paper"`` (docs/attention.md#cell-coefficients), ``"fitted"`` (the pipeline's
     fit: the JSON written by the fit stage, key ``coefficients``) or ten numbers."""
     if coefficients is None:
         return None
@@ -159,7 +159,7 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
     return tuple(float(c) for c in coefficients)
 
 
-PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (spec §10)
+PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (docs/attention.md#cell-coefficients)
 HARDWARE_KINDS = ("linear_hw", "nonlinear_hw")
 
 

@@ -1,4 +1,4 @@
-"""``analog_attention``: the analog gain-cell attention (spec analog-attention.md) on tensors, dispatched
+"""``analog_attention``: the analog gain-cell attention (docs/attention.md) on tensors, dispatched
 to one of its exact implementations.
 
     dense    gaincell.attention.reference.analog_attention_dense   (T x T matrices; the oracle)
@@ -51,9 +51,9 @@ def resolve_implementation(implementation: str, on_cuda: bool) -> str:
 
 def analog_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
                      implementation: str = "auto") -> torch.Tensor:
-    """Analog attention (spec §2-§8) of q, k, v (B, H, T, D), already through the input scalers (§1).
+    """Analog attention (eq. 3 to 7, docs/attention.md) of q, k, v (B, H, T, D), already through the input scalers (eq. 8).
 
-    Returns y (B, H, T, D) before the output scaler (§7). Every implementation computes the same
+    Returns y (B, H, T, D) before the output scaler (eq. 8). Every implementation computes the same
     function; inputs are validated here once (4-D, equal shapes, same device, no NaN).
     """
     name = resolve_implementation(implementation, bool(getattr(q, "is_cuda", False)))

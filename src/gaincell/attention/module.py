@@ -1,8 +1,8 @@
 """`AttentionCore`: the per-head computation between a transformer's QKV and output projections.
 
 Softmax models use PyTorch's fused scaled-dot-product attention. Hardware models add the learnable
-per-head input scalers (spec §1) and output scaler (spec §7) around ``analog_attention``. The
-scalers are the parameters the adaptation algorithm sets (spec §11); ``capture_stats`` makes the
+per-head input scalers (eq. 8) and output scaler (eq. 8) around ``analog_attention``. The
+scalers are the parameters the adaptation algorithm sets (eq. 9); ``capture_stats`` makes the
 module record their outputs' per-head mean and standard deviation on the next forward passes.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .op import config_key, op_supports
 KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
 HW_KINDS = ("linear_hw", "nonlinear_hw")
 SCALER_STAGES = ("q", "k", "v", "out")
-# Spec §1/§7 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
+# Eq. 8 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
 _INIT_BIAS = {"q": 0.0, "k": 0.45, "v": 0.45, "out": 0.0}
 
 
@@ -175,7 +175,7 @@ class AttentionCore(nn.Module):
         op_config = self._op_config[q.is_cuda]
         if op_config is not None and torch.compiler.is_compiling():
             # One opaque node for torch.compile (gaincell.attention.op): no graph break inside the model.
-            y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)
+            y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)[0]
         else:
             y = analog_attention(q, k, v, self.layer_analog, implementation=self.implementation)
         return self._scale("out", y)
@@ -204,10 +204,19 @@ class AttentionCore(nn.Module):
         y = state.step(q[:, :, 0], k[:, :, 0], v[:, :, 0]).unsqueeze(2)
         return self._scale("out", y) if hardware else y
 
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state) -> torch.Tensor:
+        """T tokens per sequence at once: q, k, v (B, H, T, D) -> (B, H, T, D), what T calls of ``step``
+        give: the gain-cell arrays take them with ``AnalogKVDecoder.prefill`` (exactly the steps'
+        outputs), a softmax cache one token at a time."""
+        if self.kind not in HW_KINDS:
+            return torch.stack([state.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(q.shape[2])], dim=2)
+        y = state.prefill(self._scale("q", q), self._scale("k", k), self._scale("v", v))
+        return self._scale("out", y)
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n_head={self.n_head}, window={self.analog.window}"
 
 
 def softmax_scale(head_dim: int) -> float:
-    """The 1/sqrt(D) of standard attention (absent from the hardware models, spec §7)."""
+    """The 1/sqrt(D) of standard attention (absent from the hardware models, eq. 8)."""
     return 1.0 / math.sqrt(head_dim)

@@ -1,11 +1,11 @@
-"""Quantizers and clamps with the gradients of spec §2 and §8, shared by every attention path.
+"""Quantizers and clamps with the gradients of docs/attention.md#quantization, docs/attention.md#gradients, shared by every attention path.
 
 * ``quantize``: forward ``clamp(step * round(x / step), lo, hi)`` with ``step = (hi - lo) / (levels - 1)``
   (zero is always a level, round half to even); backward passes the gradient unchanged (straight-through).
 * ``clamp``: ``torch.clamp`` whose gradient is zero outside ``[lo, hi]``.
 * ``clamp_quantize``: the DAC / ADC model: clamp, then quantize.
 * ``straight_through``: forward ``value``, backward that of ``surrogate`` (the surrogate gradient of the
-  nonlinear cell, spec §8).
+  nonlinear cell, docs/attention.md#gradients).
 
 The forward values are bit-exact: a level is always ``k * step`` for an integer ``k`` (or ``lo``/``hi``
 when clamped), so tests can compare quantized tensors with their level grid by equality.
@@ -39,7 +39,7 @@ def quantization_levels(levels: int, lo: float, hi: float, dtype=torch.float64, 
     reach [lo, hi] (with their clamped neighbours, so a saturated input maps to exactly ``lo``/``hi``).
 
     For [0, 1] or [0, 0.9] these are ``levels`` values; for [-1, 1] with 32 levels they are 33:
-    ``k * 2/31`` for ``|k| <= 15`` plus +-1 (spec §2).
+    ``k * 2/31`` for ``|k| <= 15`` plus +-1 (docs/attention.md#quantization).
     """
     step = quantization_step(levels, lo, hi)
     k = torch.arange(math.floor(lo / step) - 1, math.ceil(hi / step) + 2, device=device).to(dtype)
@@ -56,7 +56,7 @@ def _quantize_forward(x: torch.Tensor, levels: int, lo: float, hi: float) -> tor
 
 
 def quantize(x: torch.Tensor, levels: Optional[int], lo: float, hi: float) -> torch.Tensor:
-    """Uniform quantizer of spec §2, straight-through in the backward pass; ``levels=None``: identity."""
+    """Uniform quantizer of docs/attention.md#quantization, straight-through in the backward pass; ``levels=None``: identity."""
     if levels is None:
         return x
     _check_levels(levels, lo, hi)
@@ -81,7 +81,7 @@ def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
     """Forward: exactly ``value`` (detached). Backward: the gradient of ``surrogate``.
 
     Both must have the same shape. Used for the quantizers (surrogate = identity) and for the
-    nonlinear cell's surrogate gradient (surrogate = the linear cell's product, spec §8).
+    nonlinear cell's surrogate gradient (surrogate = the linear cell's product, docs/attention.md#gradients).
     """
     if not surrogate.requires_grad:
         return value.detach()

@@ -1,4 +1,4 @@
-"""Dense reference of the analog gain-cell attention (spec analog-attention.md, sections 2 to 8).
+"""Dense reference of the analog gain-cell attention (docs/attention.md; eq. 3 to 7).
 
 The oracle every faster path is tested against: it materialises the T x T matrices (charge ``S``,
 pulse widths ``P``, leakage ``alpha``) and loops over the window's sub-tiles, one step of the spec per
@@ -7,13 +7,13 @@ line. Memory is O(B * H * T * T): fine for T up to a few thousand on CPU in floa
 The building blocks are public so that tests (e.g. against the authors' SPICE arrays) and other
 implementations exercise the same cell model:
 
-    dac_inputs            spec §2   clamp + quantize q~, k~, v~ -> Q, K, V
-    window_mask, leakage  spec §3   which keys a query sees; alpha = exp(-lambda (t - t'))
-    key_array_product     spec §4   S = sum_i c_i alpha**i (Q . W**i)     (linear: g alpha Q . W)
-    hard_sigmoid          spec §5   P = clamp(S / S_sat_qk, 0, 1)
-    value_array_product   spec §6   A = sum_i c_i (P alpha**i) . U**i / S_sat_av  (one sub-tile)
-    subtile_of_key        spec §6   r(t') = (t' mod M) // tile_rows
-    read_out_subtiles     spec §6   y = sum_r quant(clamp(A_r, -1, 1), 32 levels on [-1, 1])
+    dac_inputs            docs/attention.md#quantization   clamp + quantize q~, k~, v~ -> Q, K, V
+    window_mask, leakage  eq. 6   which keys a query sees; alpha = exp(-lambda (t - t'))
+    key_array_product     eq. 4   S = sum_i c_i alpha**i (Q . W**i)     (linear: g alpha Q . W)
+    hard_sigmoid          eq. 3   P = clamp(S / S_sat_qk, 0, 1)
+    value_array_product   docs/attention.md#second-array-product-and-sub-tiles   A = sum_i c_i (P alpha**i) . U**i / S_sat_av  (one sub-tile)
+    subtile_of_key        docs/attention.md#second-array-product-and-sub-tiles   r(t') = (t' mod M) // tile_rows
+    read_out_subtiles     docs/attention.md#second-array-product-and-sub-tiles   y = sum_r quant(clamp(A_r, -1, 1), 32 levels on [-1, 1])
     add_readout_noise     issue 16  A_r + readout_noise * N(0, 1) before the output ADC
 
 Cell variation (``cfg.cell_variation``, ``gaincell.attention.noise``): the optional ``cell_gain``
@@ -34,7 +34,7 @@ from .quantize import clamp, clamp_quantize, straight_through
 __all__ = ["validate_inputs", "dac_inputs", "window_mask", "leakage", "key_array_product", "hard_sigmoid",
            "value_array_product", "subtile_of_key", "add_readout_noise", "analog_attention_dense"]
 
-OUTPUT_RANGE = (-1.0, 1.0)  # pulse-counter readout range of one sub-tile (spec §6)
+OUTPUT_RANGE = (-1.0, 1.0)  # pulse-counter readout range of one sub-tile (docs/attention.md#second-array-product-and-sub-tiles)
 
 
 def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig) -> None:
@@ -70,7 +70,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def dac_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spec §2: Q = quant(clamp(q~, 0, 1), 16), K, V = quant(clamp(., 0, 0.9 V), 8).
+    """DAC / storage (docs/attention.md#quantization): Q = quant(clamp(q~, 0, 1), 16), K, V = quant(clamp(., 0, 0.9 V), 8).
 
     Straight-through quantizers; the clamps pass gradients only inside their range.
     """
@@ -81,14 +81,14 @@ def dac_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAtt
 
 
 def window_mask(t_len: int, window: int, device=None) -> torch.Tensor:
-    """Boolean (T, T) mask, True where query t sees key t': t - window < t' <= t (spec §3)."""
+    """Boolean (T, T) mask, True where query t sees key t': t - window < t' <= t (eq. 6)."""
     t = torch.arange(t_len, device=device)
     lag = t[:, None] - t[None, :]
     return (lag >= 0) & (lag < window)
 
 
 def leakage(t_len: int, cfg: AnalogAttentionConfig, dtype=torch.float32, device=None) -> torch.Tensor:
-    """alpha[t, t'] = exp(-lambda (t - t')) inside the window, 0 outside (spec §3); (T, T)."""
+    """alpha[t, t'] = exp(-lambda (t - t')) inside the window, 0 outside (eq. 6); (T, T)."""
     t = torch.arange(t_len, device=device, dtype=torch.float64)
     lag = t[:, None] - t[None, :]
     alpha = torch.exp(-cfg.decay_per_step * lag)
@@ -109,12 +109,12 @@ def _needs_surrogate(cfg: AnalogAttentionConfig, *tensors: torch.Tensor) -> bool
 def key_array_product(Q: torch.Tensor, W: torch.Tensor, cfg: AnalogAttentionConfig,
                       alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
                       ) -> torch.Tensor:
-    """Spec §4: the K array's charge S[t, t'] from queries Q (..., T, D) and stored weights
+    """Eq. 4 and 7: the K array's charge S[t, t'] from queries Q (..., T, D) and stored weights
     W = K - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. No window mask applied.
 
     Linear cell: g * alpha * Q @ W^T. Nonlinear: sum_i c_i * alpha**i * Q @ (W**i)^T, where the i = 0
     term, c_0 * sum_d Q[t, d], ignores the key and is not attenuated. With the surrogate gradient
-    (default, spec §8) the backward is the linear cell's. ``cell_gain`` (broadcastable to W; None: 1)
+    (default, docs/attention.md#gradients) the backward is the linear cell's. ``cell_gain`` (broadcastable to W; None: 1)
     multiplies each cell's terms: W**i -> gamma * W**i, and the i = 0 term becomes c_0 * Q @ gamma^T.
     """
     linear = None
@@ -138,14 +138,14 @@ def key_array_product(Q: torch.Tensor, W: torch.Tensor, cfg: AnalogAttentionConf
 
 
 def hard_sigmoid(S: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
-    """Spec §5 (paper eq. 3): pulse width P = clamp(S / S_sat_qk, 0, 1), in units of T_max."""
+    """Eq. 3: pulse width P = clamp(S / S_sat_qk, 0, 1), in units of T_max."""
     return clamp(S / cfg.qk_saturation, 0.0, 1.0)
 
 
 def value_array_product(P: torch.Tensor, U: torch.Tensor, cfg: AnalogAttentionConfig,
                         alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
                         ) -> torch.Tensor:
-    """Spec §6: one V (sub-)array's output A[t, d] from pulse widths P (..., T, T') and stored
+    """Eq. 4 and 7: one V (sub-)array's output A[t, d] from pulse widths P (..., T, T') and stored
     weights U = V - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. Not clamped.
 
     Linear: (g / S_sat_av) (P * alpha) @ U. Nonlinear: (1 / S_sat_av) sum_i c_i (P * alpha**i) @ U**i
@@ -173,7 +173,7 @@ def value_array_product(P: torch.Tensor, U: torch.Tensor, cfg: AnalogAttentionCo
 
 
 def subtile_of_key(t_len: int, cfg: AnalogAttentionConfig, device=None) -> torch.Tensor:
-    """Spec §6: sub-tile r(t') = (t' mod M) // tile_rows holding key t' (memory slot t' mod M); (T,)."""
+    """Sub-tile (docs/attention.md#second-array-product-and-sub-tiles) r(t') = (t' mod M) // tile_rows holding key t' (memory slot t' mod M); (T,)."""
     return (torch.arange(t_len, device=device) % cfg.window) // cfg.tile_rows
 
 
@@ -193,9 +193,9 @@ def add_readout_noise(A: torch.Tensor, cfg: AnalogAttentionConfig, generator: Op
 
 def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
                            *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Analog attention of spec §2-§8 on (B, H, T, D) inputs already scaled (spec §1).
+    """Analog attention (eq. 3 to 7, docs/attention.md) on (B, H, T, D) inputs already scaled (eq. 8).
 
-    Returns y (B, H, T, D) before the output scaler (spec §7), in the input dtype. With
+    Returns y (B, H, T, D) before the output scaler (eq. 8), in the input dtype. With
     ``cfg.cell_variation`` the cells of the chip ``cfg.noise_seed`` (key t' in ring row t' mod M); with
     ``cfg.readout_noise`` noise drawn from ``generator``, or when None from the next seed of the
     config's readout-noise stream (``gaincell.attention.noise``).
@@ -206,20 +206,20 @@ def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     t_len, device = q.shape[-2], q.device
 
-    Q, K, V = dac_inputs(q, k, v, cfg)                      # §2
+    Q, K, V = dac_inputs(q, k, v, cfg)                      # quantization
     W = K - cfg.stored_offset
     U = V - cfg.stored_offset
-    mask = window_mask(t_len, cfg.window, device)           # §3
+    mask = window_mask(t_len, cfg.window, device)           # eq. 6
     alpha = leakage(t_len, cfg, dtype, device)
     gain_k, gain_v = gains_per_key(cfg, q.shape[1], t_len, q.shape[3], dtype, device) or (None, None)
     if cfg.readout_noise > 0 and generator is None:
         generator = readout_generator(next_readout_seed(cfg), device)
 
-    S = key_array_product(Q, W, cfg, alpha, gain_k)         # §4
-    P = hard_sigmoid(S, cfg)                                # §5
+    S = key_array_product(Q, W, cfg, alpha, gain_k)         # eq. 4, 7
+    P = hard_sigmoid(S, cfg)                                # eq. 3
     P = torch.where(mask, P, torch.zeros_like(P))           # keys outside the window: no pulse
 
-    # §6: the keys of each sub-tile; only sub-tiles that hold a key (an empty one reads exactly 0).
+    # Eq. 4 and 7 per sub-tile: the keys of each sub-tile; only sub-tiles that hold a key (an empty one reads exactly 0).
     slot_tile = subtile_of_key(t_len, cfg, device)
     used_tiles = min(cfg.tiles, -(-t_len // cfg.tile_rows))
     y = torch.zeros_like(Q)

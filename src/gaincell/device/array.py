@@ -24,7 +24,7 @@ from gaincell.device.simulate import Run, Task
 from gaincell.device.technology import Technology
 
 ARRAY_KINDS = ("qk", "pv")
-INPUT_LEVELS = 16    # 4-bit pulse-width generators (spec §2)
+INPUT_LEVELS = 16    # 4-bit pulse-width generators (docs/attention.md#quantization)
 STORED_LEVELS = 8    # 3-bit DACs
 
 
@@ -58,8 +58,8 @@ def array_vectors(layout: ArrayLayout) -> List[str]:
     for r in range(layout.rows):
         vecs += [f"vrwl{r}#branch", f"rwl{r}_d"]
     for c in range(layout.cols):
-        vecs += [f"vblp{c}#branch", f"vbln{c}#branch"]
-    return vecs
+        vecs += [f"vblp{c}#branch"] + ([] if layout.reference_column else [f"vbln{c}#branch"])
+    return vecs + (["vblnref#branch"] if layout.reference_column else [])
 
 
 def array_tasks(tech: Technology, cell: CellDesign, layout: ArrayLayout, kinds: Sequence[str], trials: int,
@@ -86,7 +86,8 @@ def array_tasks(tech: Technology, cell: CellDesign, layout: ArrayLayout, kinds: 
                             for r in range(layout.rows)]
                 params = {"kind": kind, "trial": trial, "query": q, "rows": layout.rows, "cols": layout.cols,
                           "read_v": float(read_v), "read_start_ns": cell.read_start_ns,
-                          "bitline_v": cell.bitline_v, "pulse_widths_ns": [float(x) for x in pw[q]]}
+                          "bitline_v": cell.bitline_v, "pulse_widths_ns": [float(x) for x in pw[q]],
+                          "reference_column": bool(layout.reference_column)}
                 tasks.append(Task(netlist, [Run(commands, cell.tran(cell.read_stop_s),
                                                 stop_time_s=cell.read_stop_s)],
                                   vectors, f"{_MOD}:array_metrics", params))
@@ -103,13 +104,17 @@ def array_metrics(waves: List[Dict[str, np.ndarray]], p: Dict[str, Any]) -> List
                                 + (w[f"rwl{r}_d"] * w[f"vrwl{r}#branch"])[:-1] * np.diff(t)) / 2.0)
     charges_pos, charges_neg, settle = [], [], []
     cum_all = []
+    shared = p.get("reference_column", False)
+    q_ref = _trapz_cumulative(w["vblnref#branch"], t) if shared else None
+    if shared:
+        energy += -p["bitline_v"] * q_ref[-1]
     for c in range(cols):
         qp = _trapz_cumulative(w[f"vblp{c}#branch"], t)
-        qn = _trapz_cumulative(w[f"vbln{c}#branch"], t)
+        qn = q_ref if shared else _trapz_cumulative(w[f"vbln{c}#branch"], t)
         charges_pos.append(qp[-1])
         charges_neg.append(qn[-1])
         cum_all.append(qp - qn)
-        energy += -p["bitline_v"] * (qp[-1] + qn[-1])
+        energy += -p["bitline_v"] * (qp[-1] + (0.0 if shared else qn[-1]))
     # latency: from the start of the pulses until every output is within 0.1 % of full scale of its
     # final charge (full scale = the largest output of this operation)
     scale = max(max(abs(cq[-1]) for cq in cum_all), 1e-30)

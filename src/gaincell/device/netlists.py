@@ -23,7 +23,7 @@ pulse. A signed output takes two bitlines (positive and negative part); the outp
 * ``complementary_pair``: the positive cell stores ``v_min + K / 0.9 * (v_max - v_min)``, the negative
   cell the mirror voltage ``v_max + v_min - V+``. Also odd by construction.
 
-Here ``K`` in [0, 0.9] is the model's stored voltage (spec §2) and ``W = K - 0.45``; the device stage
+Here ``K`` in [0, 0.9] is the model's stored voltage (docs/attention.md#quantization) and ``W = K - 0.45``; the device stage
 sweeps ``K`` levels and maps them to physical voltages with ``stored_voltages``.
 
 Test benches preset a storage node through an ideal switch that opens before the read (the
@@ -54,8 +54,8 @@ class CellKind(str, Enum):
 
 CELL_KINDS = tuple(k.value for k in CellKind)
 ODD_BY_CONSTRUCTION = ("differential_pair", "complementary_pair")   # c_0 = c_2 = 0 exactly
-MODEL_STORED_MAX_V = 0.9     # the model's stored-voltage range is [0, 0.9] V (spec §2)
-MODEL_OFFSET_V = 0.45        # weight W = K - 0.45 (spec §4)
+MODEL_STORED_MAX_V = 0.9     # the model's stored-voltage range is [0, 0.9] V (docs/attention.md#quantization)
+MODEL_OFFSET_V = 0.45        # weight W = K - 0.45 (eq. 4)
 
 
 @dataclass(frozen=True)
@@ -346,6 +346,8 @@ class ArrayLayout:
     wire_resistance_ohm: float    # per array element, on each wire (RWL, RBL+, RBL-)
     wire_capacitance_f: float     # per array element, on each wire node to ground
     write_transistors: bool = True
+    reference_column: bool = False  # single-ended cells: one shared reference column (its cells hold the
+    #                                 reference voltage) instead of a negative cell per element
 
     def rwl_source(self, r: int) -> str:
         return f"vrwl{r}"
@@ -368,38 +370,43 @@ def array_netlist(tech: Technology, cell: CellDesign, layout: ArrayLayout,
     neg = np.asarray(stored_neg_v, float)
     if pos.shape != (R, C) or neg.shape != (R, C):
         raise ValueError(f"stored voltages must have shape {(R, C)}, got {pos.shape} and {neg.shape}")
-    c = _circuit(f"gaincell array {R}x{C}")
+    shared = layout.reference_column
+    if shared and not np.allclose(neg, neg[0, 0]):
+        raise ValueError("a shared reference column needs one reference voltage (stored_neg_v all equal)")
+    c = _circuit(f"gaincell array {R}x{C}" + (" + reference column" if shared else ""))
     c.V("wwl", "wwl", c.gnd, cell.hold_wordline_v)
     c.V("wbl", "wbl", c.gnd, cell.hold_bitline_v)
     rw, cw = layout.wire_resistance_ohm, layout.wire_capacitance_f
     transistors: List[str] = []
     ics: List[str] = []
+    n_wl = C + 1 if shared else C      # the reference column sits after the last data column
     for r in range(R):
         c.PulseVoltageSource(f"rwl{r}", f"rwl{r}_d", c.gnd, initial_value=0, pulsed_value=0, pulse_width=1e-9,
                              period=1.0, delay_time=cell.read_start_ns * 1e-9, rise_time=cell.edge_ns * 1e-9,
                              fall_time=cell.edge_ns * 1e-9)
         prev = f"rwl{r}_d"
-        for col in range(C):
+        for col in range(n_wl):
             node = f"rwl{r}_{col}"
             c.R(f"r{r}_{col}", prev, node, rw)
             c.C(f"r{r}_{col}", node, c.gnd, cw)
             prev = node
-    for col in range(C):
-        for p in ("p", "n"):
-            for r in range(R):
-                node, nxt = f"bl{p}{col}_{r}", f"bl{p}{col}_{r + 1}"
-                c.R(f"b{p}{col}_{r}", node, nxt, rw)
-                c.C(f"b{p}{col}_{r}", node, c.gnd, cw)
-            c.V(f"bl{p}{col}", f"bl{p}{col}_{R}", c.gnd, cell.bitline_v)
+    bitlines = [(col, "p") for col in range(C)] + ([("ref", "n")] if shared else [(col, "n") for col in range(C)])
+    for col, p in bitlines:
+        for r in range(R):
+            node, nxt = f"bl{p}{col}_{r}", f"bl{p}{col}_{r + 1}"
+            c.R(f"b{p}{col}_{r}", node, nxt, rw)
+            c.C(f"b{p}{col}_{r}", node, c.gnd, cw)
+        c.V(f"bl{p}{col}", f"bl{p}{col}_{R}", c.gnd, cell.bitline_v)
     for r in range(R):
-        for col in range(C):
-            for p, v in (("p", pos[r, col]), ("n", neg[r, col])):
-                sn = f"sn{p}{r}_{col}"
-                c.C(f"s{p}{r}_{col}", sn, c.gnd, cell.storage_capacitance_f)
-                transistors += _cell_transistors(tech, cell, f"{p}{r}_{col}", sn, f"rwl{r}_{col}",
-                                                 f"bl{p}{col}_{r}", "wwl", "wbl",
-                                                 with_write=layout.write_transistors)
-                ics.append(f"v({sn})={_fmt(v)}")
+        cells = [(col, "p", pos[r, col], col) for col in range(C)]
+        cells += ([("ref", "n", neg[r, 0], C)] if shared else [(col, "n", neg[r, col], col) for col in range(C)])
+        for col, p, v, wl_col in cells:
+            sn = f"sn{p}{r}_{col}"
+            c.C(f"s{p}{r}_{col}", sn, c.gnd, cell.storage_capacitance_f)
+            transistors += _cell_transistors(tech, cell, f"{p}{r}_{col}", sn, f"rwl{r}_{wl_col}",
+                                             f"bl{p}{col}_{r}", "wwl", "wbl",
+                                             with_write=layout.write_transistors)
+            ics.append(f"v({sn})={_fmt(v)}")
     extra = [".ic " + " ".join(ics[k:k + 16]) for k in range(0, len(ics), 16)]
     return _finish(c, tech, cell, transistors, extra=extra)
 

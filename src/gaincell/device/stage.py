@@ -147,7 +147,8 @@ def characterize(cfg) -> Dict[str, Any]:
     layout = ArrayLayout(rows=int(d.array_rows), cols=int(d.array_cols),
                          wire_resistance_ohm=float(d.wire_resistance_ohm),
                          wire_capacitance_f=float(d.wire_capacitance_f),
-                         write_transistors=bool(d.array_write_transistors))
+                         write_transistors=bool(d.array_write_transistors),
+                         reference_column=cell.cell == "single_ended")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     read_tasks = sweeps.read_tasks(tech, cell, grid)

@@ -246,7 +246,7 @@ def fit_retention_tau(time_s: np.ndarray, stored_v: np.ndarray, floor_v: float) 
     """Time constants of the stored-voltage decay (leakage drains the node towards ``floor_v``).
 
     * ``tau_s``: the initial-slope time constant ``(V_0 - floor) / |dV/dt|`` over the first 5 % of the
-      swing: the exponential ``exp(-t / tau)`` of the attention model's leakage (spec §3) that matches the
+      swing: the exponential ``exp(-t / tau)`` of the attention model's leakage (eq. 6) that matches the
       cell where the model uses it (a window of 1,024 tokens x 12 layers x 65 ns is 0.8 ms).
     * ``exp_fit_tau_s``: least-squares fit of ``floor + (V_0 - floor) exp(-t / tau)`` to the whole curve
       on a uniform time grid, and its RMS error (large when the decay is not exponential: sub-threshold

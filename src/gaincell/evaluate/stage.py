@@ -23,7 +23,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -218,25 +218,11 @@ def run_harness_task(lm, task_manager, task: str, limit: Optional[int], bootstra
     return out
 
 
-def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequence[str], eval_dir: Path,
-                     eval_text_path: Path, params: LocalTaskParams, model_fingerprint: str,
-                     limit: Optional[int] = None, bootstrap_iters: int = 1000, seed: int = 1234,
-                     offline: bool = True, settings_fingerprint: str = "") -> pd.DataFrame:
-    """Evaluate one variant on ``tasks``; returns its tidy table (also written to disk).
-
-    ``lm_factory`` builds the harness model only when some task has to run (resumed runs that find
-    every task finished never load the checkpoint).
-    """
-    set_offline(offline)
+def _prepare_tasks(tasks: Sequence[str], task_dir: Path, eval_text_path: Path, params: LocalTaskParams):
+    """The harness's TaskManager for ``tasks`` (local ones built into ``task_dir``), the local tasks'
+    YAML paths and the harness task names; unknown names are an error listing what is expected."""
     from lm_eval.tasks import TaskManager
 
-    if not tasks:
-        raise ValueError("eval.tasks is empty: expected at least one task name")
-    if not variant or "/" in variant or variant in ("tasks", "summary.csv"):
-        raise ValueError(f"stage.name={variant!r}: expected a plain variant name (no '/', not 'tasks')")
-    eval_dir = Path(eval_dir)
-    variant_dir = eval_dir / variant
-    task_dir = eval_dir / "tasks"
     local = [t for t in tasks if is_local_task(t)]
     harness = [t for t in tasks if not is_local_task(t)]
     unknown_message = (f"expected local tasks {sorted(LOCAL_TASKS)} or lm-eval task names (e.g. arc_easy, "
@@ -250,6 +236,26 @@ def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequenc
     unknown = [t for t in harness if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown eval task(s) {unknown}: {unknown_message}")
+    return task_manager, local_yaml, harness
+
+
+def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequence[str], eval_dir: Path,
+                     eval_text_path: Path, params: LocalTaskParams, model_fingerprint: str,
+                     limit: Optional[int] = None, bootstrap_iters: int = 1000, seed: int = 1234,
+                     offline: bool = True, settings_fingerprint: str = "") -> pd.DataFrame:
+    """Evaluate one variant on ``tasks``; returns its tidy table (also written to disk).
+
+    ``lm_factory`` builds the harness model only when some task has to run (resumed runs that find
+    every task finished never load the checkpoint).
+    """
+    set_offline(offline)
+    if not tasks:
+        raise ValueError("eval.tasks is empty: expected at least one task name")
+    if not variant or "/" in variant or variant in ("tasks", "summary.csv"):
+        raise ValueError(f"stage.name={variant!r}: expected a plain variant name (no '/', not 'tasks')")
+    eval_dir = Path(eval_dir)
+    variant_dir = eval_dir / variant
+    task_manager, local_yaml, harness = _prepare_tasks(tasks, eval_dir / "tasks", eval_text_path, params)
 
     def fingerprint(task: str) -> str:
         if task in local_yaml:
@@ -278,23 +284,11 @@ def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequenc
                 outputs[task] = stored
                 continue
         todo.append((task, path, fp))
-
     if todo:
         todo_harness = [t for t, _, _ in todo if t in harness]
         if todo_harness:
             check_harness_tasks(task_manager, todo_harness, offline)
-        lm = lm_factory()
-        for task, path, fp in todo:
-            start = time.perf_counter()
-            out = run_harness_task(lm, task_manager, task, limit, bootstrap_iters, seed)
-            stored = {"task": task, "variant": variant, "fingerprint": fp,
-                      "elapsed_s": round(time.perf_counter() - start, 3),
-                      "results": out["results"], "n-samples": out.get("n-samples", {}),
-                      "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {}),
-                      "lm_eval_version": lm_eval_version()}
-            atomic_write_json(path, json.loads(json.dumps(stored, default=str)))
-            outputs[task] = stored
-            log.info("evaluate %s: %s done in %.1f s", variant, task, stored["elapsed_s"])
+        outputs.update(_run_tasks(lm_factory(), task_manager, variant, todo, limit, bootstrap_iters, seed))
 
     rows = [row for task in tasks for row in tidy_rows(variant, outputs[task])]
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -304,6 +298,25 @@ def evaluate_variant(lm_factory: Callable[[], Any], variant: str, tasks: Sequenc
                        "rows": json.loads(table.to_json(orient="records"))})
     merge_results(eval_dir)
     return table
+
+
+def _run_tasks(lm: Any, task_manager: Any, variant: str, todo: Sequence[Tuple[str, Path, str]],
+               limit: Optional[int], bootstrap_iters: int, seed: int) -> Dict[str, Dict[str, Any]]:
+    """Run each ``(task, output path, fingerprint)`` through the harness; each result is written (atomically)
+    as soon as it is done, so a killed stage resumes at the next task."""
+    outputs = {}
+    for task, path, fp in todo:
+        start = time.perf_counter()
+        out = run_harness_task(lm, task_manager, task, limit, bootstrap_iters, seed)
+        stored = {"task": task, "variant": variant, "fingerprint": fp,
+                  "elapsed_s": round(time.perf_counter() - start, 3),
+                  "results": out["results"], "n-samples": out.get("n-samples", {}),
+                  "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {}),
+                  "lm_eval_version": lm_eval_version()}
+        atomic_write_json(path, json.loads(json.dumps(stored, default=str)))
+        outputs[task] = stored
+        log.info("evaluate %s: %s done in %.1f s", variant, task, stored["elapsed_s"])
+    return outputs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
+from gaincell.io import tmp_path_beside
+
 
 def save_figure(fig, out_dir: Path, name: str) -> List[Path]:
     """Write ``<name>.png`` and ``<name>.pdf`` beside each other (temp file, then rename) and close the figure."""
@@ -14,7 +16,7 @@ def save_figure(fig, out_dir: Path, name: str) -> List[Path]:
     paths = []
     for ext, kwargs in (("png", {"dpi": 150}), ("pdf", {})):
         path = out_dir / f"{name}.{ext}"
-        tmp = path.with_name(f".{name}.tmp.{ext}")
+        tmp = tmp_path_beside(path)  # stale ones of killed runs removed; umask permissions
         fig.savefig(tmp, format=ext, bbox_inches="tight", **kwargs)
         tmp.replace(path)
         paths.append(path)

@@ -17,6 +17,8 @@ from typing import List
 
 import pandas as pd
 
+from gaincell.io import tmp_path_beside
+
 IMPL_STYLE = {  # name: (label, colour, marker)
     "dense": ("dense reference (T x T)", "#7f7f7f", "s"),
     "blocked": ("blocked (banded PyTorch)", "#1f77b4", "o"),
@@ -186,8 +188,8 @@ def plot_attention_benchmark(csv_path: Path, out_stem: Path) -> List[Path]:
     paths = []
     for ext, kw in ((".png", dict(dpi=150)), (".pdf", {})):
         path = out_stem.with_suffix(ext)
-        tmp = path.with_name(f".{path.name}.tmp{ext}")
-        fig.savefig(tmp, **kw)
+        tmp = tmp_path_beside(path)
+        fig.savefig(tmp, format=ext[1:], **kw)
         tmp.replace(path)
         paths.append(path)
     plt.close(fig)

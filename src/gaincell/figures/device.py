@@ -2,7 +2,7 @@
 
 Inputs: ``cell_sweep.csv``, ``retention.csv``, ``array.csv``, ``summary.json`` (stage ``characterize``)
 and ``coefficients.json``, ``fit_points.csv`` (stage ``fit``). The paper's characteristic is drawn
-from ``gaincell.attention.config.PAPER_COEFFICIENTS`` (spec §10), never from the authors' files.
+from ``gaincell.attention.config.PAPER_COEFFICIENTS`` (docs/attention.md#cell-coefficients), never from the authors' files.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from gaincell.attention.config import PAPER_COEFFICIENTS, fold_coefficients  # noqa: E402
 from gaincell.figures._common import save_figure as _save
 
-PAPER_SOURCE = "Leroux et al. 2025, TSMC 28 nm cell (spec §10 coefficients)"
+PAPER_SOURCE = "Leroux et al. 2025, TSMC 28 nm cell (docs/attention.md#cell-coefficients coefficients)"
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -108,7 +108,7 @@ def fig_device_characteristic(results_dir: Path, out_dir: Path) -> List[Path]:
     ax.axhline(0, color="0.7", lw=0.6)
     ax.set_xlabel("weight y = K - 0.45 (V)")
     ax.set_ylabel("f(y, x) (paper units, uA)")
-    ax.set_title("normalised (spec §10) with the polynomial fit")
+    ax.set_title("normalised (docs/attention.md#cell-coefficients) with the polynomial fit")
     fig.suptitle("Gain-cell characteristic (Fig. 1e style)", fontsize=11)
     fig.tight_layout()
     return _save(fig, out_dir, "device_characteristic")
@@ -117,7 +117,7 @@ def fig_device_characteristic(results_dir: Path, out_dir: Path) -> List[Path]:
 def fig_device_vs_paper(results_dir: Path, out_dir: Path) -> List[Path]:
     """Our normalised cell characteristic at V_read beside the paper's (TSMC 28 nm), with both linear-model slopes.
 
-    Both are scaled to the same linear coefficient c_1 = 13.612 (spec §10); the difference is the shape: the
+    Both are scaled to the same linear coefficient c_1 = 13.612 (docs/attention.md#cell-coefficients); the difference is the shape: the
     ratios c_0/c_1, c_2/c_1, c_3/c_1 of each cell.
     """
     fit = _read_json(Path(results_dir) / "fit" / "coefficients.json")

@@ -36,7 +36,7 @@ PAPER = "paper"
 SPICE = "spice"
 ASSUMPTION = "assumption"
 
-# The authors' published totals (paper Fig. 2c / Fig. 5, spec hardware.md) that `paper()` must reproduce.
+# The authors' published totals (paper Fig. 2c / Fig. 5, docs/hardware.md) that `paper()` must reproduce.
 PAPER_LATENCY_PER_TOKEN_NS = 65.0
 PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ = 6.15
 PAPER_ENERGY_BREAKDOWN_NJ = {"qk_arrays_charge_to_pulse": 1.12, "av_arrays_readout": 0.70,

@@ -1,7 +1,7 @@
 """Stage ``derive_decay``: the leakage per token step of the attention model from our own circuit.
 
-``attention.decay_per_step: derived`` asks for lambda = L * delta_t / tau (eq. 8's leakage per step, spec
-analog-attention.md §3) with every factor from this pipeline: the token period ``L * delta_t`` (``L`` layers,
+``attention.decay_per_step: derived`` asks for lambda = L * delta_t / tau (eq. 5's leakage per step,
+docs/attention.md#window-and-leakage) with every factor from this pipeline: the token period ``L * delta_t`` (``L`` layers,
 ``delta_t`` the cost model's latency per token and layer for the profile's own attention: window, head
 dimension, heads) of the ``simulated`` parameter set, and the retention time constant ``tau`` our SPICE
 measured (``retention_tau_s`` of ``results/<profile>/device/summary.json``). Writes
@@ -31,7 +31,7 @@ def derive_decay(device_summary_path: Path, window: int, head_dim: int, heads: i
             "sources": {"latency": "cost model, simulated parameter set (our SPICE array latency, the paper's "
                                    "timing chain otherwise)",
                         "retention_tau_s": params.source_of("retention_tau_s")},
-            "formula": "lambda = layers x latency per token and layer / tau (eq. 8)"}
+            "formula": "lambda = layers x latency per token and layer / tau (eq. 5)"}
 
 
 def run(cfg: Any) -> Dict[str, Any]:

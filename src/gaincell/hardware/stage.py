@@ -182,7 +182,7 @@ def run(cfg: Any) -> Dict[str, Any]:
                       "energy_per_head_per_token_nj": PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ,
                       "energy_per_token_nj_12_heads": 12 * PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ,
                       "energy_breakdown_nj": PAPER_ENERGY_BREAKDOWN_NJ,
-                      "source": "Leroux et al., Nat. Comput. Sci. 2025 (Methods, Fig. 2c, Fig. 5; spec hardware.md)"},
+                      "source": "Leroux et al., Nat. Comput. Sci. 2025 (Methods, Fig. 2c, Fig. 5; docs/hardware.md)"},
         "sets": design,
         "skipped_sets": skipped,
         "profile_model": profile_model,

@@ -1,8 +1,8 @@
-"""Triton kernels of the analog gain-cell attention (spec analog-attention.md §2-§8), FlashAttention-2 style.
+"""Triton kernels of the analog gain-cell attention (docs/attention.md, eq. 3 to 7), FlashAttention-2 style.
 
 What is fused, and why:
 * One program owns one block of ``tile_rows`` (BLOCK) queries (forward, dQ) or keys (dK, dV). Key blocks
-  are aligned to sub-tiles: key block j sits in sub-tile ``j mod (M / BLOCK)`` (slot t' mod M, spec §6),
+  are aligned to sub-tiles: key block j sits in sub-tile ``j mod (M / BLOCK)`` (slot t' mod M, docs/attention.md#second-array-product-and-sub-tiles),
   so the per-sub-tile clamp + 32-level quantization of the pulse counters happens in registers before
   the digital sum, and no (T x T) or (tiles x T x D) tensor ever reaches memory. Memory: O(T * D).
 * Only the key blocks of the window are visited (i - M/BLOCK .. i): cost O(T * M * D), not O(T^2 * D).
@@ -11,11 +11,11 @@ What is fused, and why:
 * The DAC clamps + quantizers of q, k, v are applied at load time (no quantized copies in memory);
   leakage alpha = exp(-lambda (t - t')) is computed from positions in registers.
 * No softmax bookkeeping: no running max, no rescaling; the output is a plain sum of readouts.
-* The nonlinear cell is four products (spec §4 note): the key-independent i = 0 term is a row sum, the
+* The nonlinear cell is four products (eq. 4): the key-independent i = 0 term is a row sum, the
   others are tl.dot with W**i / U**i formed in registers.
 * Backward: two kernels (dQ per query block; dK and dV per key block) recompute S, P and each
   sub-tile's output A (whose clamp masks the gradient needs) instead of storing them. The linear cell and
-  the nonlinear surrogate (spec §8) use the linear model's gradient with the masks of the actual forward
+  the nonlinear surrogate (docs/attention.md#gradients) use the linear model's gradient with the masks of the actual forward
   values; EXACT differentiates the polynomial.
 
 Cell variation (VARIED): each stored weight is loaded with the gain factor G of its cell (the chip's
@@ -47,7 +47,7 @@ def _round_half_even(x):
 
 @triton.jit
 def _clamp_quantize(x, lo, hi, inv_step, step, QUANT: tl.constexpr):
-    """Spec §2: clamp to [lo, hi], then (QUANT) clamp(step * round(x * inv_step), lo, hi)."""
+    """Quantization (docs/attention.md#quantization): clamp to [lo, hi], then (QUANT) clamp(step * round(x * inv_step), lo, hi)."""
     x = tl.minimum(tl.maximum(x, lo), hi)
     if QUANT:
         x = tl.minimum(tl.maximum(_round_half_even(x * inv_step) * step, lo), hi)
@@ -100,7 +100,7 @@ def _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, tile_index, n
 @triton.jit
 def _charge_and_pulse(Qv, q_sum, W, G, rows_m, rows_n, window, lam, gain, qk_sat, c0, c1, c2, c3,
                       NONLINEAR: tl.constexpr, VARIED: tl.constexpr, PREC: tl.constexpr):
-    """Spec §3-§5 on one (query block, key block) slab: S, P = HardSigmoid(S), alpha, window mask."""
+    """Eq. 3, 4, 6 and 7 on one (query block, key block) slab: S, P = HardSigmoid(S), alpha, window mask."""
     lag = rows_m[:, None] - rows_n[None, :]
     inside = (lag >= 0) & (lag < window)
     alpha = tl.where(inside, tl.exp(-lam * lag.to(Qv.dtype)), 0.0)
@@ -127,7 +127,7 @@ def _charge_and_pulse(Qv, q_sum, W, G, rows_m, rows_n, window, lam, gain, qk_sat
 @triton.jit
 def _value_array(P, alpha, U, G, gain, av_sat, c0, c1, c2, c3, NONLINEAR: tl.constexpr, VARIED: tl.constexpr,
                  PREC: tl.constexpr):
-    """Spec §6: this key block's share of its sub-tile's output A (before clamp + quantize)."""
+    """Eq. 4 and 7: this key block's share of its sub-tile's output A (before clamp + quantize)."""
     if NONLINEAR:
         a2 = alpha * alpha
         U2 = U * U
@@ -164,7 +164,7 @@ def _grad_charge(dA, S, P, alpha, inside, U, G, gain, qk_sat, av_sat, c0, c1, c2
             dP += c2 * a2 * tl.dot(dA, tl.trans(U2), input_precision=PREC)
             dP += c3 * (a2 * alpha) * tl.dot(dA, tl.trans(U2 * U), input_precision=PREC)
         dP = dP / av_sat
-    elif VARIED:  # linear cell, or the nonlinear cell's surrogate (spec §8)
+    elif VARIED:  # linear cell, or the nonlinear cell's surrogate (docs/attention.md#gradients)
         dP = tl.dot(dA, tl.trans(U * G), input_precision=PREC) * (alpha * (gain / av_sat))
     else:
         dP = tl.dot(dA, tl.trans(U), input_precision=PREC) * (alpha * (gain / av_sat))

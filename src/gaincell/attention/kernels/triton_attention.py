@@ -112,7 +112,7 @@ class _TritonAnalogAttention(torch.autograd.Function):
 
 def analog_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
                             dot_precision: Optional[str] = None) -> torch.Tensor:
-    """Analog attention (spec §2-§8) of q, k, v (B, H, T, D) by the fused Triton kernels.
+    """Analog attention (eq. 3 to 7, docs/attention.md) of q, k, v (B, H, T, D) by the fused Triton kernels.
 
     Same function as ``analog_attention_dense`` (forward and backward), with time O(T * M * D) and
     memory O(T * D). Inputs must be CUDA tensors (CPU tensors only under ``TRITON_INTERPRET=1``).
