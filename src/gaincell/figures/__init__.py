@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Tuple
 from gaincell.config import FiguresStage, stage_settings
 
 # Modules in pipeline order.
-FIGURE_MODULES = ("device", "train", "adapt", "variation", "evaluate", "hardware", "analog", "benchmarks")
+FIGURE_MODULES = ("device", "train", "adapt", "diagnose", "variation", "evaluate", "hardware", "analog", "benchmarks")
 
 
 def figure_functions() -> Dict[str, Tuple[str, Callable]]:
