@@ -37,10 +37,21 @@ def test_variation_sweep_points_and_figure(trained_linear, tmp_path):  # noqa: F
     assert _point(tmp_path, "cell_variation", 0.5, chips=2)["models"]["linear_hw"]["val_loss_per_chip"] == [a, b]
     noisy = _point(tmp_path, "readout_noise", 0.3)
     assert noisy["models"]["linear_hw"]["val_loss"] != zero["models"]["linear_hw"]["val_loss"]
+    offset = _point(tmp_path, "cell_offset_variation", 2.0)
+    # per-cell offsets of ~10 % of the linear cell's slope (g = 19.3) move the loss; their unit is recorded
+    assert offset["models"]["linear_hw"]["val_loss"] != zero["models"]["linear_hw"]["val_loss"]
+    assert offset["models"]["linear_hw"]["folded_c1"] == pytest.approx(19.3)
     from gaincell.figures.variation import variation_table
 
     table = variation_table(tmp_path)     # the shared zero point starts the readout-noise curve too
     assert set(table[table.knob == "readout_noise"]["value"]) == {0.0, 0.3}
+    assert set(table[table.knob == "cell_offset_variation"]["value"]) == {0.0, 2.0}
+    # a Monte-Carlo mismatch result (numbers of the shape the fit stage writes) is marked on the offset panel
+    (tmp_path / "fit").mkdir(exist_ok=True)
+    mismatch = {"available": True, "gain_spread_relative": 0.049, "gain_spread_relative_standard_error": 0.005,
+                "offset_spread": 0.65, "offset_spread_over_c1": 0.048,
+                "coefficients": {"c0": {"std_standard_error": 0.07}}}
+    (tmp_path / "fit" / "coefficients.json").write_text(json.dumps({"mismatch": mismatch}))
     paths = fig_variation(tmp_path, tmp_path / "figures")
     assert [p.name for p in paths] == ["variation.png", "variation.pdf"]
     row = json.loads((tmp_path / "adapt" / "variation" / "readout_noise_0.3.json").read_text())

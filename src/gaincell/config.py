@@ -460,6 +460,9 @@ class WorkflowConfig:
     leakage_finetune_iters: int = 20    # brief fine-tune at each leakage value (0: evaluate only)
     variation_values: List[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])  # cell_variation sweep
     readout_noise_values: List[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])  # readout_noise sweep
+    # cell_offset_variation sweep: per-cell offset spread in the folded coefficients' units (Monte-Carlo
+    # SPICE measures about 0.65 at c_1 = 13.5, marked on the figure; gaincell.figures.variation)
+    offset_variation_values: List[float] = field(default_factory=lambda: [0.3, 1.0])
     #                                     (value 0 is the same model as cell_variation 0: evaluated once)
     variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
@@ -540,7 +543,7 @@ class DiagnoseStage:
 class VariationStage:
     """``variation_eval``: one value of the cell-variation / readout-noise sweep (``gaincell.variation``)."""
 
-    knob: str = ""                      # cell_variation | readout_noise (its value: attention.<knob>)
+    knob: str = ""                      # cell_variation | cell_offset_variation | readout_noise (attention.<knob>)
     models: List[str] = field(default_factory=list)  # trained nonlinear models: run names, folders or files
     chips: int = 1                      # chips (noise seeds attention.noise_seed + k) per model
 

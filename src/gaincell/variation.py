@@ -30,7 +30,7 @@ from gaincell.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-KNOBS = ("cell_variation", "readout_noise")
+KNOBS = ("cell_variation", "cell_offset_variation", "readout_noise")
 
 
 def variation_tag(knob: str, value: float) -> str:
@@ -74,7 +74,9 @@ def variation_eval(cfg: Any) -> Dict[str, Any]:
             sem = float(np.std(per_chip, ddof=1) / math.sqrt(chips)) if chips > 1 else None
             row["models"][name] = {"source": str(source), "kind": kinds[0], "val_loss": mean,
                                    "val_loss_chip_sem": sem, "val_loss_per_chip": per_chip,
-                                   "val_batches": len(val), "output_levels": base.output_levels}
+                                   "val_batches": len(val), "output_levels": base.output_levels,
+                                   # c_1 of the model's cells: the unit of cell_offset_variation
+                                   "folded_c1": float(base.folded_coefficients[1])}
             log.info("variation %s=%g: %s validation loss %.4f over %d chip(s)", knob, value, name, mean, chips)
             del model
         if env.rank == 0:

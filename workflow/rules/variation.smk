@@ -1,19 +1,21 @@
 VARIATION_TAGS = [f"{knob}_{format(float(v), 'g')}"            # file names: gaincell.variation.variation_tag
                   for knob, values in (("cell_variation", WF.variation_values),
-                                       ("readout_noise", WF.readout_noise_values)) for v in values]
+                                       ("readout_noise", WF.readout_noise_values),
+                                       ("cell_offset_variation", WF.offset_variation_values)) for v in values]
 VARIATION_POINTS = expand(f"{R}/adapt/variation/{{tag}}.json", tag=VARIATION_TAGS)
 
 
 rule variation_point:
     """How precise must the cell be? One point: validation loss of the adapted and the fine-tuned nonlinear
-    models at one cell-to-cell gain variation or one readout noise (issue 16 §3); no training."""
+    models at one cell-to-cell gain variation, one cell offset spread or one readout noise (issue 16 §3);
+    no training."""
     input:
         TRAIN_INPUTS,
         models=[ckpt(run) for run in VARIATION_MODELS],
     output:
         f"{R}/adapt/variation/{{knob}}_{{value}}.json",
     wildcard_constraints:
-        knob="cell_variation|readout_noise",
+        knob="cell_variation|cell_offset_variation|readout_noise",
         value="[0-9.e+-]+",
     params:
         cmd=train_launcher("variation_eval"),

@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 from gaincell.figures._common import save_figure
 
 KNOB_LABELS = {"cell_variation": "cell-to-cell gain variation (relative std, fixed per chip)",
+               "cell_offset_variation": "cell offset spread sigma(delta c0) (units of the cells' c_i, fixed per chip)",
                "readout_noise": "readout noise (std on each sub-tile readout, ADC range [-1, 1])"}
 MODEL_STYLE = {"nonlinear_adapted": ("adapted (variant 5)", "tab:orange"),
                "nonlinear_finetuned": ("adapted + fine-tuned (variant 6)", "tab:green")}
@@ -29,7 +30,7 @@ def variation_table(results_dir: Path) -> pd.DataFrame:
         for name, m in point["models"].items():
             rows.append({"knob": point["knob"], "value": point["value"], "model": name, "chips": point["chips"],
                          "val_loss": m["val_loss"], "sem": m.get("val_loss_chip_sem"),
-                         "output_levels": m.get("output_levels")})
+                         "output_levels": m.get("output_levels"), "folded_c1": m.get("folded_c1")})
     if not rows:
         raise FileNotFoundError(f"no sweep points under {Path(results_dir) / 'adapt' / 'variation'}: run the "
                                 f"variation_sweep rule first")
@@ -50,20 +51,32 @@ def _measured_gain_spread(results_dir: Path) -> Optional[Dict[str, Any]]:
     return mm if mm.get("available") else None
 
 
+def _mark_offset_spread(ax, mm: Dict[str, Any], model_c1: float) -> None:
+    """The Monte-Carlo offset spread in the models' units: sigma(c0) / c1 (fit units) x the models' c1,
+    with its standard error (that of sigma(c0), the c1 mean's error being far smaller)."""
+    fit_c1 = mm["offset_spread"] / mm["offset_spread_over_c1"]
+    value = mm["offset_spread_over_c1"] * model_c1
+    err = mm["coefficients"]["c0"]["std_standard_error"] / abs(fit_c1) * model_c1
+    ax.axvspan(value - err, value + err, color="crimson", alpha=0.15)
+    ax.axvline(value, color="crimson", ls="--", lw=1.2,
+               label=f"our cell, Monte-Carlo SPICE: {value:.3g} +- {err:.2g} ({100 * mm['offset_spread_over_c1']:.2g} % of c1)")
+
+
 def fig_variation(results_dir: Path, out_dir: Path) -> List[Path]:
-    """How precise must the cell be? Validation loss of the adapted and the fine-tuned nonlinear models versus cell-to-cell gain variation and versus readout noise, with the variation our Monte-Carlo SPICE measures marked.
+    """How precise must the cell be? Validation loss of the adapted and the fine-tuned nonlinear models versus cell-to-cell gain variation, cell offset spread and readout noise, with the spreads our Monte-Carlo SPICE measures marked.
 
     Each point is the mean loss over the study's fixed validation batches on one or more simulated chips
     (error bars: standard error over chips when there are several). Left, dashed: the gain spread
-    sigma(c1)/c1 of our sky130 cell from Monte-Carlo mismatch SPICE (the band is its standard error); its
-    offset spread sigma(c0) is not part of this model and is given in the caption box. Right, dotted: the
+    sigma(c1)/c1 of our sky130 cell from Monte-Carlo mismatch SPICE (the band is its standard error).
+    Middle, dashed: its offset spread sigma(c0) in the models' units: sigma(c0) / c1 from the Monte-Carlo
+    fit (both in the fit's normalised units) times the c1 of the evaluated models' cells. Right, dotted: the
     output ADC's own quantization noise (one level / sqrt(12)), below which readout noise is hidden by it.
     """
     results_dir = Path(results_dir)
     table = variation_table(results_dir)
     mm = _measured_gain_spread(results_dir)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
-    for ax, knob in zip(axes, ("cell_variation", "readout_noise")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3), sharey=True)
+    for ax, knob in zip(axes, ("cell_variation", "cell_offset_variation", "readout_noise")):
         sub = table[table["knob"] == knob]
         positive = sub["value"][sub["value"] > 0]
         linthresh = float(positive.min()) if len(positive) else 1e-2
@@ -80,9 +93,9 @@ def fig_variation(results_dir: Path, out_dir: Path) -> List[Path]:
             ax.axvspan(g - e, g + e, color="crimson", alpha=0.15)
             ax.axvline(g, color="crimson", ls="--", lw=1.2,
                        label=f"our cell, Monte-Carlo SPICE: {g:.3f} +- {e:.3f}")
-            ax.text(0.02, 0.78, f"measured offset spread sigma(c0) = {mm['offset_spread']:.3g} "
-                    f"({100 * mm['offset_spread_over_c1']:.2g} % of c1), not modelled here",
-                    transform=ax.transAxes, fontsize=7, color="crimson")
+        c1 = sub["folded_c1"].dropna()
+        if knob == "cell_offset_variation" and mm is not None and len(c1) and mm.get("offset_spread_over_c1"):
+            _mark_offset_spread(ax, mm, float(c1.abs().mean()))
         levels = sub["output_levels"].dropna()
         if knob == "readout_noise" and len(levels):
             lsb = 2.0 / (float(levels.iloc[0]) - 1)
