@@ -30,9 +30,16 @@ import torch
 
 from gaincell.adapt.inputs import distributed_job, fixed_batches, load_model, resolve_checkpoint, results_dir
 from gaincell.adapt.losses import batch_losses
-from gaincell.analog_projections import (analog_layers, apply_inference_noise, calibrate_input_ranges,
-                                         describe_noise, inference_noise_from_settings, parameters_by_kind,
-                                         projection_config_from_dict, set_projections)
+from gaincell.analog_projections import (
+    analog_layers,
+    apply_inference_noise,
+    calibrate_input_ranges,
+    describe_noise,
+    inference_noise_from_settings,
+    parameters_by_kind,
+    projection_config_from_dict,
+    set_projections,
+)
 from gaincell.config import AnalogConvertStage, StudyEvalStage, stage_settings
 from gaincell.data import sample_batches
 from gaincell.io import atomic_save_torch, atomic_write_json

@@ -33,8 +33,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
-from gaincell.attention.config import COEFFICIENT_ORDER, PAPER_COEFFICIENTS, fold_coefficients
+from gaincell.attention.config import PAPER_COEFFICIENTS, fold_coefficients
+from gaincell.device.netlists import ODD_BY_CONSTRUCTION
+from gaincell.device.stage import config_hash
 from gaincell.io import atomic_to_csv, atomic_write_json
 from gaincell.io import finite_or_none as _finite
 
@@ -131,8 +134,6 @@ def coefficient_report(folded: Sequence[float], se: Sequence[float], cell_kind: 
     """Each folded c_i with its standard error and what sets it: ``measured`` (by the fit),
     ``imposed by the normalisation`` (c_1 = target_c1, through the current scale) or, for a pair cell
     that is odd by construction, ``zero by construction`` (c_0, c_2)."""
-    from gaincell.device.netlists import ODD_BY_CONSTRUCTION
-
     rows = []
     for i, (c, e) in enumerate(zip(folded, se)):
         if i == 1:
@@ -385,9 +386,6 @@ def run(cfg) -> Dict[str, Any]:
     df = pd.read_csv(sweep_path)
     result, pts = fit_characterization(df, tuple(summary["read_window_v"]), float(summary["pulse_width_max_ns"]),
                                        cfg.fit, summary.get("cell_kind"))
-    from omegaconf import OmegaConf
-
-    from gaincell.device.stage import config_hash
 
     result["provenance"] = {
         "config_hash": config_hash(cfg), "device_config_hash": summary.get("config_hash"),

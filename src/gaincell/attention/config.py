@@ -197,8 +197,6 @@ def resolve_decay_per_step(value, derived_path: Optional[str] = None) -> float:
     if isinstance(value, str):
         if value != "derived":
             raise ValueError(f"attention.decay_per_step={value!r}: expected a number >= 0 or 'derived'")
-        import json
-        from pathlib import Path
 
         if not derived_path or not Path(derived_path).is_file():
             raise FileNotFoundError(f"attention.decay_per_step=derived reads {derived_path!r}, which does not "

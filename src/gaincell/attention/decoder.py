@@ -180,15 +180,34 @@ class AnalogKVDecoder:
                                f"build it with a larger max_steps (or None), or reset() it")
         if not self._allocated:
             self._allocate(q)
-        cfg = self.cfg
-        dev, dt = self._device, self._dtype
+        cfg, dt = self.cfg, self._dtype
         out_dtype = q.dtype
-        q, k, v = (x.to(device=dev, dtype=dt) for x in (q, k, v))
+        q, k, v = (x.to(device=self._device, dtype=dt) for x in (q, k, v))
         self._record_nan(q, k, v)
+        query = self._write(q, k, v)
+        # Only the sub-tiles that hold keys take part; the slots are filled in order from 0.
+        tiles = -(-self.filled_slots // cfg.tile_rows)
+        active = tiles * cfg.tile_rows
+        # alpha = exp(-lambda * age) (eq. 6), in double then rounded once, as the reference does; alpha^i
+        # (eq. 7) stacked over the powers so that each array's products for all powers are one batched matmul.
+        alpha = torch.exp(-cfg.decay_per_step * self._age[:active].to(torch.float64)).to(dt)
+        alpha_pow = torch.stack([alpha ** power if power > 1 else alpha for power in self._powers])
+        alpha_pow = alpha_pow.view(len(self._powers), 1, 1, active)
+        pulse = self._pulses(query, alpha_pow, active)
+        readout = self._value_array(pulse, alpha_pow, tiles, active)
+        if cfg.readout_noise > 0:  # every read sub-tile (those holding a key), before its ADC
+            readout = readout + cfg.readout_noise * torch.randn(readout.shape, generator=self.generator,
+                                                                device=self._device, dtype=dt)
+        # Each sub-tile's pulse counter (clamp + quantize), then the digital adders.
+        y = clamp_quantize(readout, cfg.output_levels, *OUTPUT_RANGE).sum(dim=2)
+        return y.to(out_dtype)
 
-        # DAC / storage (docs/attention.md#quantization), then the write into slot t mod M (docs/attention.md#second-array-product-and-sub-tiles). The arithmetic follows
-        # gaincell.attention.reference operation by operation, so that the two agree to the last bit
-        # wherever the summation order of the matrix products does not matter.
+    def _write(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """DAC / storage (docs/attention.md#quantization), then the write of the key and value into slot
+        t mod M; returns the quantized query. The arithmetic follows gaincell.attention.reference operation
+        by operation, so that the two agree to the last bit wherever the summation order of the matrix
+        products does not matter."""
+        cfg = self.cfg
         query = clamp_quantize(q, cfg.query_levels, 0.0, 1.0)
         w = clamp_quantize(k, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
         u = clamp_quantize(v, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
@@ -201,19 +220,12 @@ class AnalogKVDecoder:
             self._stored_k[n, :, :, slot] = w ** power if gain_k is None else gain_k[:, slot] * w ** power
             self._stored_v[n, :, :, slot] = u ** power if gain_v is None else gain_v[:, slot] * u ** power
         self.steps += 1
+        return query
 
-        # Only the sub-tiles that hold keys take part; the slots are filled in order from 0.
-        rows = cfg.tile_rows
-        filled = self.filled_slots
-        tiles = -(-filled // rows)
-        active = tiles * rows
-        # alpha = exp(-lambda * age), in double then rounded once, as the reference does; alpha^i stacked
-        # over the powers so that each array's products for all powers are one batched matmul.
-        alpha = torch.exp(-cfg.decay_per_step * self._age[:active].to(torch.float64)).to(dt)
-        alpha_pow = torch.stack([alpha ** power if power > 1 else alpha for power in self._powers])
-        alpha_pow = alpha_pow.view(len(self._powers), 1, 1, active)
-
-        # First dot product on the K array (eq. 4): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i.
+    def _pulses(self, query: torch.Tensor, alpha_pow: torch.Tensor, active: int) -> torch.Tensor:
+        """First dot product on the K array (eq. 4, 7): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i, then
+        charge to pulse (eq. 3), masked to the stored keys; (B, H, active)."""
+        cfg, gain_k = self.cfg, (self._gains[0] if self._gains is not None else None)
         qcol = query.unsqueeze(-1)  # (B, H, D, 1)
         dots = torch.matmul(self._stored_k[:, :, :, :active], qcol).squeeze(-1)  # (powers, B, H, active)
         if not cfg.nonlinear:
@@ -224,36 +236,34 @@ class AnalogKVDecoder:
                                    else torch.matmul(gain_k[:, :active], qcol).squeeze(-1))
             for n, power in enumerate(self._powers):
                 charge = charge + (self._c[power] * dots[n]) * alpha_pow[n]
-        # Charge to pulse (eq. 3), masked to the stored keys (slots are filled in order from 0).
         pulse = (charge / cfg.qk_saturation).clamp(0.0, 1.0)
+        filled = self.filled_slots
         if filled < active:
-            valid = torch.arange(active, device=dev) < filled
-            pulse = torch.where(valid, pulse, torch.zeros((), device=dev, dtype=dt))
+            valid = torch.arange(active, device=self._device) < filled
+            pulse = torch.where(valid, pulse, torch.zeros((), device=self._device, dtype=self._dtype))
+        return pulse
 
-        # Second dot product per sub-tile (docs/attention.md#second-array-product-and-sub-tiles): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i.
+    def _value_array(self, pulse: torch.Tensor, alpha_pow: torch.Tensor, tiles: int, active: int) -> torch.Tensor:
+        """Second dot product per sub-tile (eq. 4, 7): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i;
+        (B, H, tiles, D), before the pulse counters."""
+        cfg, rows = self.cfg, self.cfg.tile_rows
+        gain_v = self._gains[1] if self._gains is not None else None
         n_pow = len(self._powers)
         weights = (pulse * alpha_pow).reshape(n_pow, self.batch, self.heads, tiles, 1, rows)
         values = self._stored_v[:, :, :, :active].reshape(n_pow, self.batch, self.heads, tiles, rows,
                                                           self.head_dim)
         products = torch.matmul(weights, values).squeeze(-2)  # (powers, B, H, tiles, D)
         if not cfg.nonlinear:
-            readout = (cfg.gain / cfg.av_saturation) * products[0]
+            return (cfg.gain / cfg.av_saturation) * products[0]
+        pulse_tiles = pulse.reshape(self.batch, self.heads, tiles, 1, rows)
+        if gain_v is None:
+            readout = self._c[0] * pulse_tiles.sum(-1)  # i = 0
         else:
-            pulse_tiles = pulse.reshape(self.batch, self.heads, tiles, 1, rows)
-            if gain_v is None:
-                readout = self._c[0] * pulse_tiles.sum(-1)  # i = 0
-            else:
-                gains_tiles = gain_v[:, :active].reshape(self.heads, tiles, rows, self.head_dim)
-                readout = self._c[0] * torch.matmul(pulse_tiles, gains_tiles).squeeze(-2)
-            for n, power in enumerate(self._powers):
-                readout = readout + self._c[power] * products[n]
-            readout = readout / cfg.av_saturation
-        if cfg.readout_noise > 0:  # every read sub-tile (those holding a key), before its ADC
-            readout = readout + cfg.readout_noise * torch.randn(readout.shape, generator=self.generator,
-                                                                device=dev, dtype=dt)
-        # Each sub-tile's pulse counter (clamp + quantize), then the digital adders.
-        y = clamp_quantize(readout, cfg.output_levels, *OUTPUT_RANGE).sum(dim=2)
-        return y.to(out_dtype)
+            gains_tiles = gain_v[:, :active].reshape(self.heads, tiles, rows, self.head_dim)
+            readout = self._c[0] * torch.matmul(pulse_tiles, gains_tiles).squeeze(-2)
+        for n, power in enumerate(self._powers):
+            readout = readout + self._c[power] * products[n]
+        return readout / cfg.av_saturation
 
     def extra_repr(self) -> str:  # pragma: no cover - debugging aid
         return (f"AnalogKVDecoder(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "

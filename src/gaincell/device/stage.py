@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from gaincell.device import array as array_mod
 from gaincell.device import simulate, sweeps
@@ -31,6 +32,7 @@ from gaincell.device.netlists import ArrayLayout, CellDesign, ChargeToPulseDesig
 from gaincell.device.technology import TECHNOLOGIES, Technology, TechnologyError, make_technology
 from gaincell.io import atomic_to_csv, atomic_write_json
 from gaincell.io import finite_or_none as _finite
+from gaincell.tracking import Tracker
 
 
 def _get(section, key):
@@ -95,8 +97,6 @@ def validate_device_config(d) -> None:
 
 def config_hash(cfg) -> str:
     """Short hash of the device and fit sections (provenance of every output)."""
-    from omegaconf import OmegaConf
-
     blob = json.dumps({"device": OmegaConf.to_container(cfg.device, resolve=True),
                        "fit": OmegaConf.to_container(cfg.fit, resolve=True)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -378,8 +378,6 @@ def _charge_to_pulse_summary(df: pd.DataFrame, t_max_ns: float) -> Dict[str, Any
 
 def _log(cfg, summary: Dict[str, Any]) -> None:
     """Headline numbers to the experiment tracker (W&B offline + CSV); a tracking failure never fails the stage."""
-    from gaincell.tracking import Tracker
-
     try:
         tracker = Tracker(cfg, run_name="characterize", job_type="characterize")
     except Exception as err:  # tracking must never fail the stage

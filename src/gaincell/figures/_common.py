@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
+import matplotlib.pyplot as plt
+
 from gaincell.io import tmp_path_beside
 
 
 def save_figure(fig, out_dir: Path, name: str) -> List[Path]:
     """Write ``<name>.png`` and ``<name>.pdf`` beside each other (temp file, then rename) and close the figure."""
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

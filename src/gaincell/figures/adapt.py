@@ -20,10 +20,15 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
 from gaincell import study
 from gaincell.figures._common import save_figure as _save
+from gaincell.io import atomic_to_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,7 @@ VARIANT_COLORS = {1: "#4d4d4d", 2: "#9e9e9e", 3: "#1f77b4", 4: "#ff7f0e", 5: "#d
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
 
@@ -199,7 +201,6 @@ def fig_adapt_convergence(results_dir: Path, out_dir: Path) -> List[Path]:
     axes[2].axhline(0.0, color="black", lw=1, ls=":")
     axes[2].set(xlabel="iteration", ylabel="nonlinear - linear model loss (nats/token)",
                 title="Loss gap to the linear model (calibration batches)")
-    from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -311,8 +312,6 @@ def fig_study(results_dir: Path, out_dir: Path) -> List[Path]:
     """The model-variant study (paper Table 1 and Fig. 4 at this profile's scale): validation loss and
     perplexity of the six variants on the same batches, the paper's qualitative ordering checked with
     paired standard errors, and the training curves; also writes ``study_table.csv`` and ``.md``."""
-    from gaincell.io import atomic_to_csv, atomic_write_text
-
     plt = _plt()
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     df = study_table(results_dir)

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 from gaincell import study
@@ -27,10 +29,7 @@ PART_LABELS = {"attention": "gain-cell attention (paper parameters)", "qkv": "QK
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
 

@@ -12,6 +12,8 @@ from typing import Any, Dict, List
 
 import matplotlib
 
+from gaincell.fit import monomials
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,8 +51,6 @@ def _num(value: float, full_scale: float) -> str:
 
 
 def _poly(coeffs, y, x):
-    from gaincell.fit import monomials
-
     return sum(c * y ** i * x ** j for c, (i, j) in zip(coeffs, monomials(3)))
 
 

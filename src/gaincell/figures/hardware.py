@@ -15,9 +15,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
 from gaincell.figures._common import save_figure as _save
 
 ENERGY_PARTS = ["qk_arrays_charge_to_pulse", "av_arrays_readout", "dac_write", "digital_routing"]
