@@ -41,7 +41,7 @@ from gaincell.analog_projections import (
     set_projections,
 )
 from gaincell.config import AnalogConvertStage, StudyEvalStage, stage_settings
-from gaincell.data import sample_batches
+from gaincell.data import open_tokens, sample_batches
 from gaincell.io import atomic_save_torch, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,9 @@ def convert(cfg: Any) -> Path:
         model.to(env.device)
         fixed_batches(cfg, model, "val")  # the data's vocabulary is the model's (clear error otherwise)
         bs, block = int(cfg.adapt.batch_size), int(model.config.block_size)
-        batches = sample_batches(Path(str(cfg.data.data_dir)) / "train.bin", projections.input_range_init_batches,
-                                 bs, block, seed=int(cfg.seed), vocab_size=int(model.config.vocab_size))
+        batches = sample_batches(open_tokens(cfg.data.data_dir, "train"), projections.input_range_init_batches,
+                                 bs, block, seed=int(cfg.seed), vocab_size=int(model.config.vocab_size),
+                                 source=f"{cfg.data.data_dir}/train.bin")
         layers = calibrate_input_ranges(model, [x for x, _ in batches])
         ranges = {n: [round(float(r), 4) for r in layer.input_range.detach()] for n, layer in analog_layers(model)}
         info = {"source": str(source), "layers": layers, "calibration_batches": len(batches),

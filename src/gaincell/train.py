@@ -56,8 +56,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from gaincell.analog_projections import projection_config_from_dict, set_projections
-from gaincell.attention.config import analog_config_from_settings
-from gaincell.attention.module import HW_KINDS
+from gaincell.attention.config import HW_KINDS, analog_config_from_settings
 from gaincell.config import RUNTIME_ONLY_KEYS, TrainStage, stage_settings
 from gaincell.data import check_token_file, check_tokenizer, read_meta, read_windows, tokenizer_fingerprint
 from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached

@@ -32,7 +32,7 @@ from gaincell.adapt.inputs import (
     results_dir,
 )
 from gaincell.adapt.losses import batch_losses
-from gaincell.attention.module import HW_KINDS
+from gaincell.attention.config import HW_KINDS
 from gaincell.config import VariationStage, stage_settings
 from gaincell.io import atomic_write_json
 

@@ -32,8 +32,7 @@ from gaincell.adapt.inputs import (
     results_dir,
 )
 from gaincell.adapt.losses import batch_losses
-from gaincell.attention.config import AnalogAttentionConfig
-from gaincell.attention.module import HW_KINDS
+from gaincell.attention.config import HW_KINDS, AnalogAttentionConfig
 from gaincell.config import LeakageStage, stage_settings
 from gaincell.data import Batch
 from gaincell.io import atomic_write_json
