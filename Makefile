@@ -8,7 +8,7 @@ CORES  ?= all
 # CPU wheel on machines without a GPU; on a GPU machine the same pin pulls the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup system reproduce test ci-pipeline report lint clean
+.PHONY: readme-results setup system reproduce test ci-pipeline report lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ setup: system $(VENV)/.installed
 
 reproduce: setup
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/snakemake --cores $(CORES) --config profile=$(PROFILE)
+
+# the README's results section, regenerated from the last run of $(PROFILE)
+readme-results: setup
+	$(BIN)/python -m gaincell.figures.readme results/$(PROFILE) README.md
 
 report: setup
 	$(BIN)/snakemake --config profile=$(PROFILE) --report results/$(PROFILE)/report.html

@@ -70,7 +70,8 @@ def shapes_for(quick: bool) -> List[Shape]:
     b, h = (1, 4) if quick else (8, 12)
     series = [Shape(f"window1024_T{t}", b, h, t, 64, 1024) for t in (1024, 2048, 4096, 8192)]
     goal = Shape("cpu_goal_T1024_window256", 1 if quick else 8, 12, 1024, 64, 256)
-    return [goal] + series
+    tiny = Shape("tiny_T512_window128", 8, 2, 512, 64, 128)  # the tiny profile's heads, window, batch; T=512
+    return [goal, tiny] + series
 
 
 def implementations(device: str) -> Dict[str, Optional[Callable]]:
@@ -283,6 +284,14 @@ def goal_checks(df) -> dict:
             return None
         return float(np.polyfit(np.log(sel["T"]), np.log(sel["peak_mem_bytes"]), 1)[0])
 
+    def backward_over_forward(shape_prefix, model, impl):
+        sel = df[(df["shape"].str.startswith(shape_prefix)) & (df["model"] == model) & (df["implementation"] == impl)]
+        f = sel[sel["mode"] == "forward"]["time_min_s"]
+        fb = sel[sel["mode"] == "forward_backward"]["time_min_s"]
+        if len(f) and len(fb) and f.notna().all() and fb.notna().all():
+            return float((fb.iloc[0] - f.iloc[0]) / f.iloc[0])
+        return None
+
     checks = {}
     for model in sorted(df["model"].unique()):
         checks[model] = {
@@ -300,6 +309,10 @@ def goal_checks(df) -> dict:
                 ratio("window1024_T1024", model, "forward_backward", "triton_tf32x3", "sdpa_causal"),
             "sdpa_bf16_over_triton_tf32x3_time_ratio_forward_backward_paper":
                 ratio("window1024_T1024", model, "forward_backward", "triton_tf32x3", "sdpa_causal_bf16"),
+            "blocked_forward_backward_time_vs_sdpa_tiny_T512 (issue 17 goal <= 1.3)":
+                ratio("tiny_T512", model, "forward_backward", "sdpa_causal", "blocked"),  # blocked / sdpa time
+            "blocked_backward_over_forward_tiny_T512 (issue 17 goal <= 2; backward = fwd+bwd - fwd)":
+                backward_over_forward("tiny_T512", model, "blocked"),
             "blocked_peak_memory_slope_vs_T (1 = linear)": memory_slope("blocked", model, "forward_backward"),
             "triton_peak_memory_slope_vs_T (1 = linear)": memory_slope("triton", model, "forward_backward"),
             "dense_peak_memory_slope_vs_T (2 = quadratic)": memory_slope("dense", model, "forward_backward"),

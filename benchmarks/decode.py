@@ -11,8 +11,12 @@ of 12 heads, head dimension 64, window 1,024, batch 1. ``--quick`` shrinks the w
     .venv/bin/python benchmarks/decode.py --window 1024 --steps 3072 --device cuda
 
 Writes one row per (decoder, position bucket) to ``results/benchmarks/decode.csv``: tokens/s and
-ms/token (median step time over the bucket; the three decoders are stepped in turn at every
-position, so a load spike from another process affects them alike).
+ms/token (median step time over the bucket; the decoders are stepped in turn at every position, so a
+load spike from another process affects them alike), and ``decode.json`` with the ratio of each
+decoder's step to ``softmax_ring_window`` (SDPA over a ring buffer of the same window, the issue 17
+reference: target analog_linear <= 2x), e.g.
+
+    .venv/bin/python benchmarks/decode.py --window 256 --heads 4 --steps 768 --no-softmax
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from tqdm import tqdm
 
 from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder
 from gaincell.attention.config import PAPER_COEFFICIENTS
-from gaincell.io import atomic_to_csv
+from gaincell.io import atomic_to_csv, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +53,27 @@ class FullSoftmaxCache:
         self.steps += 1
         return F.scaled_dot_product_attention(q.unsqueeze(2), self.k[:, :, :t + 1],
                                               self.v[:, :, :t + 1]).squeeze(2)
+
+
+class RingSoftmaxCache:
+    """Reference point of issue 17: softmax over the same sliding window as the analog arrays, a K/V ring
+    buffer of ``window`` slots written in place, one fused SDPA call per step (no mask: every cached key is
+    in the window, and the order of keys does not change softmax attention)."""
+
+    def __init__(self, batch, heads, head_dim, window, device, dtype):
+        self.k = torch.zeros(batch, heads, window, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.window, self.steps = window, 0
+
+    @torch.no_grad()
+    def step(self, q, k, v):
+        slot = self.steps % self.window
+        self.k[:, :, slot], self.v[:, :, slot] = k, v
+        self.steps += 1
+        if self.steps >= self.window:
+            return F.scaled_dot_product_attention(q.unsqueeze(2), self.k, self.v).squeeze(2)
+        return F.scaled_dot_product_attention(q.unsqueeze(2), self.k[:, :, :self.steps],
+                                              self.v[:, :, :self.steps]).squeeze(2)
 
 
 def _sync(device):
@@ -124,6 +149,8 @@ def main(argv=None):
             AnalogAttentionConfig(window=args.window, tile_rows=args.tile_rows,
                                   coefficients=PAPER_COEFFICIENTS), device=device, **shape),
     }
+    makers["softmax_ring_window"] = lambda: RingSoftmaxCache(window=args.window, device=device,
+                                                             dtype=torch.float32, **shape)
     if not args.no_softmax:
         makers["softmax_full_cache"] = lambda: FullSoftmaxCache(max_steps=steps, device=device,
                                                                 dtype=torch.float32, **shape)
@@ -139,6 +166,17 @@ def main(argv=None):
     print(f"decode: {args.heads} heads x D={args.head_dim}, window {args.window}, batch {args.batch}, "
           f"{steps} steps on {frame['device'].iloc[0]} ({torch.get_num_threads()} threads) -> {args.out}")
     print(frame.pivot(index="position_start", columns="decoder", values="tokens_per_s").round(0).to_string())
+    # Issue 17's target: the analog step <= 2x the SDPA ring-buffer step over the same window, window full.
+    full = frame[frame.position_start >= args.window].groupby("decoder")["ms_per_token"].median()
+    ratios = {name: float(full[name] / full["softmax_ring_window"]) for name in full.index}
+    summary = {**meta, "ms_per_token_window_full": {k: float(v) for k, v in full.items()},
+               "ratio_to_softmax_ring_window": ratios,
+               "goal_analog_linear_le_2x_ring": ratios.get("analog_linear", float("nan")) <= 2.0,
+               "timing": "wall time per step, median over the position buckets after the window filled; decoders "
+                         "stepped in turn at every position"}
+    atomic_write_json(args.out.with_suffix(".json"), summary)
+    print("ratio to the SDPA ring-buffer step (window full): "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     for name in makers:
         sub = frame[frame.decoder == name]
         full = sub[sub.position_start >= args.window]  # window full from here on

@@ -11,7 +11,8 @@ cores busy). Target (issue 17): measured wall within 10 % of ideal.
 Inputs, all from the run itself: every job's wall time from ``<results>/logs/benchmarks/*.tsv``
 (Snakemake's ``benchmark:``, column ``s``), the run's start and end from ``<results>/logs/pipeline_run.json``
 (written by the workflow's onstart/onsuccess), and the job graph with each job's threads and benchmark
-file from a dry run (``snakemake -n --forceall``) of the same configuration. The measured wall includes
+file from a dry run (``snakemake -n --forceall``) of the same configuration (made before the run with
+``--run`` and kept in ``<results>/logs/pipeline_plan.json``). The measured wall includes
 Snakemake's own start-up (DAG building) and job launch overheads; the ideal does not.
 
     .venv/bin/python benchmarks/pipeline_schedule.py --profile ci --cores 2          # analyse the last run
@@ -123,11 +124,45 @@ def critical_path(jobs: List[Job]) -> List[Job]:
     return chain[::-1]
 
 
+def list_schedule(jobs: List[Job], cores: int) -> float:
+    """Makespan of a greedy list schedule of the measured times on ``cores``: whenever cores are free,
+    start the ready job with the longest chain after it (a good heuristic, not always optimal)."""
+    producer = {out: job for job in jobs for out in job.outputs}
+    parents = {j.jobid: {producer[f].jobid for f in j.inputs if f in producer} for j in jobs}
+    children: Dict[int, List[Job]] = {j.jobid: [] for j in jobs}
+    for j in jobs:
+        for p in parents[j.jobid]:
+            children[p].append(j)
+    tail: Dict[int, float] = {}
+
+    def rest(job: Job) -> float:
+        if job.jobid not in tail:
+            tail[job.jobid] = (job.seconds or 0.0) + max((rest(c) for c in children[job.jobid]), default=0.0)
+        return tail[job.jobid]
+
+    done, running, now, free = set(), [], 0.0, cores
+    waiting = {j.jobid: j for j in jobs}
+    while waiting or running:
+        ready = sorted((j for j in waiting.values() if parents[j.jobid] <= done), key=rest, reverse=True)
+        for job in ready:
+            need = min(job.threads, cores)
+            if need <= free:
+                free -= need
+                running.append((now + (job.seconds or 0.0), job.jobid, need))
+                del waiting[job.jobid]
+        running.sort()
+        now, jobid, need = running.pop(0)
+        done.add(jobid)
+        free += need
+    return now
+
+
 def analyse(profile: str, cores: int, overrides: str, results_dir: Path) -> dict:
     record = json.loads((results_dir / "logs" / "pipeline_run.json").read_text())
     if "end" not in record:
         raise SystemExit(f"{results_dir}/logs/pipeline_run.json has no end: the run did not finish")
-    jobs = plan(profile, cores, overrides)
+    saved = results_dir / "logs" / "pipeline_plan.json"  # the DAG as planned right before a --run
+    jobs = [Job(**j) for j in json.loads(saved.read_text())] if saved.is_file() else plan(profile, cores, overrides)
     problems = read_seconds(jobs, record["start"], record["end"])
     chain = critical_path(jobs)
     path_s = chain[-1].finish_on_critical_path
@@ -140,6 +175,7 @@ def analyse(profile: str, cores: int, overrides: str, results_dir: Path) -> dict
         "critical_path_s": round(path_s, 1), "work_core_s": round(work_core_s, 1),
         "work_over_cores_s": round(work_core_s / cores, 1), "ratio_wall_to_ideal": round(wall_s / ideal_s, 3),
         "target_ratio": TARGET_RATIO, "target_met": wall_s <= TARGET_RATIO * ideal_s,
+        "list_schedule_s": round(list_schedule(jobs, cores), 1),
         "sum_of_job_times_s": round(sum(j.seconds or 0.0 for j in jobs), 1),
         "critical_path": [f"{j.rule}{'[' + j.wildcards + ']' if j.wildcards else ''} {j.seconds or 0:.1f}s"
                           for j in chain if j.seconds],
@@ -160,6 +196,8 @@ def analyse(profile: str, cores: int, overrides: str, results_dir: Path) -> dict
 def fresh_run(profile: str, cores: int, overrides: str, results_dir: Path) -> None:
     """Run the whole pipeline from an empty results folder (the measured run)."""
     shutil.rmtree(results_dir, ignore_errors=True)
+    jobs = plan(profile, cores, overrides)
+    atomic_write_json(results_dir / "logs" / "pipeline_plan.json", [asdict(j) for j in jobs])
     cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--config", f"profile={profile}"] + \
         ([f"overrides={overrides}"] if overrides else [])
     subprocess.run(cmd, cwd=REPO, check=True)

@@ -285,7 +285,9 @@ def test_hydra_group_selects_the_projections(tmp_path):
     model_cfg = projection_config_from_dict(cfg.projections)
     assert model_cfg == AnalogProjectionConfig(kind="analog")
     assert list(cfg.projections.inference.seeds) == [4, 5]
-    with pytest.raises(Exception):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="inp_res"):  # typed schema: an int, not a word
         compose(["projections=analog", "projections.inp_res=eight"])
     assert math.isclose(cfg.projections.inference.programming_noise, 0.05)
 

@@ -107,3 +107,10 @@ def test_every_attention_knob_is_a_config_key_that_reaches_the_attention():
         assert getattr(built, f.name) == value, f.name
         changed.append(f.name)
     assert {"window", "gain", "decay_per_step", "stored_max"} <= set(changed)
+
+
+def test_training_seed_follows_the_top_level_seed_unless_set():
+    # the workflow reruns training when the top-level seed changes; the trainer must then see it
+    assert to_object(compose(["profile=ci", "seed=7"])).train.seed == 7
+    assert to_object(compose(["profile=ci", "seed=7", "train.seed=5"])).train.seed == 5
+    assert to_object(compose(["profile=ci"])).train.seed == to_object(compose(["profile=ci"])).seed

@@ -90,7 +90,7 @@ def test_beyond_the_context_repeats_the_last_position_and_warns(kind):
     block = 48
     model = _model(kind, block_size=block)
     positions = []
-    hook = model.transformer.wpe.register_forward_hook(lambda m, i, o: positions.append(i[0][0].item()))
+    hook = model.transformer.wpe.register_forward_hook(lambda m, i, o: positions.extend(i[0].flatten().tolist()))
     prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
     with pytest.warns(BeyondContextWarning, match="beyond its trained positions"):
         ids, info = generate(model, prompt, max_new_tokens=3 * block, temperature=0.8, seed=0, return_info=True)
@@ -241,3 +241,20 @@ def test_generate_refuses_another_tokenizer_and_a_missing_gpu(tmp_path):
             run(compose(args + ["+stage.device=cuda"]))
         with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*ckpt.pt onto cuda: no CUDA GPU"):
             GPT.from_checkpoint(checkpoint, map_location="cuda")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "linear_hw", "nonlinear_hw"])
+def test_prompt_prefill_equals_stepping_the_prompt(kind):
+    """``GPT.prefill`` (the prompt at once, longer than the window) leaves the same state and
+    gives the same next-token logits as stepping the prompt; the steps after it agree too. (The analog
+    arrays' prefill is exact, tests/attention/test_decoder.py; the projections run batched here, so
+    float32 rounding of the linear layers may differ in the last bits.)"""
+    model = _model(kind)
+    idx = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(3))
+    stepped = model.start_decoding(batch=2)
+    step_logits = [model.step(idx[:, t], stepped) for t in range(70)][-1]
+    filled = model.start_decoding(batch=2)
+    torch.testing.assert_close(model.prefill(idx, filled), step_logits, rtol=1e-5, atol=1e-5)
+    assert filled.position == stepped.position == 70
+    nxt = torch.tensor([5, 7])
+    torch.testing.assert_close(model.step(nxt, filled), model.step(nxt, stepped), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gaincell import results_lock, study
+from gaincell.figures import docstring_captions
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -129,14 +130,14 @@ def test_html_report_has_figure_captions_and_tables(touched_results, tmp_path):
            b"\x00\x00\x00\x0cIDATx\x9cc\xf8\xcf\xc0\x00\x00\x03\x01\x01\x00\xc9\xfe\x92\xef\x00\x00\x00\x00IEND"
            b"\xaeB`\x82")
     (figures / "device_retention.png").write_bytes(png)
+    (figures / "adapt_convergence.png").write_bytes(png)  # its docstring holds RST markup (|x|, a*b)
     (figures / "study_table.csv").write_text("variant,val_loss\nsoftmax,5.038\n")
     report = tmp_path / "report.html"
     run = snakemake("--cores", "1", "--config", "profile=ci", f"overrides=results_dir={touched_results}",
                     "--report", str(report), timeout=600)
     assert run.returncode == 0, run.stderr
+    assert "ERROR/" not in run.stdout + run.stderr, run.stderr  # captions render without docutils errors
     html = report.read_text()
-    from gaincell.figures import docstring_captions
-
     first_words = " ".join(docstring_captions()["device_retention"].split()[:6])
     assert first_words in html and "study_table.csv" in html
 

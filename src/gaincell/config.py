@@ -20,7 +20,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
+from omegaconf import MISSING, SI, DictConfig, OmegaConf, ValidationError
 
 from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
 from gaincell.attention.config import AnalogAttentionConfig
@@ -275,7 +275,8 @@ class TrainConfig:
     dtype: TrainDtype = TrainDtype.auto                 # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: ComputeDevice = ComputeDevice.auto                # auto | cpu | cuda
     threads: int = 0                    # torch CPU threads; 0 = leave as set by the environment
-    seed: int = 1337                    # data sampling and initialisation
+    # data sampling and initialisation; follows the top-level ``seed`` unless set here
+    seed: int = SI("${seed}")
     progress: bool = True               # tqdm progress bar (rank 0)
 
 
@@ -428,7 +429,8 @@ class WorkflowConfig:
     threads: int = 1                    # torch threads / cores per rule (1: rules run side by side)
     train_threads: int = 1              # cores per training rule
     device_threads: int = 1             # cores of the characterize rule (its SPICE process pool, device.workers)
-    data_threads: int = 2               # cores of the prepare_data rule (tokenization processes, data.num_proc)
+    data_threads: int = 1               # cores of the prepare_data rule (tokenization processes, data.num_proc)
+    figure_threads: int = 2             # cores of the figures rule (figures made side by side, +stage.workers)
     linear_iters: int = 300             # linear_hw fine-tuning iterations (paper: 13,000)
     linear_early_iters: int = 70        # the earlier linear checkpoint adapted for variant 6 (paper: 3,000)
     window_iters: int = 150             # softmax_window fine-tuning iterations
@@ -543,6 +545,7 @@ class FiguresStage:
 
     strict: bool = True                 # a figure whose inputs exist but fails is an error
     only: Optional[List[str]] = None    # figure names to make (None: all)
+    workers: int = 1                    # processes making figures side by side (the workflow: the rule's cores)
 
 
 StageT = TypeVar("StageT")

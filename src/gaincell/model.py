@@ -168,6 +168,12 @@ class CausalSelfAttention(nn.Module):
         y = self.core.step(q, k, v, state)                      # (B, H, 1, D)
         return self.resid_dropout(self.c_proj(y.reshape(x.shape)))
 
+    def prefill(self, x: torch.Tensor, state) -> torch.Tensor:
+        """T tokens per sequence at once, x (B, T, C) -> (B, T, C): T calls of ``step`` (state advanced)."""
+        B, T, C = x.shape
+        y = self.core.prefill(*self.split_heads(x), state)     # (B, H, T, D)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -198,6 +204,11 @@ class Block(nn.Module):
     def step(self, x: torch.Tensor, state) -> torch.Tensor:
         """One token per sequence, x (B, C) -> (B, C) (see ``CausalSelfAttention.step``)."""
         x = x + self.attn.step(self.ln_1(x), state)
+        return x + self.mlp(self.ln_2(x))
+
+    def prefill(self, x: torch.Tensor, state) -> torch.Tensor:
+        """T tokens per sequence at once, x (B, T, C) -> (B, T, C) (see ``CausalSelfAttention.prefill``)."""
+        x = x + self.attn.prefill(self.ln_1(x), state)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -347,13 +358,33 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]
 
     @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, state: "DecodingState") -> torch.Tensor:
+        """Consume a prompt, ids (B, T), at positions ``state.position ..`` at once: what T calls of
+        ``step`` do (the same state; the analog arrays' outputs exactly, ``AnalogKVDecoder.prefill``),
+        with the rest of the network batched over the prompt. Returns the logits after its last token
+        (B, vocab_size)."""
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, T >= 1) token ids")
+        device = self.transformer.wte.weight.device
+        count = idx.shape[1]
+        pos = torch.clamp(torch.arange(state.position, state.position + count, device=device),
+                          max=self.config.block_size - 1)  # POSITION_POLICY past the context
+        x = self.transformer.drop(self.transformer.wte(idx.to(device)) + self.transformer.wpe(pos))
+        for block, layer_state in zip(self.transformer.h, state.layers):
+            x = block.prefill(x, layer_state)
+        state.position += count
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))[..., : self.config.vocab_size]
+
+    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Continue idx (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens).
 
-        The prompt is fed token by token too (that is how the K/V arrays are written), so prompts and
-        generations may be longer than the window and the context. ``temperature=0`` is greedy;
+        The prompt goes in at once (``prefill``: the K/V arrays written as token by token, with the
+        same outputs), then one ``step`` per new token; prompts and generations may be longer than
+        the window and the context. (With readout noise and one shared ``generator`` the layers draw
+        in another order than when stepping the prompt: the same statistics.) ``temperature=0`` is greedy;
         ``seed`` (or a ``generator`` on the model's device) makes sampling and readout noise
         reproducible. ``gaincell.generate.generate`` adds argument checks, warnings and timing.
         """
@@ -367,8 +398,7 @@ class GPT(nn.Module):
         try:
             idx = idx.to(device)
             state = self.start_decoding(idx.shape[0], generator=generator)
-            for t in range(idx.shape[1]):
-                logits = self.step(idx[:, t], state)
+            logits = self.prefill(idx, state)  # the prompt at once (the arrays as token by token)
             state.check_finite()  # once per prompt: a NaN would poison a whole window
             for i in range(max_new_tokens):
                 next_id = sample_next(logits, temperature, top_k, generator)

@@ -159,6 +159,13 @@ def runs(training: Optional[str] = None) -> Tuple[Run, ...]:
     return tuple(r for r in RUNS if training is None or r.training == training)
 
 
+def chain_length(run: str) -> int:
+    """Runs in the longest chain that starts at ``run`` and follows the runs starting from it (itself
+    included): how much of the study waits for it (the workflow's scheduling priority)."""
+    children = [r.name for r in RUNS if r.start == run]
+    return 1 + max((chain_length(c) for c in children), default=0)
+
+
 def checkpoint(run: str) -> str:
     """Checkpoint path of a run relative to the results folder: ``checkpoints/<run>/<final.pt|ckpt.pt>``."""
     try:

@@ -193,3 +193,41 @@ def test_nan_flag_on_an_accelerator_is_read_lazily_and_names_the_step():
     decoder.reset()
     decoder.step(ok, ok, ok)
     decoder.check_finite()  # a new sequence starts clean
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("variation", [0.0, 0.1])
+def test_prefill_equals_token_by_token_exactly(cell, variation, monkeypatch):
+    """``prefill`` of a prompt (in several chunks, after earlier steps, past the window) gives exactly the
+    outputs and the state of stepping the same tokens one by one."""
+    from gaincell.attention import decoder as decoder_module
+
+    cfg = AnalogAttentionConfig(window=32, tile_rows=8, decay_per_step=1e-2, coefficients=CELLS[cell],
+                                cell_variation=variation, noise_seed=4)
+    q, k, v = _inputs(2, 3, 90, 16, seed=11)
+    stepped = AnalogKVDecoder(cfg, batch=2, heads=3, head_dim=16)
+    expected = torch.stack([stepped.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(90)], dim=2)
+    # chunks of 7 tokens: a chunk boundary inside the window and the wrap-around
+    monkeypatch.setattr(decoder_module, "PREFILL_CHUNK_ELEMENTS", 7 * len(CELLS) * 2 * 3 * 32 * 16)
+    filled = AnalogKVDecoder(cfg, batch=2, heads=3, head_dim=16)
+    first = torch.stack([filled.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(5)], dim=2)
+    got = torch.cat([first, filled.prefill(q[:, :, 5:60], k[:, :, 5:60], v[:, :, 5:60]),
+                     filled.prefill(q[:, :, 60:], k[:, :, 60:], v[:, :, 60:])], dim=2)
+    assert (expected != 0).float().mean() > 0.5
+    assert torch.equal(got, expected)
+    assert filled.steps == stepped.steps == 90
+    assert torch.equal(filled._stored_k, stepped._stored_k) and torch.equal(filled._stored_v, stepped._stored_v)
+    # and the next step after a prefill equals the next step after stepping
+    x = torch.full((2, 3, 16), 0.4)
+    assert torch.equal(filled.step(x, x, x), stepped.step(x, x, x))
+
+
+def test_prefill_rejects_wrong_shapes_and_respects_max_steps():
+    cfg = AnalogAttentionConfig(window=16, tile_rows=8)
+    decoder = AnalogKVDecoder(cfg, batch=1, heads=2, head_dim=4, max_steps=10)
+    with pytest.raises(ValueError, match="prefill takes q, k, v of shape"):
+        decoder.prefill(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+    x = torch.full((1, 2, 11, 4), 0.5)
+    with pytest.raises(RuntimeError, match="exceeds this decoder's max_steps=10"):
+        decoder.prefill(x, x, x)
+    assert decoder.steps == 0

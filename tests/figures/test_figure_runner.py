@@ -48,3 +48,15 @@ def test_every_figure_module_imports_and_has_documented_figures():
                      "adapt_statistics", "leakage", "eval_tasks", "hardware_breakdown", "hardware_gpu_comparison"]:
         assert required in found, required
     assert all(figures.caption_of(func) for _, func in found.values())
+
+
+def test_figures_made_side_by_side_give_the_same_index(tmp_path):
+    """workers=2 (a process pool, as the workflow runs it) reports every figure as the sequential run does."""
+    results = tmp_path / "results"
+    (results / "fit").mkdir(parents=True)
+    (results / "fit" / "coefficients.json").write_text("{not json")  # a figure that fails, in both modes
+    one = figures.make_all(results, tmp_path / "one", strict=False, workers=1)
+    two = figures.make_all(results, tmp_path / "two", strict=False, workers=2)
+    assert list(two["made"]) == list(one["made"]) and two["skipped"] == one["skipped"]
+    assert sorted(two["failed"]) == sorted(one["failed"])
+    assert len(one["made"]) + len(one["skipped"]) + len(one["failed"]) == len(figures.figure_functions())

@@ -26,6 +26,7 @@ for _run in _CONVERT_RUNS:
             f"{LOGS}/{_run.rule}.log",
         benchmark:
             f"{LOGS}/benchmarks/{_run.rule}.tsv"
+        priority: PRIORITY.get(_run.rule, 0)
         threads: WF.threads
         resources:
             mem_mb=8000,

@@ -10,6 +10,7 @@ rule characterize:
         f"{LOGS}/characterize.log",
     benchmark:
         f"{LOGS}/benchmarks/characterize.tsv"
+    priority: PRIORITY["characterize"]
     threads: WF.device_threads  # the SPICE process pool (device.workers), off the training's critical path
     resources:
         mem_mb=8000,

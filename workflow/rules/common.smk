@@ -52,10 +52,12 @@ OVR = shlex.join(OVERRIDES)
 STAGE_SHELL = "{params.cmd} {resources.overrides} {params.args} > {log} 2>&1"
 
 
-def stage_shell(threads_key):
+def stage_shell(threads_key, stage_extra=False):
     """STAGE_SHELL with the job's granted cores passed to the stage as ``threads_key`` (a run-time-only
-    setting: the rule declares its cores from the workflow config, the stage uses exactly those)."""
-    return f"{{params.cmd}} {{resources.overrides}} {threads_key}={{threads}} {{params.args}} > {{log}} 2>&1"
+    setting, or with ``stage_extra`` the stage's own +stage.<key>: the rule declares its cores from the
+    workflow config, the stage uses exactly those)."""
+    key = stage_overrides(**{threads_key: "{threads}"})[0] if stage_extra else f"{threads_key}={{threads}}"
+    return f"{{params.cmd}} {{resources.overrides}} {key} {{params.args}} > {{log}} 2>&1"
 
 
 def plain_config(name=None):
@@ -176,11 +178,11 @@ FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fit
 # (gaincell.attention.config.resolve_gain), so every hardware training run waits for the fit.
 GAIN_INPUT = FIT_INPUT if CFG.attention.gain is None else []
 
-# Scheduling: among ready jobs Snakemake starts the highest priority first. The critical path of the
-# pipeline (prepare_data -> pretrain -> train_linear -> leakage sweep -> figures, and the early linear
-# run -> adapt -> finetune -> evaluate branch) goes first; rules off it (SPICE, hardware) fill idle cores.
-PRIORITY = {"prepare_data": 100, "pretrain": 90, "train_linear": 80, "train_linear_early": 80,
-            "adapt": 70, "finetune": 70, "leakage_point": 60, "leakage_sweep": 60, "fit": 50}
+# Scheduling: among ready jobs Snakemake starts the highest priority first. The critical path (the data
+# and the fitted cell, then the longest chain of study runs: pretrain -> train_linear_early -> adapt ->
+# finetune -> ...) goes first; everything else (hardware, evaluations, sweeps) fills the idle cores.
+PRIORITY = {"prepare_data": 100, "characterize": 90, "fit": 90, "adapt": 50 + 5 * max(study.chain_length(r.name) for r in study.runs("adapt"))}
+PRIORITY.update({r.rule: 50 + 5 * study.chain_length(r.name) for r in study.RUNS if r.training != "adapt"})
 
 # Light rules run on the submitting machine under a cluster executor (SLURM), not as jobs.
 localrules: all, fit, hardware_estimates, figures, leakage_sweep, variation_sweep

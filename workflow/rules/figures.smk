@@ -24,7 +24,7 @@ rule figures:
         f"{LOGS}/figures.log",
     benchmark:
         f"{LOGS}/benchmarks/figures.tsv"
-    priority: 60
+    threads: WF.figure_threads
     resources:
         mem_mb=4000,
         runtime=20,
@@ -36,4 +36,4 @@ rule figures:
     conda:
         ENV
     shell:
-        STAGE_SHELL
+        stage_shell("workers", stage_extra=True)

@@ -23,7 +23,6 @@ rule leakage_point:
         f"{LOGS}/leakage_{{value}}.log",
     benchmark:
         f"{LOGS}/benchmarks/leakage_{{value}}.tsv"
-    priority: PRIORITY["leakage_point"]
     threads: WF.train_threads
     resources:
         **TRAIN_RESOURCES,
@@ -44,6 +43,5 @@ rule leakage_sweep:
         f"{LOGS}/leakage_sweep.log",
     benchmark:
         f"{LOGS}/benchmarks/leakage_sweep.tsv"
-    priority: PRIORITY["leakage_sweep"]
     run:
         keep_only_points(input, output[0], log[0])

@@ -288,12 +288,26 @@ def _readout_groups(band: _Band) -> List[List[int]]:
     return [[d] for d in lags]
 
 
-def _saves_slabs(band: _Band, cfg: AnalogAttentionConfig, q: torch.Tensor) -> bool:
-    """Whether the forward keeps every lag's backward operands (else the backward recomputes them):
-    when they take at most ``SAVED_SLABS_MAX_RATIO`` times the memory of q, k and v."""
-    slabs = sum(band.blocks - d for d in range(band.max_lag + 1)) * band.n * band.n
+def _geometry(t_len: int, cfg: AnalogAttentionConfig):
+    """(n, blocks, tiles, max_lag, merged) of ``_band``, without tensors."""
+    n, tiles = cfg.tile_rows, cfg.tiles
+    blocks = -(-t_len // n)
+    max_lag = min(tiles, blocks - 1)
+    return n, blocks, tiles, max_lag, max_lag == tiles
+
+
+def _saves(shape, cfg: AnalogAttentionConfig) -> bool:
+    """Whether the forward keeps every lag's backward operands for q of ``shape`` (B, H, T, D) (else the
+    backward recomputes them): when they take at most ``SAVED_SLABS_MAX_RATIO`` times q, k and v."""
+    B, H, T, D = shape
+    n, blocks, _, max_lag, _ = _geometry(T, cfg)
+    slabs = sum(blocks - d for d in range(max_lag + 1)) * n * n
     per_entry = 2 if not (cfg.nonlinear and cfg.exact_nonlinear_grad) else 3.25  # floats (bool = 1/4)
-    return slabs * per_entry * q.shape[0] * q.shape[1] <= SAVED_SLABS_MAX_RATIO * 3 * q.numel()
+    return slabs * per_entry * B * H <= SAVED_SLABS_MAX_RATIO * 3 * B * H * T * D
+
+
+def _saves_slabs(band: _Band, cfg: AnalogAttentionConfig, q: torch.Tensor) -> bool:
+    return _saves(tuple(q.shape), cfg)
 
 
 @dataclass
@@ -362,6 +376,58 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy
     dk = torch.where(_in_range(k, 0.0, cfg.stored_max), _from_blocks(dW, k.shape), 0.0)
     dv = torch.where(_in_range(v, 0.0, cfg.stored_max), _from_blocks(dU, v.shape), 0.0)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# The forward's state as one flat tensor (for gaincell.attention.op, whose custom operator can return
+# tensors only): each lag's two slabs of the linear model's gradient, then each readout's clamp mask.
+# Empty where nothing is kept (exact nonlinear gradient, or above SAVED_SLABS_MAX_RATIO): the backward
+# then recomputes the forward.
+# ----------------------------------------------------------------------------------------------------
+def packed_state_size(shape, cfg: AnalogAttentionConfig) -> int:
+    """Elements of ``forward_packed``'s state for q of ``shape`` (pure arithmetic: usable by fake tensors)."""
+    B, H, T, D = shape
+    if (cfg.nonlinear and cfg.exact_nonlinear_grad) or not _saves(shape, cfg):
+        return 0
+    n, blocks, tiles, max_lag, merged = _geometry(T, cfg)
+    slabs = sum(blocks - d for d in range(max_lag + 1))
+    readouts = sum(blocks - d for d in range(max_lag + 1) if not (merged and d == tiles))
+    return 2 * slabs * B * H * n * n + readouts * B * H * n * D
+
+
+def forward_packed(q, k, v, cfg: AnalogAttentionConfig):
+    """(y, state): the forward (inputs in the compute dtype, no readout noise) and its packed state."""
+    if packed_state_size(tuple(q.shape), cfg) == 0:
+        return _forward(q, k, v, cfg, None), q.new_empty(0)
+    y, saved = _forward(q, k, v, cfg, None, keep=True)
+    parts = []
+    for d in sorted(saved.states):
+        parts += [saved.states[d].P_linear.reshape(-1), saved.states[d].grad_scale.reshape(-1)]
+    parts += [mask.reshape(-1).to(q.dtype) for mask in saved.readout_inside]
+    return y, torch.cat(parts)
+
+
+def backward_packed(q, k, v, cfg: AnalogAttentionConfig, dy, state):
+    """dq, dk, dv from ``forward_packed``'s state (empty: recompute)."""
+    if state.numel() == 0:
+        return _backward(q, k, v, cfg, None, dy)
+    band = _band(q.shape[-2], cfg, q.dtype, q.device)
+    bh, n, D = q.shape[0] * q.shape[1], band.n, q.shape[-1]
+    offset, states, readout_inside = 0, {}, []
+
+    def take(count, shape):
+        nonlocal offset
+        offset += count
+        return state[offset - count:offset].view(shape)
+    for d in range(band.max_lag + 1):
+        m = band.blocks - d
+        slab = (m, bh, n, n)
+        states[d] = _LagState(None, None, None, None, take(m * bh * n * n, slab), take(m * bh * n * n, slab))
+    for group in _readout_groups(band):
+        m = band.blocks - group[0]
+        readout_inside.append(take(m * bh * n * D, (m, bh, n, D)) != 0)
+    saved = _Saved(band, _Operands(q, k, v, cfg, band), readout_inside, states)
+    return _backward(q, k, v, cfg, None, dy, saved)
 
 
 class _BlockedAnalogAttention(torch.autograd.Function):

@@ -29,16 +29,40 @@ prompt and at the end).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from .config import AnalogAttentionConfig
 from .noise import cell_gains, next_readout_seed, readout_generator
-from .quantize import clamp_quantize
 from .reference import OUTPUT_RANGE, compute_dtype
 
 __all__ = ["AnalogKVDecoder"]
+
+# ``prefill`` gathers the arrays each token of a chunk sees: at most this many elements per chunk.
+PREFILL_CHUNK_ELEMENTS = 1 << 24
+
+
+def _converter(levels: Optional[int], lo: float, hi: float, dtype, device) -> tuple:
+    """The constants of one DAC/ADC: (lo, hi) as numbers (a clamp is fastest with number bounds), and
+    (1 / step, step) as 0-d tensors of the compute dtype, None without quantization. A product with a
+    0-d tensor rounds the constant to the dtype exactly as one with a Python number does, and skips
+    wrapping the number on every call."""
+    if levels is None:
+        return lo, hi, None, None
+    return (lo, hi, torch.tensor((levels - 1) / (hi - lo), dtype=dtype, device=device),
+            torch.tensor((hi - lo) / (levels - 1), dtype=dtype, device=device))
+
+
+def _dac(x: torch.Tensor, converter: tuple) -> torch.Tensor:
+    """``quantize.clamp_quantize`` without its autograd wrapping (the decoder runs under no_grad): the
+    operations of ``quantize._quantize_forward``, so the same values bit for bit."""
+    lo, hi, inv_step, step = converter
+    x = torch.clamp(x, lo, hi)
+    if inv_step is None:
+        return x
+    return x.mul_(inv_step).round_().mul_(step).clamp_(lo, hi)
 
 
 class AnalogKVDecoder:
@@ -80,6 +104,7 @@ class AnalogKVDecoder:
         self._powers = (1,) if not cfg.nonlinear else (1, 2, 3)
         self._c = {0: c0, 1: c1, 2: c2, 3: c3}
         self.steps = 0
+        self._step_shape = torch.Size((batch, heads, head_dim))
         self._allocated = False
         self._first_nan_step: Optional[torch.Tensor] = None  # on the device: first step with a NaN input, -1
 
@@ -104,7 +129,6 @@ class AnalogKVDecoder:
         if self._allocated:
             self._stored_k.zero_()
             self._stored_v.zero_()
-            self._age.zero_()
             self._first_nan_step.fill_(-1)
 
     def check_finite(self) -> None:
@@ -116,17 +140,17 @@ class AnalogKVDecoder:
             raise ValueError(f"AnalogKVDecoder: the inputs of step {first} (counting from 0 since the last "
                              f"reset) contain NaN: expected finite q, k, v; every output since then is invalid")
 
-    def _record_nan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Refuse NaN inputs: at once on CPU, else in a device flag that ``check_finite`` reads."""
-        bad = torch.isnan(q).any() | torch.isnan(k).any() | torch.isnan(v).any()
+    def _record_nan(self, qkv: torch.Tensor) -> None:
+        """Refuse NaN in q, k, v (stacked): at once on CPU, else in a device flag that ``check_finite``
+        reads. One reduction: a sum is NaN if an element is (or +inf meets -inf: then look closer)."""
         if not self._defer_nan_check:
-            if bool(bad):
+            if math.isnan(float(qkv.sum())) and bool(torch.isnan(qkv).any()):
+                q, k, v = (int(torch.isnan(x).sum()) for x in qkv)
                 raise ValueError(f"AnalogKVDecoder.step {self.steps}: q, k or v contains NaN "
-                                 f"(q {int(torch.isnan(q).sum())}, k {int(torch.isnan(k).sum())}, "
-                                 f"v {int(torch.isnan(v).sum())} values): expected finite inputs")
+                                 f"(q {q}, k {k}, v {v} values): expected finite inputs")
             return
         first = self._first_nan_step
-        first.copy_(torch.where(bad & (first < 0), self.steps, first))
+        first.copy_(torch.where(torch.isnan(qkv).any() & (first < 0), self.steps, first))
 
     def _allocate(self, like: torch.Tensor) -> None:
         device = self._device if self._device is not None else like.device
@@ -137,13 +161,35 @@ class AnalogKVDecoder:
         self._device, self._dtype = device, dtype
         m, n_pow = self.cfg.window, len(self._powers)
         shape = (n_pow, self.batch, self.heads, m, self.head_dim)
-        # Stored weights relative to the half-supply offset, W**i and U**i (eq. 4), slot-major.
-        self._stored_k = torch.zeros(shape, device=device, dtype=dtype)
+        # Stored weights relative to the half-supply offset, W**i and U**i (eq. 4): V slot-major,
+        # K column-major (slots last), so that both products are (row vector) x (matrix).
+        self._stored_k = torch.zeros(shape[:3] + (self.head_dim, m), device=device, dtype=dtype)
         self._stored_v = torch.zeros(shape, device=device, dtype=dtype)
-        # Token steps since each slot was written (int64: exact for any sequence length).
-        self._age = torch.zeros(m, device=device, dtype=torch.long)
+        # Leakage (eq. 6): alpha^i = exp(-lambda a)^i for every age a < M, in double then rounded once as
+        # the reference does, laid out so that the slots' factors after writing slot p are the contiguous
+        # view [M - 1 - p, 2M - 1 - p) (slot s is (p - s) mod M steps old): no per-step exp.
+        decay = torch.exp(-self.cfg.decay_per_step * torch.arange(m, device=device, dtype=torch.float64)).to(dtype)
+        ages = (m - 1 - torch.arange(2 * m - 1, device=device)) % m
+        self._alpha_ext = torch.stack([decay ** power if power > 1 else decay for power in self._powers])[:, ages]
+        self._slot_index = torch.arange(m, device=device)
+        cfg = self.cfg
+        self._query_dac = _converter(cfg.query_levels, 0.0, 1.0, dtype, device)
+        self._stored_dac = _converter(cfg.stored_levels, 0.0, cfg.stored_max, dtype, device)
+        self._joint_dac = None
+        if cfg.query_levels is not None and cfg.stored_levels is not None and cfg.stored_max <= 1.0:
+            rows = (self._query_dac, self._stored_dac, self._stored_dac)
+            self._joint_dac = tuple(torch.stack([r[i] for r in rows]) for i in (2, 3))
+        self._output_adc = _converter(cfg.output_levels, *OUTPUT_RANGE, dtype, device)
+        const = {"gain": cfg.gain, "qk_saturation": cfg.qk_saturation, "av_saturation": cfg.av_saturation,
+                 "value_gain": cfg.gain / cfg.av_saturation,
+                 "stored_offset": cfg.stored_offset, **{f"c{i}": c for i, c in enumerate(cfg.folded_coefficients)}}
+        self._const = {name: torch.tensor(x, dtype=dtype, device=device) for name, x in const.items()}
+        self._tile_index = torch.arange(self.cfg.tiles, device=device)
         # The chip's cells (H, M, D) per array, None without variation; the readout-noise generator.
         self._gains = cell_gains(self.cfg, self.heads, self.head_dim, dtype, device)
+        if self._gains is not None:  # gamma_K column-major and gamma_V by sub-tile, for the c_0 terms
+            self._gain_k_t = self._gains[0].transpose(-1, -2).contiguous()
+            self._gain_v_tiles = self._gains[1].reshape(self.heads, self.cfg.tiles, self.cfg.tile_rows, self.head_dim)
         if self.cfg.readout_noise > 0 and self.generator is None:
             self.generator = readout_generator(next_readout_seed(self.cfg), device)
         self._first_nan_step = torch.full((), -1, device=device, dtype=torch.long)
@@ -169,101 +215,179 @@ class AnalogKVDecoder:
             raise ValueError(f"{name} has batch {x.shape[0]} (shape {tuple(x.shape)}): this decoder was "
                              f"built for batch={self.batch}")
 
-    # ------------------------------------------------------------------ one token
+    # ------------------------------------------------------------------ tokens
+    def _check_all(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
+        """Shapes (fast path: one tuple comparison) and the step limit, before anything is written."""
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+                and q.shape == k.shape == v.shape == self._step_shape):
+            for name, x in (("q", q), ("k", k), ("v", v)):
+                self._check(name, x)
+        if self.max_steps is not None and self.steps + tokens > self.max_steps:
+            raise RuntimeError(f"step {self.steps + tokens} exceeds this decoder's max_steps={self.max_steps}: "
+                               f"build it with a larger max_steps (or None), or reset() it")
+
+    def _prepare(self, q, k, v):
+        """Inputs on the state's device and dtype, NaN refused, through the DAC (docs/attention.md#quantization): Q, W, U."""
+        if not self._allocated:
+            self._allocate(q)
+        dev, dt = self._device, self._dtype
+        qkv = torch.stack((q, k, v)).to(device=dev, dtype=dt)
+        self._record_nan(qkv)
+        if self._joint_dac is not None:
+            # One pass for the three converters: clamp to [0, 1], each row's own step, then the stored
+            # rows' top (stored_max <= 1). A stored input in (stored_max, 1] lands on stored_max, as
+            # with its own clamp first: the values are those of the separate converters bit for bit.
+            inv_step, step = (c.view((3,) + (1,) * (qkv.dim() - 1)) for c in self._joint_dac)
+            x = qkv.clamp_(0.0, 1.0).mul_(inv_step).round_().mul_(step).clamp_(0.0, 1.0)
+            x[1:].clamp_(max=self.cfg.stored_max).sub_(self._const["stored_offset"])
+            return x[0], x[1], x[2]
+        query = _dac(qkv[0], self._query_dac)
+        # K and V share their converter settings: one pass for both.
+        stored = _dac(qkv[1:], self._stored_dac) - self._const["stored_offset"]
+        return query, stored[0], stored[1]
+
     @torch.no_grad()
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write token t's key and value, apply its query; (B, H, D) each -> y_t (B, H, D)."""
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            self._check(name, x)
-        if self.max_steps is not None and self.steps >= self.max_steps:
-            raise RuntimeError(f"step {self.steps + 1} exceeds this decoder's max_steps={self.max_steps}: "
-                               f"build it with a larger max_steps (or None), or reset() it")
-        if not self._allocated:
-            self._allocate(q)
-        cfg, dt = self.cfg, self._dtype
+        self._check_all(q, k, v, 1)
         out_dtype = q.dtype
-        q, k, v = (x.to(device=self._device, dtype=dt) for x in (q, k, v))
-        self._record_nan(q, k, v)
-        query = self._write(q, k, v)
-        # Only the sub-tiles that hold keys take part; the slots are filled in order from 0.
-        tiles = -(-self.filled_slots // cfg.tile_rows)
-        active = tiles * cfg.tile_rows
-        # alpha = exp(-lambda * age) (eq. 6), in double then rounded once, as the reference does; alpha^i
-        # (eq. 7) stacked over the powers so that each array's products for all powers are one batched matmul.
-        alpha = torch.exp(-cfg.decay_per_step * self._age[:active].to(torch.float64)).to(dt)
-        alpha_pow = torch.stack([alpha ** power if power > 1 else alpha for power in self._powers])
-        alpha_pow = alpha_pow.view(len(self._powers), 1, 1, active)
-        pulse = self._pulses(query, alpha_pow, active)
-        readout = self._value_array(pulse, alpha_pow, tiles, active)
-        if cfg.readout_noise > 0:  # every read sub-tile (those holding a key), before its ADC
-            readout = readout + cfg.readout_noise * torch.randn(readout.shape, generator=self.generator,
-                                                                device=self._device, dtype=dt)
-        # Each sub-tile's pulse counter (clamp + quantize), then the digital adders.
-        y = clamp_quantize(readout, cfg.output_levels, *OUTPUT_RANGE).sum(dim=2)
-        return y.to(out_dtype)
-
-    def _write(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """DAC / storage (docs/attention.md#quantization), then the write of the key and value into slot
-        t mod M; returns the quantized query. The arithmetic follows gaincell.attention.reference operation
-        by operation, so that the two agree to the last bit wherever the summation order of the matrix
-        products does not matter."""
-        cfg = self.cfg
-        query = clamp_quantize(q, cfg.query_levels, 0.0, 1.0)
-        w = clamp_quantize(k, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
-        u = clamp_quantize(v, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
-        slot = self.write_pointer
-        self._age += 1  # every stored charge is one step older when the new query reads it
-        self._age[slot] = 0
+        query, w, u = self._prepare(q, k, v)
+        # The write into slot t mod M (docs/attention.md#second-array-product-and-sub-tiles); row ``slot``'s cells multiply every term they compute.
+        slot = self.steps % self.cfg.window
         gain_k, gain_v = self._gains if self._gains is not None else (None, None)
         for n, power in enumerate(self._powers):
-            # Row ``slot``'s cells multiply every term they compute (their gain factors, per head and column).
-            self._stored_k[n, :, :, slot] = w ** power if gain_k is None else gain_k[:, slot] * w ** power
-            self._stored_v[n, :, :, slot] = u ** power if gain_v is None else gain_v[:, slot] * u ** power
+            w_p, u_p = (w, u) if power == 1 else (w ** power, u ** power)
+            self._stored_k[n, :, :, :, slot] = w_p if gain_k is None else gain_k[:, slot] * w_p
+            self._stored_v[n, :, :, slot] = u_p if gain_v is None else gain_v[:, slot] * u_p
         self.steps += 1
-        return query
+        # alpha^i of every slot: slot s holds a key (t - s) mod M steps old; a view of the decay table.
+        m = self.cfg.window
+        alpha = self._alpha_ext[:, m - 1 - slot:2 * m - 1 - slot].unsqueeze(0)   # (1, powers, M)
+        filled = min(self.steps, m)
+        valid = None if filled == m else (self._slot_index < filled)
+        y = self._read(query.unsqueeze(0), self._stored_k.unsqueeze(0), self._stored_v.unsqueeze(0), alpha,
+                       valid, filled)
+        return y[0] if y.dtype == out_dtype else y[0].to(out_dtype)
 
-    def _pulses(self, query: torch.Tensor, alpha_pow: torch.Tensor, active: int) -> torch.Tensor:
-        """First dot product on the K array (eq. 4, 7): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i, then
-        charge to pulse (eq. 3), masked to the stored keys; (B, H, active)."""
-        cfg, gain_k = self.cfg, (self._gains[0] if self._gains is not None else None)
-        qcol = query.unsqueeze(-1)  # (B, H, D, 1)
-        dots = torch.matmul(self._stored_k[:, :, :, :active], qcol).squeeze(-1)  # (powers, B, H, active)
+    @torch.no_grad()
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A prompt of T tokens at once: (B, H, T, D) each -> y (B, H, T, D), exactly the outputs (and the
+        final state) of T calls of ``step``: every token's products are computed as a step computes
+        them, against the arrays as that token sees them, batched over the tokens (in chunks that bound
+        memory). With readout noise the tokens are stepped one by one (the noise draws follow the steps).
+        """
+        if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k, v)) or q.shape[2] != k.shape[2] \
+                or q.shape[2] != v.shape[2]:
+            raise ValueError(f"prefill takes q, k, v of shape (batch, heads, tokens, head_dim) = "
+                             f"{(self.batch, self.heads, 'T', self.head_dim)}; got "
+                             f"{[tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in (q, k, v)]}")
+        tokens = q.shape[2]
+        self._check_all(q[:, :, 0], k[:, :, 0], v[:, :, 0], tokens)
+        if self.cfg.readout_noise > 0 or tokens == 1:
+            return torch.stack([self.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
+        out_dtype = q.dtype
+        per_token = len(self._powers) * self.batch * self.heads * self.cfg.window * self.head_dim
+        chunk = max(1, PREFILL_CHUNK_ELEMENTS // per_token)
+        outputs = []
+        for start in range(0, tokens, chunk):
+            sl = slice(start, min(tokens, start + chunk))
+            query, w, u = self._prepare(*(x[:, :, sl].transpose(1, 2).transpose(0, 1) for x in (q, k, v)))
+            outputs.append(self._prefill_chunk(query, w, u))
+        return torch.cat(outputs, dim=0).permute(1, 2, 0, 3).to(out_dtype)
+
+    def _prefill_chunk(self, query, w, u) -> torch.Tensor:
+        """Tokens t0 .. t0 + N - 1 (inputs (N, B, H, D) after the DAC): the arrays each token sees, gathered
+        from the current arrays and the chunk's own keys; y (N, B, H, D); the arrays advanced."""
+        m, n_tok, t0 = self.cfg.window, query.shape[0], self.steps
+        dev = self._device
+        times = torch.arange(t0, t0 + n_tok, device=dev)
+        slots = times % m
+        gain_k, gain_v = self._gains if self._gains is not None else (None, None)
+        # The chunk's keys and values as they are written (powers, cells of their rows): (P, B, H, N, D).
+        w_p = [w if p == 1 else w ** p for p in self._powers]
+        u_p = [u if p == 1 else u ** p for p in self._powers]
+        new_k = torch.stack([(x if gain_k is None else gain_k[:, slots].transpose(0, 1).unsqueeze(1) * x)
+                             for x in w_p]).permute(0, 2, 3, 4, 1)                 # (P, B, H, D, N)
+        new_v = torch.stack([(x if gain_v is None else gain_v[:, slots].transpose(0, 1).unsqueeze(1) * x)
+                             for x in u_p]).permute(0, 2, 3, 1, 4)                 # (P, B, H, N, D)
+        # Row of [current arrays; chunk] in slot s at token t: the chunk's latest write there, else old.
+        s = self._slot_index
+        last = times[:, None] - (times[:, None] - s[None, :]) % m                    # (N, M) token index
+        rows = torch.where(last >= t0, m + last - t0, s[None, :].expand(n_tok, m)).reshape(-1)
+        source = torch.cat([self._stored_k, new_k], dim=4)                             # (P, B, H, D, M + N)
+        seen_k = source.index_select(4, rows).view(*new_k.shape[:4], n_tok, m)
+        seen_k = seen_k.permute(4, 0, 1, 2, 3, 5).contiguous()                       # (N, P, B, H, D, M)
+        source = torch.cat([self._stored_v, new_v], dim=3)                             # (P, B, H, M + N, D)
+        seen_v = source.index_select(3, rows).view(*new_v.shape[:3], n_tok, m, self.head_dim)
+        seen_v = seen_v.permute(3, 0, 1, 2, 4, 5).contiguous()                       # (N, P, B, H, M, D)
+        offsets = (m - 1 - slots)[:, None] + s[None, :]                             # (N, M)
+        alpha = self._alpha_ext[:, offsets].transpose(0, 1).contiguous()            # (N, P, M)
+        filled = torch.clamp(times + 1, max=m)
+        valid = s[None, :] < filled[:, None]                                         # (N, M)
+        y = self._read(query, seen_k, seen_v, alpha, valid.view(n_tok, 1, 1, m),
+                       int(filled.max()))
+        # Advance: the chunk's last M tokens are in their slots now (distinct slots).
+        keep = slice(max(0, n_tok - m), n_tok)
+        self._stored_k[..., slots[keep]] = new_k[..., keep]
+        self._stored_v[:, :, :, slots[keep]] = new_v[:, :, :, keep]
+        self.steps += n_tok
+        return y
+
+    def _read(self, query, stored_k, stored_v, alpha, valid, filled: int) -> torch.Tensor:
+        """Eqs. 3-4 and the sub-tile readouts for N tokens at once: query (N, B, H, D), the arrays each sees (K: (N, P, B, H, D, M),
+        V: (N, P, B, H, M, D)),
+        alpha^i per slot (N, P, M), ``valid`` slots holding a key (None: all), ``filled`` the most slots
+        any token sees. Every product is one (D).(D x M) or (rows).(rows x D) per token and head, as in
+        a single step, so a token's result does not depend on N. Returns y (N, B, H, D)."""
+        cfg = self.cfg
+        n_tok, n_pow = query.shape[0], len(self._powers)
+        rows, tiles = cfg.tile_rows, cfg.tiles
+        alpha = alpha.view(n_tok, n_pow, 1, 1, cfg.window)
+        # First dot product on the K array (eq. 4): S[s] = sum_i c_i alpha^i sum_d Q[d] W[s, d]^i.
+        qrow = query.unsqueeze(-2).unsqueeze(1)                                      # (N, 1, B, H, 1, D)
+        if n_pow == 1:  # the products straight to bmm (matmul's broadcasting logic costs a step ~10 %)
+            bh = n_tok * self.batch * self.heads
+            dots = torch.bmm(qrow.reshape(bh, 1, -1), stored_k.view(bh, -1, cfg.window)).view(n_tok, 1, self.batch,
+                                                                                              self.heads, -1)
+        else:
+            dots = torch.matmul(qrow, stored_k).squeeze(-2)                          # (N, P, B, H, M)
+        gain_k, gain_v = self._gains if self._gains is not None else (None, None)
+        c = self._const
         if not cfg.nonlinear:
-            charge = (cfg.gain * dots[0]) * alpha_pow[0]
+            charge = (c["gain"] * dots[:, 0]) * alpha[:, 0]
         else:
             # The i = 0 term: key-independent (c_0 sum_d Q), or through each row's cells (c_0 gamma . Q).
-            charge = self._c[0] * (query.sum(-1, keepdim=True) if gain_k is None
-                                   else torch.matmul(gain_k[:, :active], qcol).squeeze(-1))
+            charge = c["c0"] * (query.sum(-1, keepdim=True) if gain_k is None
+                                else torch.matmul(qrow[:, 0], self._gain_k_t).squeeze(-2))
             for n, power in enumerate(self._powers):
-                charge = charge + (self._c[power] * dots[n]) * alpha_pow[n]
-        pulse = (charge / cfg.qk_saturation).clamp(0.0, 1.0)
-        filled = self.filled_slots
-        if filled < active:
-            valid = torch.arange(active, device=self._device) < filled
-            pulse = torch.where(valid, pulse, torch.zeros((), device=self._device, dtype=self._dtype))
-        return pulse
-
-    def _value_array(self, pulse: torch.Tensor, alpha_pow: torch.Tensor, tiles: int, active: int) -> torch.Tensor:
-        """Second dot product per sub-tile (eq. 4, 7): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i;
-        (B, H, tiles, D), before the pulse counters."""
-        cfg, rows = self.cfg, self.cfg.tile_rows
-        gain_v = self._gains[1] if self._gains is not None else None
-        n_pow = len(self._powers)
-        weights = (pulse * alpha_pow).reshape(n_pow, self.batch, self.heads, tiles, 1, rows)
-        values = self._stored_v[:, :, :, :active].reshape(n_pow, self.batch, self.heads, tiles, rows,
-                                                          self.head_dim)
-        products = torch.matmul(weights, values).squeeze(-2)  # (powers, B, H, tiles, D)
+                charge = charge + (c[f"c{power}"] * dots[:, n]) * alpha[:, n]
+        # Charge to pulse (eq. 3), zero for slots that hold no key yet.
+        pulse = (charge / c["qk_saturation"]).clamp_(0.0, 1.0)
+        if valid is not None:
+            pulse = torch.where(valid, pulse, 0.0)
+        # Second dot product per sub-tile (docs/attention.md#second-array-product-and-sub-tiles): A_r[d] = (1/S_sat) sum_i c_i sum_s P alpha^i U^i.
+        items = n_tok * n_pow * self.batch * self.heads * tiles
+        weights = (pulse.unsqueeze(1) * alpha).reshape(items, 1, rows)
+        products = torch.bmm(weights, stored_v.view(items, rows, self.head_dim)).view(
+            n_tok, n_pow, self.batch, self.heads, tiles, self.head_dim)               # (N, P, B, H, tiles, D)
         if not cfg.nonlinear:
-            return (cfg.gain / cfg.av_saturation) * products[0]
-        pulse_tiles = pulse.reshape(self.batch, self.heads, tiles, 1, rows)
-        if gain_v is None:
-            readout = self._c[0] * pulse_tiles.sum(-1)  # i = 0
+            readout = c["value_gain"] * products[:, 0]
         else:
-            gains_tiles = gain_v[:, :active].reshape(self.heads, tiles, rows, self.head_dim)
-            readout = self._c[0] * torch.matmul(pulse_tiles, gains_tiles).squeeze(-2)
-        for n, power in enumerate(self._powers):
-            readout = readout + self._c[power] * products[n]
-        return readout / cfg.av_saturation
+            pulse_tiles = pulse.view(n_tok, self.batch, self.heads, tiles, 1, rows)
+            if gain_v is None:
+                readout = c["c0"] * pulse_tiles.sum(-1)  # i = 0
+            else:
+                readout = c["c0"] * torch.matmul(pulse_tiles, self._gain_v_tiles).squeeze(-2)
+            for n, power in enumerate(self._powers):
+                readout = readout + c[f"c{power}"] * products[:, n]
+            readout = readout / c["av_saturation"]
+        if cfg.readout_noise > 0:  # every read sub-tile (those holding a key), before its ADC
+            read = self._tile_index < -(-filled // rows)
+            noise = torch.randn(readout.shape, generator=self.generator, device=readout.device, dtype=readout.dtype)
+            readout = readout + cfg.readout_noise * torch.where(read.view(tiles, 1), noise, 0.0)
+        # Each sub-tile's pulse counter (clamp + quantize), then the digital adders; an empty sub-tile
+        # reads exactly 0.
+        return _dac(readout, self._output_adc).sum(dim=-2)
 
     def extra_repr(self) -> str:  # pragma: no cover - debugging aid
         return (f"AnalogKVDecoder(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "

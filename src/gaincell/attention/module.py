@@ -173,7 +173,7 @@ class AttentionCore(nn.Module):
         op_config = self._op_config[q.is_cuda]
         if op_config is not None and torch.compiler.is_compiling():
             # One opaque node for torch.compile (gaincell.attention.op): no graph break inside the model.
-            y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)
+            y = torch.ops.gaincell.analog_attention(q, k, v, op_config, self.implementation)[0]
         else:
             y = analog_attention(q, k, v, self.layer_analog, implementation=self.implementation)
         return self._scale("out", y)
@@ -201,6 +201,15 @@ class AttentionCore(nn.Module):
             q, k, v = self._scale("q", q), self._scale("k", k), self._scale("v", v)
         y = state.step(q[:, :, 0], k[:, :, 0], v[:, :, 0]).unsqueeze(2)
         return self._scale("out", y) if hardware else y
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state) -> torch.Tensor:
+        """T tokens per sequence at once: q, k, v (B, H, T, D) -> (B, H, T, D), what T calls of ``step``
+        give: the gain-cell arrays take them with ``AnalogKVDecoder.prefill`` (exactly the steps'
+        outputs), a softmax cache one token at a time."""
+        if self.kind not in HW_KINDS:
+            return torch.stack([state.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(q.shape[2])], dim=2)
+        y = state.prefill(self._scale("q", q), self._scale("k", k), self._scale("v", v))
+        return self._scale("out", y)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n_head={self.n_head}, window={self.analog.window}"

@@ -3,11 +3,12 @@ node per attention layer instead of tracing (and breaking on) the dispatch, vali
 
     y = torch.ops.gaincell.analog_attention(q, k, v, config_key(cfg), "auto")
 
-Forward: ``gaincell::analog_attention`` runs ``functional.analog_attention`` (the same exact paths, the
-same input validation, the same float32-inside-autocast rule) on the actual tensors at run time. Backward
-(registered autograd): ``gaincell::analog_attention_backward`` computes dq, dk, dv from the saved q, k, v
-and dy with the blocked path's own recomputing backward, so the gradients are bit for bit those of the
-eager call. Both have fake (meta) implementations giving the output shapes and layouts, for tracing.
+Forward: ``gaincell::analog_attention`` validates the inputs once and runs the blocked path (computed in
+float32 or float64 whatever the autocast region, as ``functional.analog_attention``) on the actual
+tensors at run time; it returns y and the forward's state for the backward as one flat tensor
+(``blocked.forward_packed``). Backward (registered autograd): ``gaincell::analog_attention_backward``
+computes dq, dk, dv from q, k, v, dy and that state (``blocked.backward_packed``), so values and
+gradients are bit for bit those of the eager call. Both have fake (meta) implementations giving the output shapes and layouts, for tracing.
 The operator covers the blocked path (``OP_IMPLEMENTATIONS``; the dense oracle is left to autograd,
 and autograd cannot run inside an operator's implementation).
 
@@ -28,8 +29,8 @@ import torch
 
 from . import blocked
 from .config import AnalogAttentionConfig
-from .functional import analog_attention, resolve_implementation
-from .reference import compute_dtype
+from .functional import resolve_implementation
+from .reference import compute_dtype, validate_inputs
 
 __all__ = ["config_key", "config_from_key", "op_supports", "analog_attention_op", "OP_IMPLEMENTATIONS"]
 
@@ -62,52 +63,51 @@ def op_supports(cfg: AnalogAttentionConfig, implementation: str = "auto", on_cud
 
 @torch.library.custom_op("gaincell::analog_attention", mutates_args=())
 def _analog_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str,
-                         implementation: str) -> torch.Tensor:
-    with torch.no_grad():
-        y = analog_attention(q, k, v, config_from_key(config), implementation=implementation)
-    return y.contiguous()  # the layout the fake implementation promises to the compiler
+                         implementation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    cfg = config_from_key(config)
+    problem = op_supports(cfg, implementation, q.is_cuda)
+    if problem is not None:
+        raise ValueError(f"gaincell::analog_attention: {problem}")
+    validate_inputs(q, k, v, cfg)
+    dtype = compute_dtype(q.dtype)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        y, state = blocked.forward_packed(q.to(dtype), k.to(dtype), v.to(dtype), cfg)
+    # the layouts the fake implementation promises to the compiler
+    return y.to(q.dtype).contiguous(), state
 
 
 @_analog_attention_op.register_fake
 def _(q, k, v, config, implementation):
-    return q.new_empty(q.shape)
+    cfg = config_from_key(config)
+    size = blocked.packed_state_size(tuple(q.shape), cfg)
+    return q.new_empty(q.shape), q.new_empty(size, dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("gaincell::analog_attention_backward", mutates_args=())
 def _analog_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dy: torch.Tensor,
-                                  config: str, implementation: str) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor]:
+                                  state: torch.Tensor, config: str, implementation: str
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = config_from_key(config)
-    problem = op_supports(cfg, implementation, q.is_cuda)
-    if problem is not None:
-        raise ValueError(f"gaincell::analog_attention_backward: {problem}")
-    grads = _blocked_backward(q, k, v, dy, cfg)
-    return tuple(g.contiguous() for g in grads)  # contiguous, as the fake implementation says
+    dtype = compute_dtype(q.dtype)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        grads = blocked.backward_packed(q.to(dtype), k.to(dtype), v.to(dtype), cfg, dy.to(dtype), state)
+    return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v)))
 
 
 @_analog_attention_backward_op.register_fake
-def _(q, k, v, dy, config, implementation):
+def _(q, k, v, dy, state, config, implementation):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _blocked_backward(q, k, v, dy, cfg: AnalogAttentionConfig):
-    """The blocked path's backward without its forward: what ``analog_attention_blocked``'s autograd does
-    (computed in ``compute_dtype``, gradients returned in the input dtypes)."""
-    dtype = compute_dtype(q.dtype)
-    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        dq, dk, dv = blocked._backward(q.to(dtype), k.to(dtype), v.to(dtype), cfg, None, dy.to(dtype))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, config, implementation = inputs
-    ctx.save_for_backward(q, k, v)
+    ctx.save_for_backward(q, k, v, output[1])
     ctx.config, ctx.implementation = config, implementation
 
 
-def _backward(ctx, dy):
-    q, k, v = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gaincell.analog_attention_backward(q, k, v, dy, ctx.config, ctx.implementation)
+def _backward(ctx, dy, dstate):
+    q, k, v, state = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gaincell.analog_attention_backward(q, k, v, dy, state, ctx.config, ctx.implementation)
     return dq, dk, dv, None, None
 
 
@@ -120,4 +120,4 @@ def analog_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: 
     problem = op_supports(cfg, implementation, bool(getattr(q, "is_cuda", False)))
     if problem is not None:
         raise ValueError(f"analog_attention_op: {problem}; call gaincell.attention.analog_attention instead")
-    return torch.ops.gaincell.analog_attention(q, k, v, config_key(cfg), implementation)
+    return torch.ops.gaincell.analog_attention(q, k, v, config_key(cfg), implementation)[0]

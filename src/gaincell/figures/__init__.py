@@ -13,6 +13,8 @@ import json
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -52,28 +54,40 @@ def caption_of(func: Callable) -> str:
     return doc.split("\n\n")[0].replace("\n", " ").strip()
 
 
-def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[str] | None = None) -> dict:
-    """Make every figure. ``strict``: raise at the end when any figure failed."""
+def _make_one(name: str, module_name: str, func: Callable | None, results_dir: Path, out_dir: Path) -> tuple:
+    """Make one figure: ("made", entry) | ("skipped", None) | ("failed", message). ``func`` None: look
+    the function up by name (in a worker process)."""
+    func = func or figure_functions()[name][1]
+    start = time.perf_counter()
+    try:
+        paths = func(Path(results_dir), Path(out_dir)) or []
+    except Exception as err:  # one figure's missing input must not hide the others
+        print(f"figure {name}: FAILED {type(err).__name__}: {err}", file=sys.stderr)
+        traceback.print_exc()
+        return "failed", f"{type(err).__name__}: {err}"
+    if not paths:  # optional figure whose inputs this run does not make (e.g. benchmarks)
+        print(f"figure {name}: skipped (no input)")
+        return "skipped", None
+    print(f"figure {name}: {', '.join(Path(p).name for p in paths)}", flush=True)
+    return "made", {"module": module_name, "files": [str(p) for p in paths], "caption": caption_of(func),
+                    "seconds": round(time.perf_counter() - start, 2)}
+
+
+def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[str] | None = None,
+             workers: int = 1) -> dict:
+    """Make every figure. ``strict``: raise at the end when any figure failed. ``workers`` > 1: that many
+    processes make the figures side by side (the index keeps pipeline order)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    made, failed, skipped = {}, {}, []
-    for name, (module_name, func) in figure_functions().items():
-        if only and name not in only:
-            continue
-        start = time.perf_counter()
-        try:
-            paths = func(Path(results_dir), Path(out_dir)) or []
-        except Exception as err:  # one figure's missing input must not hide the others
-            failed[name] = f"{type(err).__name__}: {err}"
-            print(f"figure {name}: FAILED {failed[name]}", file=sys.stderr)
-            traceback.print_exc()
-            continue
-        if not paths:  # optional figure whose inputs this run does not make (e.g. benchmarks)
-            skipped.append(name)
-            print(f"figure {name}: skipped (no input)")
-            continue
-        made[name] = {"module": module_name, "files": [str(p) for p in paths],
-                      "caption": caption_of(func), "seconds": round(time.perf_counter() - start, 2)}
-        print(f"figure {name}: {', '.join(Path(p).name for p in paths)}")
+    todo = [(name, module_name, func) for name, (module_name, func) in figure_functions().items()
+            if not only or name in only]
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            outcomes = list(pool.map(_make_one, *zip(*[(n, m, None, results_dir, out_dir) for n, m, _ in todo])))
+    else:
+        outcomes = [_make_one(n, m, f, results_dir, out_dir) for n, m, f in todo]
+    made = {n: payload for (n, _, _), (status, payload) in zip(todo, outcomes) if status == "made"}
+    failed = {n: payload for (n, _, _), (status, payload) in zip(todo, outcomes) if status == "failed"}
+    skipped = [n for (n, _, _), (status, _) in zip(todo, outcomes) if status == "skipped"]
     index = {"results_dir": str(results_dir), "made": made, "failed": failed, "skipped": skipped}
     if only and (out_dir / "index.json").is_file():  # a partial remake keeps the other figures' entries
         previous = json.loads((out_dir / "index.json").read_text())
@@ -95,7 +109,8 @@ def run(cfg) -> None:
     stage = stage_settings(cfg, FiguresStage)
     results_dir = Path(cfg.results_dir)
     try:
-        make_all(results_dir, results_dir / "figures", strict=stage.strict, only=stage.only or None)
+        make_all(results_dir, results_dir / "figures", strict=stage.strict, only=stage.only or None,
+                 workers=stage.workers)
     finally:  # what was made is logged even when a figure failed (make_all writes the index first)
         index_path = results_dir / "figures" / "index.json"
         index = json.loads(index_path.read_text()) if index_path.is_file() else {"made": {}}

@@ -80,7 +80,7 @@ def fig_variation(results_dir: Path, out_dir: Path) -> List[Path]:
             ax.axvspan(g - e, g + e, color="crimson", alpha=0.15)
             ax.axvline(g, color="crimson", ls="--", lw=1.2,
                        label=f"our cell, Monte-Carlo SPICE: {g:.3f} +- {e:.3f}")
-            ax.text(0.02, 0.02, f"measured offset spread sigma(c0) = {mm['offset_spread']:.3g} "
+            ax.text(0.02, 0.78, f"measured offset spread sigma(c0) = {mm['offset_spread']:.3g} "
                     f"({100 * mm['offset_spread_over_c1']:.2g} % of c1), not modelled here",
                     transform=ax.transAxes, fontsize=7, color="crimson")
         levels = sub["output_levels"].dropna()
