@@ -74,3 +74,36 @@ def test_snakefile_generates_one_rule_per_training_run(tmp_path):
             assert f"train.max_iters={run.max_iters(cfg)} " in job
         if run.start:
             assert f"+stage.init_from={cfg.results_dir}/{study.checkpoint(run.start)}" in job
+
+
+def test_iteration_bookkeeping_counts_every_run_a_checkpoint_starts_from():
+    """Iterations behind each checkpoint: its own plus those of its start chain (adaptation and
+    calibration add none), in closed form from the profile's settings."""
+    for profile in ("tiny", "ci"):
+        cfg = compose([f"profile={profile}"])
+        pre, lin, early, win = (cfg.train.max_iters, cfg.workflow.linear_iters, cfg.workflow.linear_early_iters,
+                                cfg.workflow.window_iters)
+        iters = {row.run: study.chain_iters(row.run, cfg) for row in study.TABLE_ROWS}
+        assert iters["softmax"] == pre and iters["softmax_window"] == pre + win
+        assert iters["linear_hw_init"] == pre                      # calibrated, untrained
+        assert iters["linear_hw"] == pre + lin
+        # the fair baseline and the fine-tuned variant 6 have exactly the linear chain's length
+        assert iters["softmax_long"] == iters["nonlinear_finetuned"] == pre + lin == iters["linear_hw_uncalibrated"]
+        assert iters["nonlinear_mapped"] == iters["nonlinear_adapted"] == iters["nonlinear_adapted_paper"] == pre + lin
+        assert study.own_iters("nonlinear_finetuned", cfg) == lin - early
+        assert study.tokens_per_iter(cfg) == cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    paper = compose(["profile=paper"])  # the public GPT-2 is exported untrained: its pretraining is not counted
+    assert study.chain_iters("softmax", paper) == 0 and study.chain_iters("linear_hw", paper) == 13000
+
+
+def test_table_rows_and_claims_name_runs_of_the_study():
+    rows = [row.run for row in study.TABLE_ROWS]
+    assert len(rows) == len(set(rows)) and set(rows) <= set(study.RUNS_BY_NAME)
+    assert {"softmax_long", "linear_hw_uncalibrated"} <= set(rows)
+    assert all(c.worse in rows and c.better in rows for c in study.CLAIMS)
+    assert {c.name for c in study.CLAIMS if c.kind == "ordering"} == {"4 worse than 5", "5 worse than 3",
+                                                                       "6 better than 5"}
+    # the linear runs start from the calibrated model, the ablation from the softmax baseline
+    assert study.RUNS_BY_NAME["linear_hw"].start == "linear_hw_init" == study.RUNS_BY_NAME["linear_hw_early"].start
+    assert study.RUNS_BY_NAME["linear_hw_init"].mode == "calibrate"
+    assert study.RUNS_BY_NAME["linear_hw_uncalibrated"].start == "softmax"

@@ -36,6 +36,8 @@ STAGES: Dict[str, str] = {
     "variation_eval": "gaincell.variation:variation_eval",
     "analog_convert": "gaincell.analog_stage:convert",
     "analog_eval": "gaincell.analog_stage:evaluate",
+    "diagnose": "gaincell.diagnose:run",
+    "study_table": "gaincell.comparisons:run",
     "hardware_estimates": "gaincell.hardware.stage:run",
     "derive_decay": "gaincell.hardware.decay:run",
     "gpu_baseline": "gaincell.hardware.gpu_baseline:run",

@@ -260,6 +260,7 @@ class TrainConfig:
     batch_size: int = 8                 # micro-batch per process, sequences
     grad_accum: int = 1                 # micro-batches per optimizer step, all processes together
     learning_rate: float = 6e-4         # peak learning rate (AdamW)
+    scaler_learning_rate: Optional[float] = None  # peak lr of the hardware per-head scalers (None: learning_rate)
     min_lr: float = 6e-5                # floor of the cosine decay
     warmup_iters: int = 30              # linear warmup, steps
     lr_decay_iters: Optional[int] = None  # end of the cosine decay, steps (None: max_iters)
@@ -296,6 +297,29 @@ class AdaptConfig:
     batch_size: int = 8                 # sequences per calibration / evaluation batch
     eval_batches: int = 16              # fixed batches from val.bin for the validation loss of each variant
     histogram_bins: int = 80            # bins of the before/after value histograms (figure)
+    # Scaler calibration (mode calibrate, `gaincell.adapt.calibration`): per-head targets of q~, k~, v~ before
+    # hardware training, so the DAC ranges are used; the output scaler matches the softmax model's output.
+    calibrate_query_mean: float = 0.5   # q~ mean: centre of the query DAC range [0, 1]
+    calibrate_query_std: float = 0.2    # q~ std: range ends at +-2.5 sigma (16 levels)
+    calibrate_stored_mean: float = 0.45  # k~, v~ mean: centre of the stored range [0, 0.9] V
+    calibrate_stored_std: float = 0.2   # k~, v~ std, V: range ends at +-2.25 sigma (8 levels)
+
+
+@dataclass
+class DiagnoseConfig:
+    """The study table and signal-health diagnostics (`gaincell.diagnose`, `gaincell.comparisons`).
+
+    Every row of the study table is evaluated on the same fixed validation sequences (disjoint windows
+    of ``model.block_size`` tokens, evenly spaced over val.bin); comparisons are paired over them.
+    """
+
+    sequences: int = 512                # validation sequences per model (paired SE over per-sequence means)
+    share_sequences: int = 128          # the first N of them for the attention-share ablations
+    health_sequences: int = 16          # the first N for the signal statistics inside the analog attention
+    batch_size: int = 16                # sequences per forward pass
+    resolve_se: float = 2.0             # an ordering is resolved when |difference| > this many paired SE
+    equivalence_margin: float = 0.02    # nats/token: "close" when the resolve_se interval lies inside +-this
+    target_se: float = 0.005            # nats/token: the paired SE the study is sized for (reported if missed)
 
 
 @dataclass
@@ -449,7 +473,7 @@ class WorkflowConfig:
 # --------------------------------------------------------------------------------------------------
 # per-stage extras: ``+stage.<key>=value`` on the command line (paths and names chosen by the rules)
 # --------------------------------------------------------------------------------------------------
-ADAPT_MODES = ("adapt", "map_only", "evaluate")
+ADAPT_MODES = ("adapt", "map_only", "evaluate", "calibrate")
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
@@ -475,7 +499,8 @@ class AdaptStage:
 
     init_from: Optional[str] = None     # the linear hardware model: checkpoint file, run folder or run name
     name: Optional[str] = None          # output run: checkpoints/<name>/ckpt.pt and adapt/<name>/
-    mode: str = "adapt"                 # adapt | map_only | evaluate (alias of the study_eval stage)
+    mode: str = "adapt"                 # adapt | map_only | evaluate (alias of the study_eval stage) |
+    #                                     calibrate (a softmax model's scalers set from data, gaincell.adapt.calibration)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, ADAPT_MODES)
@@ -504,6 +529,14 @@ class LeakageStage:
     init_from: Optional[str] = None     # the trained hardware model
     finetune_iters: int = 0             # fine-tuning iterations at this leakage (0: evaluate only)
     finetune_lr: Optional[float] = None  # peak learning rate of that fine-tune (None: train.min_lr)
+
+
+@dataclass
+class DiagnoseStage:
+    """``diagnose``: one study-table model on the fixed validation sequences."""
+
+    name: Optional[str] = None          # row name: diagnose/<name>.json
+    checkpoint: Optional[str] = None    # the model's checkpoint file
 
 
 @dataclass
@@ -588,6 +621,7 @@ class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -17,7 +17,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 # equation 9 (``adapt`` stage, writes ``ckpt.pt`` and ``adapt/<run>/summary.json``).
 TRAINING = {"train": "final.pt", "adapt": "ckpt.pt", "convert": "final.pt"}
 # (convert: ``analog_convert`` stage, the start run's weights on analog weight tiles, rule in analog.smk)
-ADAPT_MODES = ("adapt", "map_only")        # adapt: eq. 9; map_only: switch the cell, keep the scalers
+ADAPT_MODES = ("adapt", "map_only", "calibrate")  # adapt: eq. 9; map_only: switch the cell, keep the scalers;
+#                                          calibrate: a softmax model's scalers set from data for the hardware
+#                                          attention (gaincell.adapt.calibration)
 
 IterFn = Callable[[Any], Optional[int]]   # composed config -> train.max_iters (None: the profile's own)
 
@@ -111,9 +113,12 @@ RUNS: Tuple[Run, ...] = (
         doc="Software baseline, softmax attention (variant 1); paper profile: the public GPT-2, untrained."),
     Run("softmax_window", "softmax_window", start="softmax", iters=_window_iters, rule="train_window",
         doc="Software sliding-window model (variant 2), fine-tuned from the baseline."),
-    Run("linear_hw", "linear_hw", start="softmax", iters=_linear_iters, rule="train_linear",
-        doc="Linear intermediate hardware model (variant 3), fine-tuned from the baseline."),
-    Run("linear_hw_early", "linear_hw", start="softmax", iters=_linear_early_iters, decay_iters=_linear_iters,
+    Run("linear_hw_init", "linear_hw", "adapt", start="softmax", mode="calibrate",
+        doc="The baseline on the linear hardware attention, q/k/v scalers calibrated from data into the DAC "
+            "ranges, output scalers matched to the softmax outputs (no training): start of the linear runs."),
+    Run("linear_hw", "linear_hw", start="linear_hw_init", iters=_linear_iters, rule="train_linear",
+        doc="Linear intermediate hardware model (variant 3), fine-tuned from the calibrated baseline."),
+    Run("linear_hw_early", "linear_hw", start="linear_hw_init", iters=_linear_early_iters, decay_iters=_linear_iters,
         rule="train_linear_early",
         doc="The linear run stopped early (paper: 3,000 of 13,000 iterations, same schedule) for variant 6."),
     Run("nonlinear_mapped", "nonlinear_hw", "adapt", start="linear_hw", mode="map_only",
@@ -132,6 +137,18 @@ RUNS: Tuple[Run, ...] = (
     Run("fully_analog_hwa", "nonlinear_hw", start="fully_analog", iters=_analog_hwa_iters,
         overrides=("projections=analog",),
         doc="The fully analog model after hardware-aware training (weight and output noise injected)."),
+    Run("softmax_long", "softmax", start="softmax", iters=_linear_iters,
+        doc="Fair software baseline: the baseline trained on for as many iterations as the linear hardware "
+            "chain (same learning rate and schedule as variant 3)."),
+    Run("linear_hw_uncalibrated", "linear_hw", start="softmax", iters=_linear_iters,
+        doc="Ablation: variant 3 trained without scaler calibration (initial scalers a = 1, b = 0 / 0.45)."),
+) + tuple(
+    Run(f"nonlinear_{mode_name}_{cell}", "nonlinear_hw", "adapt", start="linear_hw", mode=mode,
+        overrides=(f"cell={cell}",),
+        doc=f"Nonlinearity study: variant 3 on the '{cell}' cell, {what}.")
+    for cell in ("paper", "strong_cubic")
+    for mode_name, mode, what in (("mapped", "map_only", "scalers kept (no adaptation)"),
+                                  ("adapted", "adapt", "adapted by equation 9"))
 )
 
 VARIANTS: Tuple[Variant, ...] = (
@@ -146,6 +163,72 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant(8, "fully_analog_hwa", "6 + analog projections, HW-aware trained", ("fully_analog_hwa",), "analog",
             noise_seeds=True),
 )
+
+# ----------------------------------------------------------------------------------------------------------
+# The study table (stage diagnose): every variant plus the fair baseline, the calibration ablation and the
+# other cells, each evaluated on the same fixed validation sequences; the paper's claims tested on them.
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One row of the study table: a run's checkpoint, with a label and what it is for."""
+
+    run: str
+    label: str
+    role: str                           # variant | fair baseline | ablation | cell
+    cell: str = ""                      # coefficient set of a nonlinear row ("": the profile's own)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A comparison the paper makes. ``ordering``: ``worse`` has the higher loss than ``better``, resolved
+    when the paired difference exceeds 2 standard errors. ``equivalence``: the two agree within
+    ``diagnose.equivalence_margin`` nats/token, shown when the 2-SE interval lies inside the margin."""
+
+    name: str
+    worse: str                          # ordering: the run expected worse; equivalence: the first run
+    better: str                         # ordering: the run expected better; equivalence: the second run
+    kind: str = "ordering"              # ordering | equivalence
+
+
+CELLS = ("paper", "strong_cubic")       # cells besides the profile's own (config/cell/); adapted, not fine-tuned
+
+TABLE_ROWS: Tuple[Row, ...] = tuple(Row(v.run, f"{v.number}. {v.label}", "variant") for v in VARIANTS
+                                    if not v.noise_seeds) + (
+    Row("softmax_long", "1'. software baseline, as many iterations as 3", "fair baseline"),
+    Row("linear_hw_uncalibrated", "3'. linear HW without scaler calibration", "ablation"),
+    Row("linear_hw_init", "3 at iteration 0: calibrated, untrained", "ablation"),
+) + tuple(Row(f"nonlinear_{m}_{cell}", f"{n}. {what}, cell '{cell}'", "cell", cell)
+          for cell in CELLS for m, n, what in (("mapped", 4, "mapped"), ("adapted", 5, "adapted")))
+
+CLAIMS: Tuple[Claim, ...] = (
+    Claim("4 worse than 5", "nonlinear_mapped", "nonlinear_adapted"),
+    Claim("5 worse than 3", "nonlinear_adapted", "linear_hw"),
+    Claim("6 better than 5", "nonlinear_adapted", "nonlinear_finetuned"),
+    Claim("3 close to 1", "linear_hw", "softmax", "equivalence"),
+    Claim("3 close to 1 at equal iterations", "linear_hw", "softmax_long", "equivalence"),
+)
+
+
+def own_iters(run: str, cfg: Any) -> int:
+    """Optimizer steps of this run alone (an adaptation or calibration: 0)."""
+    r = RUNS_BY_NAME[run]
+    if r.training != "train":  # adapt, calibrate, convert: no optimizer steps
+        return 0
+    iters = r.max_iters(cfg)
+    return int(cfg.train.max_iters) if iters is None else int(iters)
+
+
+def chain_iters(run: str, cfg: Any) -> int:
+    """Optimizer steps behind a run's checkpoint: its own plus those of every run it starts from
+    (paper profile: the public GPT-2's own pretraining is not counted)."""
+    r = RUNS_BY_NAME[run]
+    return own_iters(run, cfg) + (chain_iters(r.start, cfg) if r.start else 0)
+
+
+def tokens_per_iter(cfg: Any) -> int:
+    """Training tokens per optimizer step: batch x gradient accumulation x context (every run alike)."""
+    return int(cfg.train.batch_size) * int(cfg.train.grad_accum) * int(cfg.model.block_size)
+
 
 SAMPLE_RUN = "nonlinear_finetuned"      # the model whose generated text sample the pipeline keeps
 LEAKAGE_RUN = "linear_hw"               # the trained hardware model of the leakage sweep (Supp. Fig. 6)
@@ -189,6 +272,11 @@ def _validate() -> None:
         unknown = [n for n in (v.run, *v.curve_runs) if n not in RUNS_BY_NAME]
         if unknown:
             raise ValueError(f"variant {v.number} names unknown runs {unknown}")
+    rows = [row.run for row in TABLE_ROWS]
+    unknown = [n for n in rows if n not in RUNS_BY_NAME] + [n for c in CLAIMS for n in (c.worse, c.better)
+                                                           if n not in rows]
+    if unknown or len(set(rows)) != len(rows):
+        raise ValueError(f"study table rows or claims name unknown or repeated runs: {unknown or rows}")
 
 
 _validate()

@@ -186,12 +186,21 @@ class WarmupCosine:
 
 
 def make_optimizer(model: GPT, lr: float, weight_decay: float, betas: Tuple[float, float],
-                   device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (Linear/Embedding weights) and none on biases, gains, scalers."""
+                   device: torch.device, scaler_lr: Optional[float] = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (Linear/Embedding weights) and none on biases, gains, scalers.
+
+    ``scaler_lr``: peak learning rate of the attention cores' per-head scalers (their own group, same
+    schedule shape: the group's ``lr_scale`` = scaler_lr / lr multiplies the scheduled rate); None: ``lr``."""
+    scalers = {id(p) for core in model.attention_cores() for p in core.parameters(recurse=False)}
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    own = [p for p in params if id(p) in scalers] if scaler_lr is not None else []
+    rest = [p for p in params if not any(p is q for q in own)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if own:
+        groups.append({"params": own, "weight_decay": 0.0, "lr": float(scaler_lr),
+                       "lr_scale": float(scaler_lr) / lr if lr > 0 else 1.0})
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
 
@@ -478,7 +487,9 @@ def setup(cfg: Any, env: DistEnv) -> TrainRun:
         cfg=cfg, env=env, name=name, ckpt_path=ckpt_dir / "ckpt.pt", final_path=ckpt_dir / "final.pt",
         metrics_path=results_dir / "train" / name / "metrics.csv", model=model, source=source,
         optimizer=make_optimizer(model, float(t.learning_rate), float(t.weight_decay),
-                                 (float(t.beta1), float(t.beta2)), env.device),
+                                 (float(t.beta1), float(t.beta2)), env.device,
+                                 scaler_lr=None if t.get("scaler_learning_rate") is None
+                                 else float(t.scaler_learning_rate)),
         scaler=torch.amp.GradScaler(env.device.type, enabled=(dtype == torch.float16)),
         schedule=WarmupCosine(float(t.learning_rate), float(t.min_lr), int(t.warmup_iters), decay_iters),
         train_sampler=BatchSampler(data_dir / "train.bin", T, seed=int(t.seed)),
@@ -580,8 +591,8 @@ def train_step(run: TrainRun, model: torch.nn.Module, lr: float, stop_requested:
     t, env = run.cfg.train, run.env
     batch_size, grad_accum = int(t.batch_size), int(t.grad_accum)
     local_accum = grad_accum // env.world_size
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    for group in run.optimizer.param_groups:  # the scalers' group keeps its ratio to the schedule
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     offsets = run.train_sampler.draw(grad_accum * batch_size).view(grad_accum, batch_size)[env.rank::env.world_size]
     loss_sum = torch.zeros((), device=env.device)
     for m in range(local_accum):

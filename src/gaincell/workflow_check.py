@@ -26,7 +26,8 @@ RULES_WITH_BENCHMARKS = (["characterize", "fit", "prepare_data"]
 REQUIRED_FIGURES = ["device_characteristic", "device_retention", "device_array", "device_vs_paper",
                     "training_curves", "adapt_statistics", "adapt_convergence", "leakage", "study", "eval_tasks",
                     "hardware_breakdown", "hardware_scaling", "hardware_gpu_comparison",
-                    "device_mismatch", "variation", "analog_noise", "analog_energy"]
+                    "device_mismatch", "variation", "analog_noise", "analog_energy",
+                    "study_claims", "signal_health", "nonlinearity"]
 
 
 def _json(path: Path) -> dict:
@@ -117,6 +118,10 @@ def check(results_dir: Path) -> List[str]:
     leak = r / "adapt" / "leakage"
     if not leak.is_dir() or len(list(leak.glob("*.json"))) < 3:
         problems.append("adapt/leakage: fewer than 3 leakage points")
+    for row in study.TABLE_ROWS:  # the study table (issue 15): every row on the same validation sequences
+        need(f"diagnose/{row.run}.json", 100)
+    for name, rows in (("study_table", len(study.TABLE_ROWS)), ("claims", len(study.CLAIMS)), ("cells", 3)):
+        need(f"diagnose/{name}.csv", 20, csv_rows(rows))
     variation = r / "adapt" / "variation"
     if not variation.is_dir() or len(list(variation.glob("*.json"))) < 3:
         problems.append("adapt/variation: fewer than 3 variation / readout-noise points")

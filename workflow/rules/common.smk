@@ -60,10 +60,12 @@ def stage_shell(threads_key, stage_extra=False):
     return f"{{params.cmd}} {{resources.overrides}} {key} {{params.args}} > {{log}} 2>&1"
 
 
-def plain_config(name=None):
-    """The resolved config, or one top-level section of it, as plain values without the run-time-only
-    settings (gaincell.config.RUNTIME_ONLY_KEYS: threads, progress bars, workers, cache folders)."""
-    node = CFG if name is None else OmegaConf.select(CFG, name)
+def plain_config(name=None, cfg=None):
+    """The resolved config (``cfg``, default the pipeline's), or one top-level section of it, as plain values
+    without the run-time-only settings (gaincell.config.RUNTIME_ONLY_KEYS: threads, progress bars, workers,
+    cache folders)."""
+    cfg = CFG if cfg is None else cfg
+    node = cfg if name is None else OmegaConf.select(cfg, name)
     if not OmegaConf.is_config(node):
         return node
     plain = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
@@ -105,9 +107,11 @@ def section(*names, kind=None, extra=()):
     section counts only the settings that attention kind reads. ``extra``: a run's own Hydra overrides;
     the top-level sections they name count too."""
     names = list(dict.fromkeys(list(names) + [o.lstrip("+~").split("=")[0].split(".")[0] for o in extra]))
+    # the run's overrides applied (a config group such as cell=paper changes the sections it sets)
+    cfg = compose(OVERRIDES + list(extra)) if extra else None
     parts = {}
     for name in names:
-        node = plain_config(name)
+        node = plain_config(name, cfg)
         if name == "attention" and kind is not None:
             node = dict(node, kind=kind)
             keys = ATTENTION_KEYS.get(kind)

@@ -13,6 +13,7 @@ rule figures:
         expand(f"{R}/adapt/study/{{run}}.json", run=VARIANTS),
         expand(f"{R}/adapt/{{run}}/summary.json", run=[r.name for r in study.runs("adapt")]),
         ckpt(study.SAMPLE_RUN),
+        STUDY_TABLE,
     output:
         figures=report(
             directory(FIGURES_DONE),

@@ -172,11 +172,20 @@ def measure_statistics(model: nn.Module, batches: Sequence[Batch], cores: Option
     return Statistics(mean=mean, std=std, loss=packed[-1].item() / n)
 
 
+def constant_stage(mean: torch.Tensor, std: torch.Tensor, target_std: torch.Tensor) -> torch.Tensor:
+    """True where a stage's output is constant up to float32 rounding: std <= 1e-6 x max(|mean|, target std)
+    (float32 carries ~7 significant digits, so a constant's measured std is ~1e-8 of its value)."""
+    return std <= 1e-6 * torch.maximum(mean.abs(), target_std)
+
+
 def equation_9(scale: torch.Tensor, bias: torch.Tensor, stats: Statistics, target: Statistics,
                beta: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """One damped update of eq. 9: a <- a sigma_L / sigma_NL, b <- b + mu_L - mu_NL, mixed with the old
-    values by ``beta``. A stage whose nonlinear output is constant (std 0) cannot be rescaled: its a is kept."""
-    ratio = torch.where(stats.std > 0, target.std / stats.std.clamp_min(1e-300), torch.ones_like(scale))
+    values by ``beta``. A stage whose nonlinear output is constant cannot be rescaled: its a is kept
+    (constant: std 0, or below 1e-6 of the output's scale, i.e. float32 rounding of a constant: rescaling
+    that noise to the target std would blow the scaler up, e.g. when every pulse of a head is 0)."""
+    ratio = torch.where(~constant_stage(stats.mean, stats.std, target.std),
+                        target.std / stats.std.clamp_min(1e-300), torch.ones_like(scale))
     new_scale = beta * (scale * ratio) + (1.0 - beta) * scale
     new_bias = beta * (bias + (target.mean - stats.mean)) + (1.0 - beta) * bias
     return new_scale, new_bias

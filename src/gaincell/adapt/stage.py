@@ -6,7 +6,8 @@
 ``mode=adapt`` (default) runs eq. 9 (:func:`gaincell.adapt.algorithm.adapt_scalers`) on
 ``adapt.calibration_batches`` fixed training batches; ``mode=map_only`` switches to the nonlinear cell
 and keeps the linear model's scalers (the study's variant 4); ``mode=evaluate`` is the ``study_eval``
-stage. The nonlinear cell is ``attention.coefficients``; every other hardware setting is the
+stage; ``mode=calibrate`` sets a softmax checkpoint's scalers from data for the hardware attention
+(:mod:`gaincell.adapt.calibration`). The nonlinear cell is ``attention.coefficients``; every other hardware setting is the
 checkpoint's. Writes ``results/<profile>/checkpoints/<name>/ckpt.pt`` and
 ``results/<profile>/adapt/<name>/{summary.json, history.csv, stats.csv, histograms.csv}``; the
 validation losses of the linear, mapped and adapted model are measured on the study's fixed batches.
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 
 from gaincell.adapt.algorithm import AdaptResult, AdaptSettings, adapt_scalers, attention_cores, measure_statistics
+from gaincell.adapt.calibration import run_stage as run_calibration
 from gaincell.adapt.histograms import capture_values, histogram_rows
 from gaincell.adapt.inputs import (
     core_kinds,
@@ -64,6 +66,8 @@ def run(cfg: Any) -> Dict[str, Any]:
     stage = stage_settings(cfg, AdaptStage)
     if stage.mode == "evaluate":
         return study_eval(cfg, StudyEvalStage(init_from=stage.init_from, name=stage.name))
+    if stage.mode == "calibrate":  # a softmax checkpoint's scalers set from data for the hardware attention
+        return run_calibration(cfg, stage.init_from, stage.name)
     source = resolve_checkpoint(cfg, stage.init_from)
     if not stage.name:
         raise ValueError("+stage.name is required: the run name of the adapted model (checkpoints/<name>/ckpt.pt)")

@@ -23,7 +23,7 @@ from gaincell.io import atomic_write_json, atomic_write_text
 from gaincell.tracking import log_stage_outputs
 
 # Modules in pipeline order.
-FIGURE_MODULES = ("device", "train", "adapt", "variation", "evaluate", "hardware", "analog", "benchmarks")
+FIGURE_MODULES = ("device", "train", "adapt", "diagnose", "variation", "evaluate", "hardware", "analog", "benchmarks")
 
 
 def figure_functions() -> Dict[str, Tuple[str, Callable]]:
