@@ -35,8 +35,8 @@ from gaincell.adapt.algorithm import (
     set_scalers,
 )
 from gaincell.adapt.inputs import distributed_job, fixed_batches, load_model, resolve_checkpoint, save_checkpoint
-from gaincell.attention.config import analog_config_from_settings
-from gaincell.attention.module import HW_KINDS, SCALER_STAGES
+from gaincell.attention.config import HW_KINDS, analog_config_from_settings
+from gaincell.attention.module import SCALER_STAGES
 from gaincell.data import Batch
 from gaincell.io import atomic_to_csv, atomic_write_json
 
