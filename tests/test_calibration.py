@@ -83,3 +83,23 @@ def test_a_constant_stage_is_not_rescaled_even_with_float_rounding_in_its_std():
     s, _ = calibration.exact_affine(scale, bias, mean, torch.tensor([[1e-4]], dtype=torch.float64),
                                     target.mean, target.std)
     assert abs(s.item() - 1.3 * 0.17 / 1e-4) < 1e-6
+
+
+def test_scalers_get_their_own_learning_rate_group():
+    """train.scaler_learning_rate: the hardware scalers in their own AdamW group whose rate keeps its ratio
+    to the scheduled rate (the trainer sets lr x lr_scale every step)."""
+    from gaincell.train import make_optimizer, set_trainable_scalers
+
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=128,
+                          attention="linear_hw", analog=CELL, attention_implementation="dense"))
+    set_trainable_scalers(model)
+    opt = make_optimizer(model, 6e-4, 0.1, (0.9, 0.95), torch.device("cpu"), scaler_lr=6e-3)
+    scalers = {id(p) for core in model.attention_cores() for p in core.parameters(recurse=False)}
+    own = [g for g in opt.param_groups if g.get("lr_scale")]
+    assert len(own) == 1 and {id(p) for p in own[0]["params"]} == scalers
+    assert own[0]["lr"] == 6e-3 and abs(own[0]["lr_scale"] - 10.0) < 1e-12 and own[0]["weight_decay"] == 0.0
+    others = [p for g in opt.param_groups if not g.get("lr_scale") for p in g["params"]]
+    assert not scalers & {id(p) for p in others} and len(others) + len(scalers) == len(list(model.parameters()))
+    # without it: no separate group
+    assert not any(g.get("lr_scale") for g in make_optimizer(model, 6e-4, 0.1, (0.9, 0.95),
+                                                              torch.device("cpu")).param_groups)

@@ -118,6 +118,9 @@ def test_top_level_seed_reruns_the_rules_that_read_it(touched_results):
     assert jobs.get("leakage_point") == 3, jobs
     for untouched in ("characterize", "fit", "prepare_data", "gpu_baseline"):
         assert untouched not in jobs, jobs
+    # a seed of its own (the data split) reruns only what reads it and what follows
+    jobs = rerun_jobs(touched_results, "data.seed=7")
+    assert "prepare_data" in jobs and "characterize" not in jobs and "gpu_baseline" not in jobs, jobs
 
 
 def test_a_training_setting_reruns_training_and_everything_after_it(touched_results):
