@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 
-from gaincell.attention import blocked
-from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder, analog_attention
+from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder, analog_attention, blocked
 from gaincell.attention.config import PAPER_COEFFICIENTS
 from gaincell.attention.noise import cell_gains, cell_offsets, layer_config
 from gaincell.attention.quantize import clamp_quantize

@@ -197,7 +197,7 @@ class _LagState:
 
 def _charge(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int) -> torch.Tensor:
     """S / S_qk (m, BH, n, n) of key blocks j = i - delta against query blocks i (eq. 4), no window mask."""
-    m, n, lag = band.blocks - delta, band.n, band.lags[delta]
+    m = band.blocks - delta
     Qs = ops.Q[delta:]
     X = _charge_of_cells(ops, band, cfg, delta)
     if ops.offset_k is not None:  # each cell's additive offset: Q . delta_K^T, not attenuated

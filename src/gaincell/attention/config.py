@@ -166,7 +166,7 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
 
 
 PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (docs/attention.md#cell-coefficients)
-HARDWARE_KINDS = ("linear_hw", "nonlinear_hw")
+HW_KINDS = ("linear_hw", "nonlinear_hw")  # the analog gain-cell attention kinds
 
 
 def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float:
@@ -203,8 +203,6 @@ def resolve_decay_per_step(value, derived_path: Optional[str] = None) -> float:
     if isinstance(value, str):
         if value != "derived":
             raise ValueError(f"attention.decay_per_step={value!r}: expected a number >= 0 or 'derived'")
-        import json
-        from pathlib import Path
 
         if not derived_path or not Path(derived_path).is_file():
             raise FileNotFoundError(f"attention.decay_per_step=derived reads {derived_path!r}, which does not "
@@ -232,7 +230,7 @@ def analog_config_from_settings(settings: Any) -> AnalogAttentionConfig:
         if coeffs is None:
             raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
     gain = settings.get("gain")
-    if kind in HARDWARE_KINDS:
+    if kind in HW_KINDS:
         gain = resolve_gain(gain, settings.get("coefficients"), fitted_path)
     knobs = {f.name: settings[f.name] for f in fields(AnalogAttentionConfig)
              if f.name in settings and f.name not in ("coefficients", "gain")}

@@ -16,10 +16,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ..config import AnalogAttentionConfig
 from ..blocked import analog_attention_blocked
-from ..reference import OUTPUT_RANGE, compute_dtype, validate_inputs
+from ..config import AnalogAttentionConfig
 from ..noise import cell_gains, next_readout_seed
+from ..reference import OUTPUT_RANGE, compute_dtype, validate_inputs
 from . import analog_kernels as _k
 
 __all__ = ["analog_attention_triton", "triton_supports", "INTERPRET", "DOT_PRECISIONS"]
