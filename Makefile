@@ -44,6 +44,7 @@ ci-pipeline: setup
 	WANDB_MODE=disabled $(BIN)/snakemake --cores all --config profile=ci
 
 lint: setup
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/snakemake --lint --config profile=$(PROFILE)
 
 clean:

@@ -44,7 +44,6 @@ sys.path.insert(0, str(BENCHMARKS))  # the sibling benchmark modules (attention.
 
 import attention as attention_bench  # noqa: E402
 import train_step as train_step_bench  # noqa: E402
-
 from gaincell.attention import PAPER_COEFFICIENTS, AnalogAttentionConfig  # noqa: E402
 from gaincell.attention.blocked import analog_attention_blocked  # noqa: E402
 from gaincell.attention.functional import resolve_implementation  # noqa: E402

@@ -18,7 +18,7 @@ from gaincell import adapt
 from gaincell.adapt.study_eval import study_eval
 from gaincell.attention import PAPER_COEFFICIENTS, AnalogAttentionConfig
 from gaincell.attention.module import SCALER_STAGES
-from gaincell.data import sample_batches
+from gaincell.data import open_tokens, sample_batches
 from gaincell.model import GPT, GPTConfig
 
 VOCAB, SEQ, PERIOD = 32, 64, 8
@@ -322,7 +322,7 @@ def test_adapt_stage_rejects_bad_input(trained_linear, tmp_path):
     with pytest.raises(ValueError, match="vocabulary is 50257 tokens.*model's is 32"):
         adapt.run(_cfg(tmp_path, f"+stage.init_from={ckpt}", "+stage.name=x"))
     with pytest.raises(ValueError, match="contains token id 3[01] but the model's vocabulary has 30"):
-        sample_batches(tmp_path / "data" / "train.bin", 4, 8, SEQ, seed=0, vocab_size=30)
+        sample_batches(open_tokens(tmp_path / "data", "train"), 4, 8, SEQ, seed=0, vocab_size=30)
     with pytest.raises(FileNotFoundError, match="init_from"):
         adapt.run(_cfg(tmp_path, f"+stage.init_from={tmp_path / 'nope.pt'}", "+stage.name=x"))
     with pytest.raises(ValueError, match="mode"):

@@ -12,9 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from gaincell.analog_projections import (PROJECTION_LAYERS, AnalogProjectionConfig, InferenceNoiseConfig,
-                                         analog_layers, apply_inference_noise, calibrate_input_ranges,
-                                         projection_config_from_dict, set_projections)
+from gaincell.analog_projections import (
+    PROJECTION_LAYERS,
+    AnalogProjectionConfig,
+    InferenceNoiseConfig,
+    analog_layers,
+    apply_inference_noise,
+    calibrate_input_ranges,
+    projection_config_from_dict,
+    set_projections,
+)
 from gaincell.attention import AnalogAttentionConfig
 from gaincell.attention.config import PAPER_COEFFICIENTS
 from gaincell.generate import generate

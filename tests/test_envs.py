@@ -1,9 +1,9 @@
 """The conda environment of the workflow (envs/gaincell.yaml, snakemake --use-conda) agrees with
 pyproject.toml: every runtime dependency is there, pinned, inside pyproject's range; no retired channel;
 no editable install of a relative path (Snakemake copies env files into .snakemake/)."""
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

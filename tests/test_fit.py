@@ -4,8 +4,16 @@ import pandas as pd
 import pytest
 
 from gaincell.attention.config import COEFFICIENT_ORDER, PAPER_COEFFICIENTS, fold_coefficients
-from gaincell.fit import (FitError, fit_characterization, fit_folded, fit_surface, fold, linear_slope, monomials,
-                          spread_folded)
+from gaincell.fit import (
+    FitError,
+    fit_characterization,
+    fit_folded,
+    fit_surface,
+    fold,
+    linear_slope,
+    monomials,
+    spread_folded,
+)
 
 FIT_CFG = {"order": 3, "min_points": 10, "method": "read_voltage", "pulse_widths": "all", "target_c1": 13.612,
            "model_read_voltage": 0.9, "model_read_min_v": 0.45, "model_stored_max_v": 0.9, "model_offset_v": 0.45}

@@ -165,7 +165,7 @@ def test_ddp_two_gloo_processes_match_one_process(root):
               "attention": "linear_hw", "train.grad_clip": 0.0}  # clipping would hide a gradient scale
     train_run(compose(_overrides(root, "single", **common)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "gaincell", "train"] + \
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "gaincell", "train"] + \
         _overrides(root, "ddp", **common)
     proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

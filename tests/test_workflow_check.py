@@ -29,6 +29,10 @@ def _complete_run(root):
         put(f"adapt/leakage/{value}.json", json.dumps({"val_loss": 5.0}))
     for name in ("cell_variation_0", "cell_variation_0.1", "readout_noise_0.1"):
         put(f"adapt/variation/{name}.json", json.dumps({"models": {}}))
+    for row in wc.study.TABLE_ROWS:  # the study table's diagnostics (issue 15)
+        put(f"diagnose/{row.run}.json", json.dumps({"run": row.run, "losses": [5.0] * 16, "pad": "x" * 100}))
+    for name, rows in (("study_table", len(wc.study.TABLE_ROWS)), ("claims", len(wc.study.CLAIMS)), ("cells", 3)):
+        put(f"diagnose/{name}.csv", "name,value\n" + "".join(f"r{i},1.0\n" for i in range(rows)))
     put("hardware/estimates.json", json.dumps({"latency_per_token_ns": 65.0}))
     put("hardware/gpu_baseline.json", json.dumps({"device": "cpu", "latency_per_token_s": 1e-4}))
     put("samples/nonlinear_finetuned.txt", "To be, or not to be, that is the question")
@@ -72,3 +76,13 @@ def test_missing_trivial_and_failed_outputs_are_each_reported(tmp_path):
     assert "eval/softmax/results.csv" in problems
     assert "figure study" in problems and "figures failed" in problems and "eval_tasks" in problems
     assert wc.main([str(tmp_path)]) == 1
+
+
+def test_missing_study_table_diagnostics_are_reported(tmp_path):
+    _complete_run(tmp_path)
+    row = wc.study.TABLE_ROWS[0].run
+    (tmp_path / f"diagnose/{row}.json").unlink()
+    (tmp_path / "diagnose/claims.csv").write_text("name,value\n")
+    problems = wc.check(tmp_path)
+    assert f"diagnose/{row}.json: missing" in problems
+    assert any(p.startswith("diagnose/claims.csv:") for p in problems) and len(problems) == 2, problems

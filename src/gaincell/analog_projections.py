@@ -26,8 +26,10 @@ prints a line on CPU machines, which every digital run would otherwise pay for.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -148,7 +150,7 @@ def projection_config_from_dict(d: Any) -> AnalogProjectionConfig:
     if isinstance(d, AnalogProjectionConfig):
         return d
     if hasattr(d, "items") and not isinstance(d, dict):  # an OmegaConf node
-        from omegaconf import OmegaConf
+        from omegaconf import OmegaConf  # noqa: PLC0415 (absent on the GPU machine, benchmarks/gpu_check.sh)
 
         d = OmegaConf.to_container(d, resolve=True)
     if not isinstance(d, dict):
@@ -174,14 +176,14 @@ def inference_noise_from_settings(section: Any) -> InferenceNoiseConfig:
 # --------------------------------------------------------------------------------------------------
 def _lightning():
     """The aihwkit-lightning names used here (imported on first use; see the module docstring)."""
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):  # "Could not import triton_utils ..." on CPU
         from aihwkit_lightning.nn import AnalogLinear
         from aihwkit_lightning.nn.conversion import convert_to_analog
-        from aihwkit_lightning.simulator.configs import (TorchInferenceRPUConfig, WeightClipType,
-                                                         WeightNoiseInjectionType)
+        from aihwkit_lightning.simulator.configs import (
+            TorchInferenceRPUConfig,
+            WeightClipType,
+            WeightNoiseInjectionType,
+        )
     return AnalogLinear, convert_to_analog, TorchInferenceRPUConfig, WeightClipType, WeightNoiseInjectionType
 
 

@@ -30,11 +30,18 @@ import torch
 
 from gaincell.adapt.inputs import distributed_job, fixed_batches, load_model, resolve_checkpoint, results_dir
 from gaincell.adapt.losses import batch_losses
-from gaincell.analog_projections import (analog_layers, apply_inference_noise, calibrate_input_ranges,
-                                         describe_noise, inference_noise_from_settings, parameters_by_kind,
-                                         projection_config_from_dict, set_projections)
+from gaincell.analog_projections import (
+    analog_layers,
+    apply_inference_noise,
+    calibrate_input_ranges,
+    describe_noise,
+    inference_noise_from_settings,
+    parameters_by_kind,
+    projection_config_from_dict,
+    set_projections,
+)
 from gaincell.config import AnalogConvertStage, StudyEvalStage, stage_settings
-from gaincell.data import sample_batches
+from gaincell.data import open_tokens, sample_batches
 from gaincell.io import atomic_save_torch, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -59,8 +66,9 @@ def convert(cfg: Any) -> Path:
         model.to(env.device)
         fixed_batches(cfg, model, "val")  # the data's vocabulary is the model's (clear error otherwise)
         bs, block = int(cfg.adapt.batch_size), int(model.config.block_size)
-        batches = sample_batches(Path(str(cfg.data.data_dir)) / "train.bin", projections.input_range_init_batches,
-                                 bs, block, seed=int(cfg.seed), vocab_size=int(model.config.vocab_size))
+        batches = sample_batches(open_tokens(cfg.data.data_dir, "train"), projections.input_range_init_batches,
+                                 bs, block, seed=int(cfg.seed), vocab_size=int(model.config.vocab_size),
+                                 source=f"{cfg.data.data_dir}/train.bin")
         layers = calibrate_input_ranges(model, [x for x, _ in batches])
         ranges = {n: [round(float(r), 4) for r in layer.input_range.detach()] for n, layer in analog_layers(model)}
         info = {"source": str(source), "layers": layers, "calibration_batches": len(batches),

@@ -16,6 +16,13 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gaincell.config import config_dir, register_configs
+
 # stage name -> "module:function". Lower layers are imported lazily, only for the stage that runs.
 STAGES: Dict[str, str] = {
     "characterize": "gaincell.device.stage:characterize",
@@ -42,8 +49,6 @@ STAGES: Dict[str, str] = {
 
 def print_config(cfg) -> None:
     """Print the fully composed and resolved config (a sanity check of overrides)."""
-    from omegaconf import OmegaConf
-
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
 
@@ -73,10 +78,6 @@ def _job_name(stage: str, overrides: List[str]) -> str:
 
 def _name_multirun_job(cfg) -> None:
     """In a multirun sweep, give each job's run its own name (``<name>-<job number>``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import open_dict
-
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
@@ -94,11 +95,6 @@ def _completion_line(line: str) -> str:
 
 
 def _run_hydra(stage: str, args: List[str], func: Callable) -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    from gaincell.config import config_dir, register_configs
-
     register_configs()
 
     def _task(cfg: DictConfig) -> None:
@@ -135,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     stage, overrides = argv[0], argv[1:]
     if stage == "lm_eval":  # lm-evaluation-harness's own CLI, not a Hydra stage
-        from gaincell.evaluate.harness_cli import main as lm_eval_main
+        from gaincell.evaluate.harness_cli import main as lm_eval_main  # noqa: PLC0415 (imports lm-evaluation-harness)
 
         lm_eval_main(overrides)
         return

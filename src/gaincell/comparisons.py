@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
+import pandas as pd
 
 from gaincell import study
+from gaincell.io import atomic_to_csv, atomic_write_json
+from gaincell.tracking import Tracker
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
@@ -149,11 +152,6 @@ def load_records(diagnose_dir: Path) -> Dict[str, Dict[str, Any]]:
 
 def run(cfg) -> Dict[str, Any]:
     """``python -m gaincell study_table``: the study table, claims and cell summary from diagnose/*.json."""
-    import pandas as pd
-
-    from gaincell.io import atomic_to_csv, atomic_write_json
-    from gaincell.tracking import Tracker
-
     d = cfg.diagnose
     out = Path(str(cfg.results_dir)) / "diagnose"
     records = load_records(out)

@@ -16,7 +16,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, SI, DictConfig, OmegaConf, ValidationError
 
 from gaincell.analog_projections import AnalogProjectionConfig, InferenceNoiseConfig
@@ -662,10 +665,6 @@ def config_dir() -> Path:
 
 def compose(overrides: Optional[List[str]] = None) -> DictConfig:
     """Compose the config as the CLI does (Hydra compose API), for the Snakefile and tests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     register_configs()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

@@ -743,28 +743,22 @@ def read_windows(tokens: np.ndarray, offsets: Sequence[int], block_size: int) ->
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-def sample_batches(path: Path, n_batches: int, batch_size: int, block_size: int, seed: int,
-                   vocab_size: Optional[int] = None) -> List[Batch]:
-    """``n_batches`` fixed (x, y) batches of ``block_size`` tokens from a uint16 token file.
+def sample_batches(tokens: np.ndarray, n_batches: int, batch_size: int, block_size: int, seed: int,
+                   vocab_size: Optional[int] = None, source: str = "the token file") -> List[Batch]:
+    """``n_batches`` fixed (x, y) batches of ``block_size`` tokens from a token stream (``open_tokens``).
 
     The offsets depend only on ``seed``: every pass (linear, each iteration, every variant) sees the
-    same tokens. Tokens >= ``vocab_size`` (data tokenized for another model) are an error.
+    same tokens. Tokens >= ``vocab_size`` (data tokenized for another model) are an error naming ``source``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file {path} does not exist: run the prepare_data stage first")
-    meta = read_meta(path.parent) if (path.parent / "meta.json").is_file() else None
-    check_token_file(path, meta, path.stem)
-    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     if len(tokens) < block_size + 2:
-        raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one sequence of block_size={block_size}")
+        raise ValueError(f"{source} holds {len(tokens)} tokens, fewer than one sequence of block_size={block_size}")
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(n_batches):
         x, y = read_windows(tokens, rng.integers(0, len(tokens) - block_size - 1, size=batch_size), block_size)
         largest = max(int(x.max()), int(y.max()))
         if vocab_size is not None and largest >= vocab_size:
-            raise ValueError(f"{path} contains token id {largest} but the model's vocabulary has "
+            raise ValueError(f"{source} contains token id {largest} but the model's vocabulary has "
                              f"{vocab_size} entries: the data was tokenized for another model")
         batches.append((x, y))
     return batches

@@ -17,6 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaincell.attention.quantize import clamp_quantize
+from gaincell.attention.reference import (
+    OUTPUT_RANGE,
+    dac_inputs,
+    hard_sigmoid,
+    key_array_product,
+    leakage,
+    subtile_of_key,
+    value_array_product,
+    window_mask,
+)
+from gaincell.config import DiagnoseStage, stage_settings
+from gaincell.data import open_tokens
+from gaincell.io import atomic_write_json
+from gaincell.model import GPT
+from gaincell.tracking import Tracker
+
 ABLATIONS = ("zero", "mean")
 
 
@@ -139,7 +156,7 @@ FRACTIONS = ("q_low", "q_high", "k_low", "k_high", "v_low", "v_high", "hs_zero",
 
 
 def scaled_inputs(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """q~, k~, v~ = a x + b with the core's per-head input scalers (spec §1), float32."""
+    """q~, k~, v~ = a x + b with the core's per-head input scalers (eq. 8), float32."""
     out = []
     for stage, x in (("q", q), ("k", k), ("v", v)):
         a = getattr(core, f"{stage}_scale").detach().float().view(1, -1, 1, 1)
@@ -161,10 +178,6 @@ def signal_counts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg) -> Dic
     """Counts behind ``FRACTIONS`` (each name: (H,) hits, and ``<name>_of``: (H,) totals) and the DAC
     level occupancy (``q_levels`` (H, 16), ``k_levels`` / ``v_levels`` (H, 8)) for scaled inputs
     q~, k~, v~ (B, H, T, D) of one analog head configuration ``cfg`` (an AnalogAttentionConfig)."""
-    from gaincell.attention.quantize import clamp_quantize
-    from gaincell.attention.reference import (OUTPUT_RANGE, dac_inputs, hard_sigmoid, key_array_product,
-                                              leakage, subtile_of_key, value_array_product, window_mask)
-
     def per_head(mask: torch.Tensor) -> torch.Tensor:
         return mask.transpose(0, 1).reshape(mask.shape[1], -1).double().sum(dim=1)
 
@@ -272,12 +285,6 @@ def run(cfg) -> Dict[str, object]:
     """``python -m gaincell diagnose +stage.name=<run> +stage.checkpoint=<path>``: per-sequence validation
     losses, attention share (zero and mean ablation) and, for hardware models, the signal health per
     layer and head. Writes ``results/<profile>/diagnose/<run>.json`` and logs a summary to W&B."""
-    from gaincell.config import DiagnoseStage, stage_settings
-    from gaincell.data import open_tokens
-    from gaincell.io import atomic_write_json
-    from gaincell.model import GPT
-    from gaincell.tracking import Tracker
-
     stage = stage_settings(cfg, DiagnoseStage)
     if not stage.name or not stage.checkpoint:
         raise ValueError("diagnose: +stage.name and +stage.checkpoint are required")

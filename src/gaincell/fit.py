@@ -33,8 +33,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
-from gaincell.attention.config import COEFFICIENT_ORDER, PAPER_COEFFICIENTS, fold_coefficients
+from gaincell.attention.config import PAPER_COEFFICIENTS, fold_coefficients
+from gaincell.device.netlists import ODD_BY_CONSTRUCTION
+from gaincell.device.stage import config_hash
 from gaincell.io import atomic_to_csv, atomic_write_json
 from gaincell.io import finite_or_none as _finite
 
@@ -131,8 +134,6 @@ def coefficient_report(folded: Sequence[float], se: Sequence[float], cell_kind: 
     """Each folded c_i with its standard error and what sets it: ``measured`` (by the fit),
     ``imposed by the normalisation`` (c_1 = target_c1, through the current scale) or, for a pair cell
     that is odd by construction, ``zero by construction`` (c_0, c_2)."""
-    from gaincell.device.netlists import ODD_BY_CONSTRUCTION
-
     rows = []
     for i, (c, e) in enumerate(zip(folded, se)):
         if i == 1:
@@ -215,6 +216,33 @@ def normalise(df: pd.DataFrame, read_window_v: Tuple[float, float], pulse_width_
     return out
 
 
+def _full_grid_fit(pts: pd.DataFrame, at_read: np.ndarray, v_read: float, order: int,
+                   min_points: int) -> Dict[str, Any]:
+    """The ten C[i][j] fitted on the whole (stored, read voltage) grid; adds ``pred_full_grid`` to ``pts``.
+    A failure is reported in the result (``error``), not raised: this fit is the secondary one by default."""
+    try:
+        coeffs_fg, res_fg = fit_surface(pts["y"], pts["x"], pts["u"], pts["target"], order, min_points)
+    except FitError as err:
+        pts["pred_full_grid"] = np.nan
+        return {"coefficients": None, "error": str(err)}
+    a = np.stack([pts["u"] * pts["y"] ** i * pts["x"] ** j for i, j in monomials(order)], axis=1)
+    pts["pred_full_grid"] = a @ coeffs_fg
+    return {"coefficients": [float(c) for c in coeffs_fg], "folded": fold(coeffs_fg, v_read, order),
+            "residuals": res_fg, "residuals_at_read_voltage": _residuals(
+                pts.loc[at_read, "pred_full_grid"].to_numpy(), pts.loc[at_read, "target"].to_numpy())}
+
+
+def _paper_reference(v_read: float) -> Dict[str, Any]:
+    """The authors' coefficients, folded at ``v_read``, and their shape: what our fit is compared with."""
+    paper_folded = fold_coefficients(PAPER_COEFFICIENTS, v_read)
+    return {"coefficients": list(PAPER_COEFFICIENTS), "folded": list(paper_folded),
+            "linear_slope": PAPER_LINEAR_SLOPE,
+            "shape": {"c0_over_c1": paper_folded[0] / paper_folded[1],
+                      "c2_over_c1": paper_folded[2] / paper_folded[1],
+                      "c3_over_c1": paper_folded[3] / paper_folded[1]},
+            "source": "Leroux et al., Nat. Comput. Sci. 2025 (docs/attention.md#cell-coefficients)"}
+
+
 def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], pulse_width_max_ns: float,
                          fit_cfg, cell_kind: Optional[str] = None) -> Tuple[Dict[str, Any], pd.DataFrame]:
     """Both fits, the scale factor and residuals (normalised units) for one read sweep.
@@ -255,24 +283,13 @@ def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], p
     pts["pred_read_voltage"] = np.nan
     pts.loc[at_read, "pred_read_voltage"] = sub["u"] * np.polyval(folded[::-1], sub["y"])
 
-    full: Optional[Dict[str, Any]]
-    try:
-        coeffs_fg, res_fg = fit_surface(pts["y"], pts["x"], pts["u"], pts["target"], order, min_points)
-        a = np.stack([pts["u"] * pts["y"] ** i * pts["x"] ** j for i, j in monomials(order)], axis=1)
-        pts["pred_full_grid"] = a @ coeffs_fg
-        full = {"coefficients": [float(c) for c in coeffs_fg], "folded": fold(coeffs_fg, v_read, order),
-                "residuals": res_fg, "residuals_at_read_voltage": _residuals(
-                    pts.loc[at_read, "pred_full_grid"].to_numpy(), pts.loc[at_read, "target"].to_numpy())}
-    except FitError as err:
-        pts["pred_full_grid"] = np.nan
-        full = {"coefficients": None, "error": str(err)}
+    full = _full_grid_fit(pts, at_read, v_read, order, min_points)
 
     if method == "full_grid" and full.get("coefficients") is None:
         raise FitError(f"fit.method=full_grid but the full-grid fit failed: {full['error']}")
     primary = coeffs_rv if method == "read_voltage" else full["coefficients"]
     primary_res = res_rv if method == "read_voltage" else full["residuals"]
     pts["residual"] = pts["target"] - (pts["pred_read_voltage"] if method == "read_voltage" else pts["pred_full_grid"])
-    paper_folded = fold_coefficients(PAPER_COEFFICIENTS, v_read)
     result = {
         "coefficients": [float(c) for c in primary],
         "order": [list(m) for m in monomials(order)],
@@ -299,12 +316,7 @@ def fit_characterization(df: pd.DataFrame, read_window_v: Tuple[float, float], p
                           "scale_factor_units": "paper uA per uA of our cell's mean current over T_max",
                           "target_c1": float(get("target_c1")), "pulse_width_max_ns": float(pulse_width_max_ns),
                           "pulse_widths": which},
-        "paper": {"coefficients": list(PAPER_COEFFICIENTS), "folded": list(paper_folded),
-                  "linear_slope": PAPER_LINEAR_SLOPE,
-                  "shape": {"c0_over_c1": paper_folded[0] / paper_folded[1],
-                            "c2_over_c1": paper_folded[2] / paper_folded[1],
-                            "c3_over_c1": paper_folded[3] / paper_folded[1]},
-                  "source": "Leroux et al., Nat. Comput. Sci. 2025 (docs/attention.md#cell-coefficients)"},
+        "paper": _paper_reference(v_read),
         "n_points": int(len(pts)),
     }
     return result, pts
@@ -385,9 +397,6 @@ def run(cfg) -> Dict[str, Any]:
     df = pd.read_csv(sweep_path)
     result, pts = fit_characterization(df, tuple(summary["read_window_v"]), float(summary["pulse_width_max_ns"]),
                                        cfg.fit, summary.get("cell_kind"))
-    from omegaconf import OmegaConf
-
-    from gaincell.device.stage import config_hash
 
     result["provenance"] = {
         "config_hash": config_hash(cfg), "device_config_hash": summary.get("config_hash"),

@@ -13,10 +13,14 @@ import json
 import math
 import os
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
 
 PathLike = Union[str, os.PathLike]
 
@@ -116,23 +120,16 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
 
 
 def _json_default(obj: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def atomic_save_torch(obj: Any, path: PathLike) -> Path:
-    import torch
-
     def write(fd: int, tmp: str) -> None:
         os.close(fd)
         torch.save(obj, tmp)
@@ -142,8 +139,6 @@ def atomic_save_torch(obj: Any, path: PathLike) -> Path:
 
 def atomic_copy(src: PathLike, dst: PathLike) -> Path:
     """Copy ``src`` to ``dst`` atomically (``dst`` is the old file or the whole new one)."""
-    import shutil
-
     def write(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)

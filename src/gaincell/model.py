@@ -34,7 +34,7 @@ from torch import nn
 from gaincell.analog_projections import AnalogProjectionConfig, convert_projections, projection_config_from_dict
 from gaincell.attention import AnalogAttentionConfig, AttentionCore
 from gaincell.attention.config import analog_config_from_settings
-from gaincell.attention.module import HW_KINDS, KINDS
+from gaincell.attention.module import KINDS
 
 CHECKPOINT_FORMAT = "gaincell-gpt-v1"
 
@@ -579,4 +579,4 @@ def config_from_settings(model_section: Any, attention_section: Any, vocab_size:
 
 
 __all__ = ["GPT", "GPTConfig", "CheckpointError", "load_checkpoint_file", "model_from_checkpoint_dict",
-           "load_model_weights", "config_from_settings", "HW_KINDS", "KINDS"]
+           "load_model_weights", "config_from_settings"]

@@ -18,13 +18,21 @@ resumed from a checkpoint continues one clean curve.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import math
 import os
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from gaincell.io import atomic_write_json, atomic_write_text
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from gaincell.io import atomic_write_json, atomic_write_text, sha256_file_cached
 
 MODES = ("offline", "online", "disabled")
 
@@ -41,15 +49,11 @@ def _get(section: Any, key: str, default: Any = None) -> Any:
 def resolved_config_dict(cfg: Any) -> Dict[str, Any]:
     """The full config as plain Python (resolved interpolations) for W&B and run records."""
     try:
-        from omegaconf import DictConfig, OmegaConf
-
         if isinstance(cfg, DictConfig):
             return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
     except ImportError:  # pragma: no cover
         pass
     if hasattr(cfg, "__dataclass_fields__"):
-        import dataclasses
-
         return dataclasses.asdict(cfg)
     return dict(cfg) if cfg is not None else {}
 
@@ -115,8 +119,6 @@ class Tracker:
         wandb_dir = Path(str(_get(tracking, "dir", results_dir / "wandb")))
         wandb_dir.mkdir(parents=True, exist_ok=True)
         if self.wandb_id is None:
-            import uuid
-
             self.wandb_id = uuid.uuid4().hex[:8]
         self.wandb_run = wandb.init(
             project=str(_get(tracking, "project", "gaincell")), entity=_get(tracking, "entity"),
@@ -126,8 +128,6 @@ class Tracker:
             resume="allow", reinit="finish_previous")
 
     def _read_rows(self, resume_step: int) -> List[Dict[str, Any]]:
-        import csv
-
         rows = []
         with open(self.csv_path, newline="") as fh:
             for row in csv.DictReader(fh):
@@ -167,7 +167,6 @@ class Tracker:
         CSV the stage wrote. No-op without W&B."""
         if not self.enabled or self.wandb_run is None:
             return
-        import pandas as pd
         import wandb
 
         df = pd.read_csv(table) if isinstance(table, (str, os.PathLike)) else table
@@ -188,8 +187,6 @@ class Tracker:
         if not self.enabled or self.wandb_run is None:
             return
         import wandb
-
-        from gaincell.io import sha256_file_cached
 
         path = Path(path).resolve()
         meta = {"sha256": sha256_file_cached(path), "bytes": path.stat().st_size, **(metadata or {})}
@@ -216,8 +213,6 @@ class Tracker:
         """Rewrite the CSV now (atomically)."""
         if not self.enabled or not self._dirty:
             return
-        import csv
-        import io
 
         header = [self.step_name] + self.columns
         buf = io.StringIO()
@@ -246,8 +241,6 @@ class Tracker:
 
 def artifact_name(text: str) -> str:
     """A W&B artifact name (letters, digits, ``-``, ``_``, ``.``) from a run name."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 

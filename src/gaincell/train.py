@@ -50,14 +50,25 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from gaincell.analog_projections import projection_config_from_dict, set_projections
-from gaincell.attention.module import HW_KINDS
+from gaincell.attention.config import HW_KINDS, analog_config_from_settings
 from gaincell.config import RUNTIME_ONLY_KEYS, TrainStage, stage_settings
-from gaincell.data import read_windows
+from gaincell.data import check_token_file, check_tokenizer, read_meta, read_windows, tokenizer_fingerprint
 from gaincell.io import atomic_copy, atomic_save_torch, sha256_file_cached
-from gaincell.model import (GPT, CheckpointError, config_from_settings, load_checkpoint_file,
-                            load_model_weights, model_from_checkpoint_dict)
+from gaincell.model import (
+    GPT,
+    CheckpointError,
+    config_from_settings,
+    load_checkpoint_file,
+    load_model_weights,
+    model_from_checkpoint_dict,
+)
+from gaincell.tracking import Tracker, resolved_config_dict
 
 TRAIN_CHECKPOINT_FORMAT = "gaincell-train-v2"  # v2: schedule from the step number, content-hashed signature
 METRIC_COLUMNS = ["tokens", "lr", "train_loss", "val_loss", "elapsed_s"]
@@ -102,7 +113,6 @@ def setup_distributed(preference: str) -> DistEnv:
     device = resolve_device(preference)
     if world <= 1:
         return DistEnv(device=device)
-    import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -124,8 +134,6 @@ class BatchSampler:
     """
 
     def __init__(self, path: Path, block_size: int, seed: int) -> None:
-        from gaincell.data import check_token_file
-
         self.path = Path(path)
         self.block_size = block_size
         n = check_token_file(self.path)
@@ -222,8 +230,6 @@ def _resolve_init(cfg: Any, init: str) -> str:
 
 def build_model(cfg: Any, vocab_size: int) -> Tuple[GPT, str]:
     """The model to train and a description of where its weights come from."""
-    from gaincell.attention.config import analog_config_from_settings
-
     init = _resolve_init(cfg, str(stage_settings(cfg, TrainStage).init_from or cfg.model.init))
     kind = str(cfg.attention.kind)
     analog = analog_config_from_settings(cfg.attention)
@@ -309,8 +315,6 @@ def run_signature(model: GPT, cfg: Any, meta: Dict[str, Any], tokenizer: Dict[st
     """Everything a run's result depends on except the schedule: a checkpoint resumes only into a run
     with the same signature. The train section enters whole except ``RUNTIME_TRAIN_KEYS`` and
     ``SCHEDULE_KEYS`` (a setting added later counts by default); ``dtype`` as resolved."""
-    from omegaconf import OmegaConf
-
     train = OmegaConf.to_container(cfg.train, resolve=True) if OmegaConf.is_config(cfg.train) else dict(cfg.train)
     train = {k: v for k, v in train.items() if k not in RUNTIME_TRAIN_KEYS + SCHEDULE_KEYS}
     train["dtype"] = str(dtype).replace("torch.", "")
@@ -459,8 +463,6 @@ def _checked_batch_settings(t: Any, env: DistEnv) -> Tuple[int, int, int]:
 
 def setup(cfg: Any, env: DistEnv) -> TrainRun:
     """Model, optimizer, schedule and data samplers of a fresh run, and the run's signature."""
-    from gaincell.data import check_token_file, check_tokenizer, read_meta, tokenizer_fingerprint
-
     t = cfg.train
     max_iters, batch_size, grad_accum = _checked_batch_settings(t, env)
     results_dir, data_dir = Path(str(cfg.results_dir)), Path(str(cfg.data.data_dir))
@@ -513,8 +515,6 @@ def _set_aside_if_stale(run: TrainRun) -> bool:
         os.replace(run.ckpt_path, aside)
         run.log(f"settings changed since {run.ckpt_path} was written: moved it to {aside.name}, starting afresh")
     if run.env.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
     return False
 
@@ -540,8 +540,6 @@ def save_checkpoint(run: TrainRun, tracker: Any, finished: bool) -> Path:
     """``ckpt.pt`` (atomic; all ranks' RNG states gathered) and, when the run is finished, ``final.pt``."""
     rng = [_rng_state(run.env.device)]
     if run.env.distributed:
-        import torch.distributed as dist
-
         rng = [None] * run.env.world_size
         dist.all_gather_object(rng, _rng_state(run.env.device))
     if run.env.is_main:
@@ -581,8 +579,6 @@ def estimate_val_loss(model: GPT, sampler: BatchSampler, batches: int, batch_siz
         total[0] += loss.double()
         total[1] += 1
     if env.distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     model.train(was_training)
     return float(total[0] / total[1])
@@ -609,8 +605,6 @@ def train_step(run: TrainRun, model: torch.nn.Module, lr: float, stop_requested:
             run.scaler.scale(loss / local_accum).backward()
     reduced = torch.stack([loss_sum / local_accum, torch.tensor(float(stop_requested), device=env.device)])
     if env.distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         reduced[0] /= env.world_size
     step_loss, stop = float(reduced[0]), bool(reduced[1] > 0)
@@ -668,8 +662,6 @@ def run(cfg: Any) -> Path:
         return train(cfg, env)
     finally:
         if env.distributed:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -691,8 +683,6 @@ def _wrap(run: TrainRun) -> torch.nn.Module:
     if bool(run.cfg.train.compile):
         model = torch.compile(model)  # type: ignore[assignment]
     if run.env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         model = DDP(model, device_ids=[run.env.local_rank] if run.env.device.type == "cuda" else None)
     return model
 
@@ -704,8 +694,6 @@ def _validate(run: TrainRun) -> float:
 
 
 def _open_tracker(run: TrainRun):
-    from gaincell.tracking import Tracker
-
     t = run.cfg.train
     tokens_per_step = int(t.batch_size) * int(t.grad_accum) * run.model.config.block_size
     run.log(f"{run.model.num_parameters() / 1e6:.2f}M parameters, attention {run.model.config.attention}, "
@@ -769,8 +757,6 @@ def train(cfg: Any, env: DistEnv) -> Path:
 
 
 def _progress_bar(run: TrainRun):
-    from tqdm.auto import tqdm
-
     return tqdm(total=run.max_iters, initial=run.iter, desc=f"train {run.name}", unit="it", dynamic_ncols=True,
                 mininterval=1.0, disable=not (run.env.is_main and bool(run.cfg.train.progress)), file=sys.stderr)
 
@@ -788,8 +774,6 @@ def _summarise(run: TrainRun, tracker: Any, loss: float, val_loss: Optional[floa
 
 
 def _plain_config(cfg: Any) -> Any:
-    from gaincell.tracking import resolved_config_dict
-
     try:
         return resolved_config_dict(cfg)
     except Exception:  # an unresolvable interpolation must not lose a checkpoint

@@ -21,10 +21,18 @@ import math
 from typing import Any, Dict, List
 
 import numpy as np
+
 from gaincell.adapt.algorithm import attention_cores
-from gaincell.adapt.inputs import core_kinds, distributed_job, fixed_batches, load_model, resolve_checkpoint, results_dir
+from gaincell.adapt.inputs import (
+    core_kinds,
+    distributed_job,
+    fixed_batches,
+    load_model,
+    resolve_checkpoint,
+    results_dir,
+)
 from gaincell.adapt.losses import batch_losses
-from gaincell.attention.module import HW_KINDS
+from gaincell.attention.config import HW_KINDS
 from gaincell.config import VariationStage, stage_settings
 from gaincell.io import atomic_write_json
 

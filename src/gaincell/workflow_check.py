@@ -42,6 +42,26 @@ def _nonempty(path: Path, min_bytes: int = 1) -> Tuple[bool, str]:
     return (size >= min_bytes, f"{size} bytes (< {min_bytes})" if size < min_bytes else "")
 
 
+def _figure_problems(index_path: Path) -> List[str]:
+    """The figure index: no figure failed, every required figure made, every PNG non-trivial."""
+    if not index_path.exists():
+        return ["figures/index.json: missing"]
+    problems = []
+    index = _json(index_path)
+    if index.get("failed"):
+        problems.append(f"figures failed: {index['failed']}")
+    missing = [name for name in REQUIRED_FIGURES if name not in index.get("made", {})]
+    if missing:
+        problems.append(f"figures not made: {', '.join(missing)}")
+    for name, entry in index.get("made", {}).items():
+        for f in entry["files"]:
+            if f.endswith(".png"):
+                ok, why = _nonempty(Path(f), 10_000)
+                if not ok:
+                    problems.append(f"figure {name}: {f}: {why}")
+    return problems
+
+
 def check(results_dir: Path) -> List[str]:
     """Problems found (empty when the run is complete)."""
     r = Path(results_dir)
@@ -108,22 +128,7 @@ def check(results_dir: Path) -> List[str]:
     need("hardware/estimates.json", 20)
     need("hardware/gpu_baseline.json", 20)
     need(f"samples/{study.SAMPLE_RUN}.txt", 20)
-    index_path = r / "figures" / "index.json"
-    if index_path.exists():
-        index = _json(index_path)
-        if index.get("failed"):
-            problems.append(f"figures failed: {index['failed']}")
-        missing = [name for name in REQUIRED_FIGURES if name not in index.get("made", {})]
-        if missing:
-            problems.append(f"figures not made: {', '.join(missing)}")
-        for name, entry in index.get("made", {}).items():
-            for f in entry["files"]:
-                if f.endswith(".png"):
-                    ok, why = _nonempty(Path(f), 10_000)
-                    if not ok:
-                        problems.append(f"figure {name}: {f}: {why}")
-    else:
-        problems.append("figures/index.json: missing")
+    problems += _figure_problems(r / "figures" / "index.json")
     for rule in RULES_WITH_BENCHMARKS:
         need(f"logs/benchmarks/{rule}.tsv", 10)
     return problems

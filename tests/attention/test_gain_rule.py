@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from gaincell.attention.config import (PAPER_GAIN, AnalogAttentionConfig, analog_config_from_settings,
-                                       resolve_gain)
+from gaincell.attention.config import PAPER_GAIN, AnalogAttentionConfig, analog_config_from_settings, resolve_gain
 from gaincell.config import AttentionSettings
 
 

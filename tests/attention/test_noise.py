@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 import zero_knob_cases
+
 from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder, analog_attention
 from gaincell.attention import noise as noise_module
 from gaincell.attention.blocked import _BlockedAnalogAttention

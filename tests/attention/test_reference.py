@@ -12,13 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from gaincell.attention import AnalogAttentionConfig, PAPER_COEFFICIENTS, analog_attention
-from gaincell.attention import functional
-from gaincell.attention.quantize import (clamp_quantize, quantization_levels, quantize,
-                                         straight_through)
-from gaincell.attention.reference import (analog_attention_dense, hard_sigmoid,
-                                          key_array_product, leakage, subtile_of_key,
-                                          value_array_product, window_mask)
+from gaincell.attention import PAPER_COEFFICIENTS, AnalogAttentionConfig, analog_attention, functional
+from gaincell.attention.quantize import clamp_quantize, quantization_levels, quantize, straight_through
+from gaincell.attention.reference import (
+    analog_attention_dense,
+    hard_sigmoid,
+    key_array_product,
+    leakage,
+    subtile_of_key,
+    value_array_product,
+    window_mask,
+)
 
 # Spec §10 order of the ten coefficients, re-typed here so the test does not reuse the library's table.
 SPEC_ORDER = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (3, 0)]

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gaincell.attention import AnalogAttentionConfig, PAPER_COEFFICIENTS
-from gaincell.attention.reference import (analog_attention_dense, hard_sigmoid, key_array_product,
-                                          value_array_product)
+from gaincell.attention import PAPER_COEFFICIENTS, AnalogAttentionConfig
+from gaincell.attention.reference import analog_attention_dense, hard_sigmoid, key_array_product, value_array_product
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 TOLERANCE = 0.01  # relative error (Frobenius norm) the issue asks for

@@ -1,7 +1,6 @@
 """Circuits with textbook answers through the same simulation code as the characterisation."""
 import math
 
-import numpy as np
 import pytest
 
 from gaincell.device import simulate

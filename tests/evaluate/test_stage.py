@@ -192,8 +192,9 @@ def test_lm_eval_cli_runs_the_gaincell_model_on_a_local_task(tmp_path, trained_i
     import os
     import subprocess
     import sys
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from gaincell.evaluate.tasks import build_local_tasks
 

@@ -12,9 +12,16 @@ from lm_eval.evaluator import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 from gaincell.evaluate.lm import GaincellLM
-
-from gaincell.evaluate.tasks import (LOCAL_TASKS, LocalTaskParams, build_local_tasks, continuation_examples,
-                                     heldout_documents, lambada_examples, next_word_examples, write_local_task)
+from gaincell.evaluate.tasks import (
+    LOCAL_TASKS,
+    LocalTaskParams,
+    build_local_tasks,
+    continuation_examples,
+    heldout_documents,
+    lambada_examples,
+    next_word_examples,
+    write_local_task,
+)
 
 
 def _evaluate(lm, task_dir, name, docs, bootstrap_iters=0):

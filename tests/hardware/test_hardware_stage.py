@@ -6,8 +6,7 @@ import pandas as pd
 import pytest
 
 from gaincell.config import compose
-from gaincell.hardware import HardwareParameters, estimate
-from gaincell.hardware import stage
+from gaincell.hardware import HardwareParameters, estimate, stage
 
 
 def _cfg(tmp_path, *extra):

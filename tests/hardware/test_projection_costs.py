@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from gaincell.hardware.costmodel import (AnalogTileParameters, HardwareParameters, attention_share, estimate,
-                                         estimate_projections)
+from gaincell.hardware.costmodel import (
+    AnalogTileParameters,
+    HardwareParameters,
+    attention_share,
+    estimate,
+    estimate_projections,
+)
 
 
 def test_attention_estimate_is_unchanged_by_the_projection_model():

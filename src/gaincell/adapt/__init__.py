@@ -18,8 +18,17 @@ Modules, lowest first:
 Under ``torchrun`` the calibration batches are split across ranks and the statistics (and losses)
 are all-reduced, so every rank computes the same update and ends with identical scalers.
 """
-from gaincell.adapt.algorithm import (AdaptResult, AdaptSettings, Statistics, adapt_scalers, attention_cores,
-                                      equation_9, get_scalers, measure_statistics, set_scalers)
+from gaincell.adapt.algorithm import (
+                                      AdaptResult,
+                                      AdaptSettings,
+                                      Statistics,
+                                      adapt_scalers,
+                                      attention_cores,
+                                      equation_9,
+                                      get_scalers,
+                                      measure_statistics,
+                                      set_scalers,
+)
 from gaincell.adapt.histograms import capture_values, histogram_rows
 from gaincell.adapt.leakage import leakage_eval, leakage_tag
 from gaincell.adapt.losses import batch_losses, mean_loss, paired_difference

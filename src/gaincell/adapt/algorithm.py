@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from gaincell.adapt.distributed import all_reduce_sum, world
 from gaincell.adapt.losses import loss_from_output
-from gaincell.attention.module import HW_KINDS, SCALER_STAGES, AttentionCore
+from gaincell.attention.config import HW_KINDS
+from gaincell.attention.module import SCALER_STAGES, AttentionCore
 from gaincell.data import Batch
 
 

@@ -17,17 +17,28 @@ stage, so one sweep of 2 L passes matches every target to float precision.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
-from gaincell.adapt.algorithm import (Statistics, attention_cores, constant_stage, get_scalers, measure_statistics,
-                                      set_scalers)
+from gaincell.adapt.algorithm import (
+    Statistics,
+    attention_cores,
+    constant_stage,
+    get_scalers,
+    measure_statistics,
+    set_scalers,
+)
+from gaincell.adapt.inputs import distributed_job, fixed_batches, load_model, resolve_checkpoint, save_checkpoint
+from gaincell.attention.config import HW_KINDS, analog_config_from_settings
 from gaincell.attention.module import SCALER_STAGES
 from gaincell.data import Batch
+from gaincell.io import atomic_to_csv, atomic_write_json
 
 STAGE_INDEX = {s: i for i, s in enumerate(SCALER_STAGES)}
 
@@ -164,15 +175,6 @@ def run_stage(cfg, init_from: Optional[str], name: Optional[str]) -> Dict[str, o
     +stage.name=<run>``: writes ``checkpoints/<run>/ckpt.pt`` (the hardware model, calibrated, untrained)
     and ``adapt/<run>/{summary.json, stats.csv}`` (per layer, stage and head: mean and std before and
     after calibration, on the ``adapt.calibration_batches`` fixed batches of train.bin)."""
-    import dataclasses
-
-    import pandas as pd
-
-    from gaincell.adapt.inputs import distributed_job, fixed_batches, load_model, resolve_checkpoint, save_checkpoint
-    from gaincell.attention.config import analog_config_from_settings
-    from gaincell.attention.module import HW_KINDS
-    from gaincell.io import atomic_to_csv, atomic_write_json
-
     kind = str(cfg.attention.kind)
     if kind not in HW_KINDS:
         raise ValueError(f"calibrate: attention={kind!r}; expected a hardware kind {HW_KINDS} to calibrate for")

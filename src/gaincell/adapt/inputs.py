@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from gaincell.attention.module import AttentionCore
-from gaincell.data import Batch, check_vocabulary, sample_batches
+from gaincell.data import Batch, check_vocabulary, open_tokens, sample_batches
 from gaincell.io import atomic_save_torch
 from gaincell.model import GPT
 from gaincell.train import DistEnv, setup_distributed
@@ -82,5 +82,5 @@ def fixed_batches(cfg: Any, model: GPT, split: str) -> List[Batch]:
         count, seed = cfg.adapt.calibration_batches, cfg.seed
     else:
         raise ValueError(f"split={split!r}: expected 'train' or 'val'")
-    return sample_batches(data_dir / f"{split}.bin", count, cfg.adapt.batch_size, model.config.block_size,
-                          seed=seed, vocab_size=vocab)
+    return sample_batches(open_tokens(data_dir, split), count, cfg.adapt.batch_size, model.config.block_size,
+                          seed=seed, vocab_size=vocab, source=str(data_dir / f"{split}.bin"))

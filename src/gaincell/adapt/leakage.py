@@ -23,11 +23,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gaincell import train
 from gaincell.adapt.algorithm import attention_cores
 from gaincell.adapt.distributed import barrier
-from gaincell.adapt.inputs import (core_kinds, distributed_job, fixed_batches, load_model, resolve_checkpoint,
-                                   results_dir)
+from gaincell.adapt.inputs import (
+    core_kinds,
+    distributed_job,
+    fixed_batches,
+    load_model,
+    resolve_checkpoint,
+    results_dir,
+)
 from gaincell.adapt.losses import batch_losses
-from gaincell.attention.config import AnalogAttentionConfig
-from gaincell.attention.module import HW_KINDS
+from gaincell.attention.config import HW_KINDS, AnalogAttentionConfig
 from gaincell.config import LeakageStage, stage_settings
 from gaincell.data import Batch
 from gaincell.io import atomic_write_json

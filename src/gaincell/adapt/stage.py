@@ -24,12 +24,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gaincell.adapt.algorithm import (AdaptResult, AdaptSettings, adapt_scalers, attention_cores,
-                                      measure_statistics)
+from gaincell.adapt.algorithm import AdaptResult, AdaptSettings, adapt_scalers, attention_cores, measure_statistics
 from gaincell.adapt.calibration import run_stage as run_calibration
 from gaincell.adapt.histograms import capture_values, histogram_rows
-from gaincell.adapt.inputs import (core_kinds, distributed_job, fixed_batches, load_model, resolve_checkpoint,
-                                   results_dir, save_checkpoint)
+from gaincell.adapt.inputs import (
+    core_kinds,
+    distributed_job,
+    fixed_batches,
+    load_model,
+    resolve_checkpoint,
+    results_dir,
+    save_checkpoint,
+)
 from gaincell.adapt.losses import batch_losses, paired_difference
 from gaincell.adapt.study_eval import study_eval
 from gaincell.attention.config import AnalogAttentionConfig, resolve_coefficients

@@ -16,8 +16,14 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from gaincell.adapt.inputs import (core_kinds, distributed_job, fixed_batches, load_model, resolve_checkpoint,
-                                   results_dir)
+from gaincell.adapt.inputs import (
+    core_kinds,
+    distributed_job,
+    fixed_batches,
+    load_model,
+    resolve_checkpoint,
+    results_dir,
+)
 from gaincell.adapt.losses import batch_losses
 from gaincell.config import StudyEvalStage, stage_settings
 from gaincell.io import atomic_write_json

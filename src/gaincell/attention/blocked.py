@@ -30,6 +30,10 @@ powers 1..3 of W and U are stacked along the contracted axis so each polynomial 
 Cell variation (``cfg.cell_variation``, ``gaincell.attention.noise``): the gain factor of the cell
 holding each key element is laid out in blocks like W and U; the products use gamma * W**i and
 gamma * U**i (and gamma for the c_0 term), and the backward multiplies dW, dU by gamma.
+Cell offsets (``cfg.cell_offset_variation``): each cell's additive offset delta, in blocks like the
+gains, adds Q . delta_K^T / S_qk to the charge and P . delta_V / S_av to each sub-tile readout; the
+backward adds their (exact) paths to dQ and to the pulses' gradient. With offsets the linear model's
+gradient also keeps the HardSigmoid mask, and ``forward_packed`` keeps no state (the backward recomputes).
 Readout noise (``cfg.readout_noise``): each sub-tile readout gets a Gaussian before its clamp +
 quantize, drawn from a generator seeded once per call; the readout masks kept for the backward include
 it (a backward called without the forward's state re-seeds and draws again in the same order).
@@ -43,7 +47,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .config import AnalogAttentionConfig
-from .noise import gains_per_key, next_readout_seed, readout_generator
+from .noise import gains_per_key, next_readout_seed, offsets_per_key, readout_generator
 from .quantize import clamp_quantize
 from .reference import OUTPUT_RANGE, compute_dtype, validate_inputs
 
@@ -163,6 +167,10 @@ class _Operands:
         gains = gains_per_key(cfg, q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device)
         if gains is not None:
             self.gain_k, self.gain_v = (_to_blocks(g.expand(q.shape), band.blocks, band.n) for g in gains)
+        self.offset_k = self.offset_v = None
+        offsets = offsets_per_key(cfg, q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device)
+        if offsets is not None:
+            self.offset_k, self.offset_v = (_to_blocks(o.expand(q.shape), band.blocks, band.n) for o in offsets)
         self.Wg, self.Ug = _times(self.gain_k, self.W), _times(self.gain_v, self.U)
         if cfg.nonlinear:
             # [X; X**2; X**3] stacked along the key axis: one batched product gives all three powers.
@@ -189,6 +197,16 @@ class _LagState:
 
 def _charge(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int) -> torch.Tensor:
     """S / S_qk (m, BH, n, n) of key blocks j = i - delta against query blocks i (eq. 4), no window mask."""
+    m = band.blocks - delta
+    Qs = ops.Q[delta:]
+    X = _charge_of_cells(ops, band, cfg, delta)
+    if ops.offset_k is not None:  # each cell's additive offset: Q . delta_K^T, not attenuated
+        X.add_(_bmm(Qs, ops.offset_k[:m].transpose(-1, -2)), alpha=1.0 / cfg.qk_saturation)
+    return X
+
+
+def _charge_of_cells(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int) -> torch.Tensor:
+    """``_charge`` without the cells' additive offsets."""
     m, n, lag = band.blocks - delta, band.n, band.lags[delta]
     Qs = ops.Q[delta:]
     if not cfg.nonlinear:
@@ -229,12 +247,15 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
             A = _bmm(P_weighted, ops.U_pow[:m])
             zeroth = P.sum(dim=-1, keepdim=True) if ops.gain_v is None else _bmm(P, ops.gain_v[:m])
             A.add_(zeroth, alpha=c[0] / cfg.av_saturation)
+    if A is not None and ops.offset_v is not None:  # each cell's additive offset: P . delta_V / S_av
+        A.add_(_bmm(P, ops.offset_v[:m]), alpha=1.0 / cfg.av_saturation)
     if not need_grad or (cfg.nonlinear and cfg.exact_nonlinear_grad):
         return _LagState(inside, P, P_weighted, A)
-    # Linear model's gradient (linear cell, or the surrogate of docs/attention.md#gradients): keep only its two operands.
+    # Linear model's gradient (linear cell, or the surrogate of docs/attention.md#gradients): keep only its
+    # two operands (and, with cell offsets, the HardSigmoid mask their gradient paths need).
     P_linear = P_weighted if not cfg.nonlinear else P * lag.value_scale
     grad_scale = torch.where(inside, lag.grad_scale, 0.0)
-    return _LagState(None, None, None, A, P_linear, grad_scale)
+    return _LagState(inside if ops.offset_k is not None else None, None, None, A, P_linear, grad_scale)
 
 
 def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int, st: _LagState,
@@ -252,6 +273,8 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
         # dL/dR with R = Q (gamma W)^T: through the value array (g alpha gamma / S_av), the HardSigmoid
         # mask and the key array (g alpha / S_qk): grad_scale holds the mask and both alpha factors.
         dR = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(st.grad_scale)
+        if ops.offset_k is not None:
+            _offset_backward_linear(ops, band, cfg, delta, st, dA, dR, dQ)
         dQ[delta:] += _bmm(dR, ops.Wg[:m])
         dW[:m] += _times(gain_k, _bmm(dR.transpose(-1, -2), Qs))
         return
@@ -262,6 +285,8 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     dX.addcmul_(G[..., n:2 * n], lag.value_pow[1]).addcmul_(G[..., 2 * n:], lag.value_pow[2])
     dX.add_(dA.sum(dim=-1, keepdim=True) if gain_v is None else _bmm(dA, gain_v.transpose(-1, -2)),
             alpha=c[0] / cfg.av_saturation)
+    if ops.offset_v is not None:  # the V cells' offsets: dP += dA . delta_V^T / S_av
+        dX.add_(_bmm(dA, ops.offset_v[:m].transpose(-1, -2)), alpha=1.0 / cfg.av_saturation)
     del G
     Hs = _bmm(st.P_weighted.transpose(-1, -2), dA)                 # (P v_i)^T . dA, i = 1..3
     dU[:m] += _times(gain_v, Hs[..., :n, :] + 2 * Us * Hs[..., n:2 * n, :] + 3 * Us * Us * Hs[..., 2 * n:, :])
@@ -271,8 +296,24 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     dR = torch.cat([dX * lag.key_pow[0], dX * lag.key_pow[1], dX * lag.key_pow[2]], dim=-1)
     dQ[delta:] += _bmm(dR, ops.W_pow[:m])
     dQ[delta:] += (dX.sum(dim=-1, keepdim=True) if gain_k is None else _bmm(dX, gain_k)) * (c[0] / cfg.qk_saturation)
+    if ops.offset_k is not None:  # the K cells' offsets: dQ += dX . delta_K / S_qk
+        dQ[delta:] += _bmm(dX, ops.offset_k[:m]) * (1.0 / cfg.qk_saturation)
     Xs = _bmm(dR.transpose(-1, -2), Qs)                            # (.., 3n, D)
     dW[:m] += _times(gain_k, Xs[..., :n, :] + 2 * Ws * Xs[..., n:2 * n, :] + 3 * Ws * Ws * Xs[..., 2 * n:, :])
+
+
+def _offset_backward_linear(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int,
+                            st: _LagState, dA: torch.Tensor, dR: torch.Tensor, dQ: torch.Tensor) -> None:
+    """The cell offsets' share of the linear model's gradient, given dR (dL/dR of R = Q (gamma W)^T through
+    gamma U, updated in place): the V offsets add dA . delta_V^T / S_av to dL/dP; the K offsets pass
+    the whole dL/dX (X = S / S_qk) to Q through delta_K / S_qk."""
+    m, lag = band.blocks - delta, band.lags[delta]
+    # dL/dX through the V offsets, inside the HardSigmoid and the window.
+    dX_offset = _bmm(dA, ops.offset_v[:m].transpose(-1, -2)).mul_(st.inside).mul_(1.0 / cfg.av_saturation)
+    # dL/dX in full: dR / key_scale where key_scale != 0 (the window), recomputed without dividing.
+    dX = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(st.inside).mul_(lag.value_scale).add_(dX_offset)
+    dQ[delta:] += _bmm(dX, ops.offset_k[:m]) * (1.0 / cfg.qk_saturation)
+    dR.add_(dX_offset.mul_(lag.key_scale))
 
 
 def _noise_generator(cfg: AnalogAttentionConfig, noise_seed: Optional[int], device) -> Optional[torch.Generator]:
@@ -303,6 +344,7 @@ def _saves(shape, cfg: AnalogAttentionConfig) -> bool:
     n, blocks, _, max_lag, _ = _geometry(T, cfg)
     slabs = sum(blocks - d for d in range(max_lag + 1)) * n * n
     per_entry = 2 if not (cfg.nonlinear and cfg.exact_nonlinear_grad) else 3.25  # floats (bool = 1/4)
+    per_entry += 0.25 if cfg.cell_offset_variation > 0 else 0.0  # the HardSigmoid mask
     return slabs * per_entry * B * H <= SAVED_SLABS_MAX_RATIO * 3 * B * H * T * D
 
 
@@ -387,7 +429,7 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy
 def packed_state_size(shape, cfg: AnalogAttentionConfig) -> int:
     """Elements of ``forward_packed``'s state for q of ``shape`` (pure arithmetic: usable by fake tensors)."""
     B, H, T, D = shape
-    if (cfg.nonlinear and cfg.exact_nonlinear_grad) or not _saves(shape, cfg):
+    if (cfg.nonlinear and cfg.exact_nonlinear_grad) or cfg.cell_offset_variation > 0 or not _saves(shape, cfg):
         return 0
     n, blocks, tiles, max_lag, merged = _geometry(T, cfg)
     slabs = sum(blocks - d for d in range(max_lag + 1))

@@ -54,6 +54,11 @@ class AnalogAttentionConfig:
             1 + cell_variation * N(0, 1) on every polynomial term of that cell, c_0 included); one cell
             per head, ring-buffer row and column of the K and V arrays, fixed per chip (``noise_seed``),
             shared across the batch (0: identical cells). See ``gaincell.attention.noise``.
+        cell_offset_variation: standard deviation of each physical cell's additive offset delta (a
+            random c_0 of that cell, in the units of the folded coefficients c_i: a cell computes
+            (gamma * sum_i c_i alpha**i W**i + delta) * x, the offset neither leaks nor depends on the
+            stored weight); same cells and layout as ``cell_variation``, fixed per chip (``noise_seed``,
+            a stream independent of the gains; 0: no offsets). Not supported by the Triton kernels.
         readout_noise: standard deviation of a Gaussian added to each sub-tile readout A_r before the
             output ADC (range [-1, 1]), fresh per readout (0: off).
         noise_seed: seed of the chip (cell gains) and of the readout-noise stream (integer >= 0).
@@ -76,6 +81,7 @@ class AnalogAttentionConfig:
     exact_nonlinear_grad: bool = False
     stored_max: float = 0.9
     cell_variation: float = 0.0
+    cell_offset_variation: float = 0.0
     readout_noise: float = 0.0
     noise_seed: int = 0
     read_noise: InitVar[Optional[float]] = None
@@ -102,7 +108,7 @@ class AnalogAttentionConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
         if not (self.decay_per_step >= 0 and math.isfinite(self.decay_per_step)):
             raise ValueError(f"decay_per_step={self.decay_per_step!r}: expected a finite number >= 0")
-        for name in ("cell_variation", "readout_noise"):
+        for name in ("cell_variation", "cell_offset_variation", "readout_noise"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
@@ -120,8 +126,8 @@ class AnalogAttentionConfig:
 
     @property
     def noisy(self) -> bool:
-        """Whether the chip has cell variation or readout noise."""
-        return self.cell_variation > 0 or self.readout_noise > 0
+        """Whether the chip has cell variation (gain or offset) or readout noise."""
+        return self.cell_variation > 0 or self.cell_offset_variation > 0 or self.readout_noise > 0
 
     @property
     def nonlinear(self) -> bool:
@@ -160,7 +166,7 @@ def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Opt
 
 
 PAPER_GAIN = 19.3   # the paper's linear-model slope g, fitted to its own cell (docs/attention.md#cell-coefficients)
-HARDWARE_KINDS = ("linear_hw", "nonlinear_hw")
+HW_KINDS = ("linear_hw", "nonlinear_hw")  # the analog gain-cell attention kinds
 
 
 def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float:
@@ -197,8 +203,6 @@ def resolve_decay_per_step(value, derived_path: Optional[str] = None) -> float:
     if isinstance(value, str):
         if value != "derived":
             raise ValueError(f"attention.decay_per_step={value!r}: expected a number >= 0 or 'derived'")
-        import json
-        from pathlib import Path
 
         if not derived_path or not Path(derived_path).is_file():
             raise FileNotFoundError(f"attention.decay_per_step=derived reads {derived_path!r}, which does not "
@@ -226,7 +230,7 @@ def analog_config_from_settings(settings: Any) -> AnalogAttentionConfig:
         if coeffs is None:
             raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
     gain = settings.get("gain")
-    if kind in HARDWARE_KINDS:
+    if kind in HW_KINDS:
         gain = resolve_gain(gain, settings.get("coefficients"), fitted_path)
     knobs = {f.name: settings[f.name] for f in fields(AnalogAttentionConfig)
              if f.name in settings and f.name not in ("coefficients", "gain")}

@@ -16,7 +16,7 @@ scaler (eq. 8). State per layer (one decoder holds every head of one layer): sto
 and the age of every slot in token steps for leakage (eq. 6). A step costs O(B H M D) once the
 window is full, independent of how many tokens came before.
 
-Cell variation (``cfg.cell_variation``): the cells of ring-buffer row s are those of the chip
+Cell variation (``cfg.cell_variation``, and the additive offsets of ``cfg.cell_offset_variation``): the cells of ring-buffer row s are those of the chip
 ``cfg.noise_seed`` (``gaincell.attention.noise.cell_gains``), so token t, written to row t mod M, meets
 the same cells as key t in ``analog_attention``: with the same config the two agree as without
 variation. Readout noise (``cfg.readout_noise``): each step adds fresh Gaussian noise to every read
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from .config import AnalogAttentionConfig
-from .noise import cell_gains, next_readout_seed, readout_generator
+from .noise import cell_gains, cell_offsets, next_readout_seed, readout_generator
 from .reference import OUTPUT_RANGE, compute_dtype
 
 __all__ = ["AnalogKVDecoder"]
@@ -190,6 +190,12 @@ class AnalogKVDecoder:
         if self._gains is not None:  # gamma_K column-major and gamma_V by sub-tile, for the c_0 terms
             self._gain_k_t = self._gains[0].transpose(-1, -2).contiguous()
             self._gain_v_tiles = self._gains[1].reshape(self.heads, self.cfg.tiles, self.cfg.tile_rows, self.head_dim)
+        # The cells' additive offsets (cell_offset_variation), laid out as the gains for the c_0 terms.
+        self._offsets = cell_offsets(self.cfg, self.heads, self.head_dim, dtype, device)
+        if self._offsets is not None:
+            self._offset_k_t = self._offsets[0].transpose(-1, -2).contiguous()
+            self._offset_v_tiles = self._offsets[1].reshape(self.heads, self.cfg.tiles, self.cfg.tile_rows,
+                                                            self.head_dim)
         if self.cfg.readout_noise > 0 and self.generator is None:
             self.generator = readout_generator(next_readout_seed(self.cfg), device)
         self._first_nan_step = torch.full((), -1, device=device, dtype=torch.long)
@@ -361,6 +367,8 @@ class AnalogKVDecoder:
                                 else torch.matmul(qrow[:, 0], self._gain_k_t).squeeze(-2))
             for n, power in enumerate(self._powers):
                 charge = charge + (c[f"c{power}"] * dots[:, n]) * alpha[:, n]
+        if self._offsets is not None:  # each row's cells' additive offsets: Q . delta_K, not attenuated
+            charge = charge + torch.matmul(qrow[:, 0], self._offset_k_t).squeeze(-2)
         # Charge to pulse (eq. 3), zero for slots that hold no key yet.
         pulse = (charge / c["qk_saturation"]).clamp_(0.0, 1.0)
         if valid is not None:
@@ -381,6 +389,9 @@ class AnalogKVDecoder:
             for n, power in enumerate(self._powers):
                 readout = readout + c[f"c{power}"] * products[:, n]
             readout = readout / c["av_saturation"]
+        if self._offsets is not None:  # each row's cells' additive offsets: P . delta_V / S_av per sub-tile
+            pulse_tiles = pulse.view(n_tok, self.batch, self.heads, tiles, 1, rows)
+            readout = readout + torch.matmul(pulse_tiles, self._offset_v_tiles).squeeze(-2) / c["av_saturation"]
         if cfg.readout_noise > 0:  # every read sub-tile (those holding a key), before its ADC
             read = self._tile_index < -(-filled // rows)
             noise = torch.randn(readout.shape, generator=self.generator, device=readout.device, dtype=readout.dtype)

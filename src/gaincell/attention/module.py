@@ -7,21 +7,19 @@ module record their outputs' per-head mean and standard deviation on the next fo
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AnalogAttentionConfig
+from .config import HW_KINDS, AnalogAttentionConfig
 from .decoder import AnalogKVDecoder
 from .functional import analog_attention
 from .noise import layer_config
 from .op import config_key, op_supports
 
 KINDS = ("softmax", "softmax_window", "linear_hw", "nonlinear_hw")
-HW_KINDS = ("linear_hw", "nonlinear_hw")
 SCALER_STAGES = ("q", "k", "v", "out")
 # Eq. 8 initial values: a = 1; b_q = 0, b_k = b_v = 0.45 (the stored-voltage midpoint), b_o = 0.
 _INIT_BIAS = {"q": 0.0, "k": 0.45, "v": 0.45, "out": 0.0}
@@ -215,8 +213,3 @@ class AttentionCore(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n_head={self.n_head}, window={self.analog.window}"
-
-
-def softmax_scale(head_dim: int) -> float:
-    """The 1/sqrt(D) of standard attention (absent from the hardware models, eq. 8)."""
-    return 1.0 / math.sqrt(head_dim)

@@ -18,7 +18,10 @@ implementations exercise the same cell model:
 
 Cell variation (``cfg.cell_variation``, ``gaincell.attention.noise``): the optional ``cell_gain``
 argument of the two array products is the gain factor of the cell holding each key's element (per key,
-broadcast over the batch); it multiplies every term of the cell, c_0 included.
+broadcast over the batch); it multiplies every term of the cell, c_0 included. Cell offsets
+(``cfg.cell_offset_variation``): the optional ``cell_offset`` argument is each cell's additive offset
+delta (a random c_0 of that cell), added to the cell's output: ``+ Q . delta`` on the K array,
+``+ P . delta / S_sat_av`` on the V array (neither attenuated by leakage, nor a stored-weight term).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import AnalogAttentionConfig
-from .noise import gains_per_key, next_readout_seed, readout_generator
+from .noise import gains_per_key, next_readout_seed, offsets_per_key, readout_generator
 from .quantize import clamp, clamp_quantize, straight_through
 
 __all__ = ["validate_inputs", "dac_inputs", "window_mask", "leakage", "key_array_product", "hard_sigmoid",
@@ -107,8 +110,17 @@ def _needs_surrogate(cfg: AnalogAttentionConfig, *tensors: torch.Tensor) -> bool
 
 
 def key_array_product(Q: torch.Tensor, W: torch.Tensor, cfg: AnalogAttentionConfig,
-                      alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
-                      ) -> torch.Tensor:
+                      alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None,
+                      cell_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 4 and 7 with each cell's additive offset: ``_key_array_product`` + Q @ delta^T (``cell_offset``
+    broadcastable to W; None: no offset, today's arithmetic exactly). Its gradient is exact on every cell model."""
+    S = _key_array_product(Q, W, cfg, alpha, cell_gain)
+    return S if cell_offset is None else S + Q @ cell_offset.transpose(-1, -2)
+
+
+def _key_array_product(Q: torch.Tensor, W: torch.Tensor, cfg: AnalogAttentionConfig,
+                       alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
     """Eq. 4 and 7: the K array's charge S[t, t'] from queries Q (..., T, D) and stored weights
     W = K - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. No window mask applied.
 
@@ -143,8 +155,17 @@ def hard_sigmoid(S: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
 
 
 def value_array_product(P: torch.Tensor, U: torch.Tensor, cfg: AnalogAttentionConfig,
-                        alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
-                        ) -> torch.Tensor:
+                        alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None,
+                        cell_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 4 and 7 with each cell's additive offset: ``_value_array_product`` + P @ delta / S_sat_av
+    (``cell_offset`` broadcastable to U; None: no offset, today's arithmetic exactly)."""
+    A = _value_array_product(P, U, cfg, alpha, cell_gain)
+    return A if cell_offset is None else A + (P @ cell_offset) / cfg.av_saturation
+
+
+def _value_array_product(P: torch.Tensor, U: torch.Tensor, cfg: AnalogAttentionConfig,
+                         alpha: Optional[torch.Tensor] = None, cell_gain: Optional[torch.Tensor] = None
+                         ) -> torch.Tensor:
     """Eq. 4 and 7: one V (sub-)array's output A[t, d] from pulse widths P (..., T, T') and stored
     weights U = V - 0.45 V (..., T', D); ``alpha`` (T, T') leakage, None for none. Not clamped.
 
@@ -196,7 +217,7 @@ def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     """Analog attention (eq. 3 to 7, docs/attention.md) on (B, H, T, D) inputs already scaled (eq. 8).
 
     Returns y (B, H, T, D) before the output scaler (eq. 8), in the input dtype. With
-    ``cfg.cell_variation`` the cells of the chip ``cfg.noise_seed`` (key t' in ring row t' mod M); with
+    ``cfg.cell_variation`` (and ``cfg.cell_offset_variation``) the cells of the chip ``cfg.noise_seed`` (key t' in ring row t' mod M); with
     ``cfg.readout_noise`` noise drawn from ``generator``, or when None from the next seed of the
     config's readout-noise stream (``gaincell.attention.noise``).
     """
@@ -212,10 +233,11 @@ def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     mask = window_mask(t_len, cfg.window, device)           # eq. 6
     alpha = leakage(t_len, cfg, dtype, device)
     gain_k, gain_v = gains_per_key(cfg, q.shape[1], t_len, q.shape[3], dtype, device) or (None, None)
+    offset_k, offset_v = offsets_per_key(cfg, q.shape[1], t_len, q.shape[3], dtype, device) or (None, None)
     if cfg.readout_noise > 0 and generator is None:
         generator = readout_generator(next_readout_seed(cfg), device)
 
-    S = key_array_product(Q, W, cfg, alpha, gain_k)         # eq. 4, 7
+    S = key_array_product(Q, W, cfg, alpha, gain_k, offset_k)  # eq. 4, 7
     P = hard_sigmoid(S, cfg)                                # eq. 3
     P = torch.where(mask, P, torch.zeros_like(P))           # keys outside the window: no pulse
 
@@ -226,7 +248,8 @@ def analog_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     for r in range(used_tiles):
         keys = torch.nonzero(slot_tile == r).squeeze(-1)
         A_r = value_array_product(P[..., keys], U[..., keys, :], cfg, alpha[:, keys],
-                                  None if gain_v is None else gain_v[..., keys, :])
+                                  None if gain_v is None else gain_v[..., keys, :],
+                                  None if offset_v is None else offset_v[..., keys, :])
         # Sub-tile r is read for queries t >= its first key, r * tile_rows (it holds a key from then on).
         read = (torch.arange(t_len, device=device) >= r * cfg.tile_rows).to(dtype)[:, None]
         A_r = add_readout_noise(A_r, cfg, generator, read)

@@ -102,7 +102,7 @@ def array_metrics(waves: List[Dict[str, np.ndarray]], p: Dict[str, Any]) -> List
     for r in range(rows):
         energy += -float(np.sum((w[f"rwl{r}_d"] * w[f"vrwl{r}#branch"])[1:] * np.diff(t)
                                 + (w[f"rwl{r}_d"] * w[f"vrwl{r}#branch"])[:-1] * np.diff(t)) / 2.0)
-    charges_pos, charges_neg, settle = [], [], []
+    charges_pos, charges_neg = [], []
     cum_all = []
     shared = p.get("reference_column", False)
     q_ref = _trapz_cumulative(w["vblnref#branch"], t) if shared else None

@@ -43,7 +43,6 @@ import numpy as np
 from gaincell.device.technology import Technology, _fmt
 
 
-
 class CellKind(str, Enum):
     """How a signed weight is stored and read (``device.cell``); see the module docstring."""
 

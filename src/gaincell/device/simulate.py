@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 CACHE_VERSION = 1
 DEFAULT_LIBRARY_CANDIDATES = (
@@ -353,8 +354,6 @@ def run_tasks(tasks: Sequence[Task], workers: int = 1, cache_path: Optional[os.P
     same netlist are sent together in chunks so a worker parses each netlist rarely. A worker that
     dies takes only its chunk down: those points are retried once one by one, then reported failed.
     """
-    from tqdm.auto import tqdm
-
     version = version if version is not None else ngspice_version_cached()
     cache = PointCache(cache_path)
     results: List[Optional[Result]] = [None] * len(tasks)

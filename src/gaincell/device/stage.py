@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from gaincell.device import array as array_mod
 from gaincell.device import simulate, sweeps
@@ -31,6 +32,7 @@ from gaincell.device.netlists import ArrayLayout, CellDesign, ChargeToPulseDesig
 from gaincell.device.technology import TECHNOLOGIES, Technology, TechnologyError, make_technology
 from gaincell.io import atomic_to_csv, atomic_write_json
 from gaincell.io import finite_or_none as _finite
+from gaincell.tracking import Tracker
 
 
 def _get(section, key):
@@ -95,8 +97,6 @@ def validate_device_config(d) -> None:
 
 def config_hash(cfg) -> str:
     """Short hash of the device and fit sections (provenance of every output)."""
-    from omegaconf import OmegaConf
-
     blob = json.dumps({"device": OmegaConf.to_container(cfg.device, resolve=True),
                        "fit": OmegaConf.to_container(cfg.fit, resolve=True)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -132,6 +132,10 @@ def cell_charge_lookup(read_df: pd.DataFrame, read_v: float):
     return charge
 
 
+# The sweeps of the stage, in the order of their tables and counts (the simulations run heaviest first).
+SWEEPS = ("read", "write", "retention", "array", "mismatch", "charge_to_pulse")
+
+
 def characterize(cfg) -> Dict[str, Any]:
     """Run every sweep, write the tables and ``summary.json``; returns the summary."""
     started = time.time()
@@ -151,66 +155,142 @@ def characterize(cfg) -> Dict[str, Any]:
                          reference_column=cell.cell == "single_ended")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    read_tasks = sweeps.read_tasks(tech, cell, grid)
-    write_tasks = sweeps.write_tasks(tech, cell, np.linspace(0.0, 0.9, int(d.write_levels)))
-    retention_v = np.linspace(float(d.stored_v_min), float(d.stored_v_max), int(d.retention_levels))[::-1]
-    retention_tasks = sweeps.retention_tasks(tech, cell, retention_v, float(d.retention_time_s))
-    array_tasks, array_inputs = array_mod.array_tasks(
-        tech, cell, layout, list(d.array_kinds), int(d.array_trials), int(d.array_queries), int(d.seed),
-        grid, read_v)
-    mismatch_tasks, mismatch_info = _mismatch_plan(tech, cell, grid, d)
-    c2p_tasks = _charge_to_pulse_plan(tech, cell, d)
-    tasks = array_tasks + read_tasks + write_tasks + retention_tasks + mismatch_tasks + c2p_tasks  # heavy first
+    plan, array_inputs, mismatch_info = _plan(tech, cell, layout, grid, read_v, d)
+    tasks = [task for group in plan.values() for task in group]
     version = simulate.ngspice_version_cached()
     results = simulate.run_tasks(tasks, workers=int(d.workers), cache_path=out_dir / "cache.sqlite",
                                  desc=f"characterize ({tech.name})", version=version)
-    n_array, n_read, n_write = len(array_tasks), len(read_tasks), len(write_tasks)
-    res_array = results[:n_array]
-    res_read = results[n_array:n_array + n_read]
-    res_write = results[n_array + n_read:n_array + n_read + n_write]
-    n_ret = len(retention_tasks)
-    res_ret = results[n_array + n_read + n_write:n_array + n_read + n_write + n_ret]
-    n_mm = len(mismatch_tasks)
-    res_mm = results[n_array + n_read + n_write + n_ret:n_array + n_read + n_write + n_ret + n_mm]
-    res_c2p = results[n_array + n_read + n_write + n_ret + n_mm:]
-    failed = (_failed_rows("read", res_read) + _failed_rows("write", res_write)
-              + _failed_rows("retention", res_ret) + _failed_rows("array", res_array)
-              + _failed_rows("mismatch", res_mm) + _failed_rows("charge_to_pulse", res_c2p))
+    res = _by_sweep(plan, results)
+    failed = [row for name in SWEEPS for row in _failed_rows(name, res[name])]
     atomic_to_csv(pd.DataFrame(failed, columns=["sweep", "error", "params"]), out_dir / "failed_points.csv")
     if failed:
         print(f"characterize: {len(failed)} of {len(tasks)} points failed (see {out_dir / 'failed_points.csv'}); "
               f"first: {failed[0]['error']}")
 
-    # ---- read sweep -------------------------------------------------------------------------------
+    t_max = float(d.pulse_width_max_ns)
+    read_df = _read_table(res["read"], failed, out_dir)
+    full = read_df[np.isclose(read_df["read_v"], read_v)]
+    full_pulse = full[np.isclose(full["pulse_width_ns"], t_max)]
+    write_df = pd.DataFrame(_rows(res["write"]))
+    if not write_df.empty:
+        write_df = write_df.sort_values("target_v").reset_index(drop=True)
+    atomic_to_csv(write_df, out_dir / "write_sweep.csv")
+    retention_fits = _retention(res["retention"], float(d.hold_bitline_v), out_dir)
+    array_summary = _array(res["array"], array_inputs, read_df, read_v, out_dir)
+    _mismatch_table(res["mismatch"], mismatch_info, out_dir)
+    c2p_df = pd.DataFrame(_rows(res["charge_to_pulse"]))
+    atomic_to_csv(c2p_df, out_dir / "charge_to_pulse.csv")
+    c2p_summary = _charge_to_pulse_summary(c2p_df, t_max)
+    energies = _energy_table(full, full_pulse, write_df, array_summary, layout, out_dir)
+
+    f_max = float(full_pulse["mean_current_a"].abs().max()) if not full_pulse.empty else float("nan")
+    summary: Dict[str, Any] = {
+        "technology": tech.name, "corner": tech.corner, "technology_provenance": tech.provenance(),
+        "ngspice_version": version, "config_hash": config_hash(cfg),
+        **energies,
+        "array_rows": layout.rows, "array_cols": layout.cols,
+        "array_op_energy_j": array_summary.get("array_op_energy_j", float("nan")),
+        "array_op_latency_ns": array_summary.get("array_op_latency_ns", float("nan")),
+        **{k: v for k, v in array_summary.items() if k not in ("array_op_energy_j", "array_op_latency_ns")},
+        **_retention_summary(retention_fits),
+        "mismatch": mismatch_info,
+        "charge_to_pulse": c2p_summary,
+        "charge_to_pulse_energy_j": c2p_summary.get("energy_per_conversion_j", float("nan")),
+        "full_scale_current_a": f_max,
+        "write_error_max_v": float(write_df["write_error_v"].abs().max()) if not write_df.empty else float("nan"),
+        **_design_record(d, cell, grid, read_v),
+        "points": {**{name: len(plan[name]) for name in SWEEPS}, "failed": len(failed),
+                   "from_cache": sum(1 for r in results if r.cached)},
+        "simulated_seconds": float(sum(r.seconds for r in results if not r.cached)),
+        "wall_seconds": time.time() - started,
+        "units": "SI (J, s, V, A, C) unless the key says otherwise",
+    }
+    atomic_write_json(out_dir / "summary.json", _finite(summary))
+    _log(cfg, summary)
+    print(f"characterize: {tech.name} {tech.corner}: full-scale signed current {f_max * 1e6:.2f} uA, "
+          f"MAC {summary['mac_energy_j'] * 1e15:.1f} fJ, write {summary['write_energy_j'] * 1e15:.2f} fJ, "
+          f"tau {summary['retention_tau_s']:.3g} s, array {layout.rows}x{layout.cols} op "
+          f"{summary['array_op_energy_j'] * 1e12:.3g} pJ / {summary['array_op_latency_ns']:.3g} ns; "
+          f"{len(failed)} failed; {summary['wall_seconds']:.1f} s -> {out_dir}")
+    return summary
+
+
+def _by_sweep(plan: Dict[str, list], results: list) -> Dict[str, list]:
+    """The results of ``plan``'s concatenated tasks, split back by sweep."""
+    res, start = {}, 0
+    for name, group in plan.items():
+        res[name] = results[start:start + len(group)]
+        start += len(group)
+    return res
+
+
+def _retention_summary(fits: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The initial-slope time constant of the highest stored level (what exp(-t/tau) of the attention
+    model should use); whole-curve exponential fit and 1/e time beside it (see sweeps.fit_retention_tau)."""
+    top = max(fits, key=lambda r: r["initial_v"]) if fits else {}
+    return {"retention_tau_s": top.get("tau_s", float("nan")),
+            "retention_exp_fit_tau_s": top.get("exp_fit_tau_s", float("nan")),
+            "retention_t_1e_s": top.get("t_1e_s", float("nan")),
+            "retention_droop_v_per_s": top.get("droop_v_per_s", float("nan")),
+            "retention_fits": fits}
+
+
+def _design_record(d, cell: CellDesign, grid, read_v: float) -> Dict[str, Any]:
+    """The simulated design: windows, cell, sweep grid."""
+    return {"stored_window_v": [float(d.stored_v_min), float(d.stored_v_max)],
+            "read_window_v": [float(d.read_v_min), float(d.read_v_max)], "read_voltage_v": read_v,
+            "cell_kind": cell.cell,
+            "reference_v": cell.reference_v if cell.cell == "single_ended" else None,
+            "pulse_width_max_ns": float(d.pulse_width_max_ns),
+            "supply_v": float(d.supply_v),
+            "cell": {k: getattr(cell, k) for k in cell.__dataclass_fields__},
+            "grid": {k: [float(x) for x in v] for k, v in grid.items()}}
+
+
+def _plan(tech: Technology, cell: CellDesign, layout: ArrayLayout, grid, read_v: float, d):
+    """Every simulation of the stage by sweep, heaviest first (array, read, write, retention, mismatch,
+    charge-to-pulse), with the array's inputs and the mismatch draw's description."""
+    retention_v = np.linspace(float(d.stored_v_min), float(d.stored_v_max), int(d.retention_levels))[::-1]
+    array_tasks, array_inputs = array_mod.array_tasks(
+        tech, cell, layout, list(d.array_kinds), int(d.array_trials), int(d.array_queries), int(d.seed),
+        grid, read_v)
+    mismatch_tasks, mismatch_info = _mismatch_plan(tech, cell, grid, d)
+    plan = {
+        "array": array_tasks,
+        "read": sweeps.read_tasks(tech, cell, grid),
+        "write": sweeps.write_tasks(tech, cell, np.linspace(0.0, 0.9, int(d.write_levels))),
+        "retention": sweeps.retention_tasks(tech, cell, retention_v, float(d.retention_time_s)),
+        "mismatch": mismatch_tasks,
+        "charge_to_pulse": _charge_to_pulse_plan(tech, cell, d),
+    }
+    return plan, array_inputs, mismatch_info
+
+
+def _read_table(res_read, failed, out_dir: Path) -> pd.DataFrame:
+    """cell_sweep.csv: one row per (read voltage, stored level, pulse width)."""
     read_df = pd.DataFrame(_rows(res_read))
     if read_df.empty:
         raise simulate.SimulationError(f"every read point failed; first error: {failed[0]['error'] if failed else '?'}")
     read_df = read_df.drop(columns=["read_start_ns", "pulse_width_max_ns", "bitline_v"])
     read_df = read_df.sort_values(["read_v", "level_v", "pulse_width_ns"]).reset_index(drop=True)
     atomic_to_csv(read_df, out_dir / "cell_sweep.csv")
-    full = read_df[np.isclose(read_df["read_v"], read_v)]
-    t_max = float(d.pulse_width_max_ns)
-    full_pulse = full[np.isclose(full["pulse_width_ns"], t_max)]
+    return read_df
 
-    # ---- write sweep ------------------------------------------------------------------------------
-    write_df = pd.DataFrame(_rows(res_write))
-    if not write_df.empty:
-        write_df = write_df.sort_values("target_v").reset_index(drop=True)
-    atomic_to_csv(write_df, out_dir / "write_sweep.csv")
 
-    # ---- retention --------------------------------------------------------------------------------
+def _retention(res_ret, hold_bitline_v: float, out_dir: Path) -> List[Dict[str, Any]]:
+    """retention.csv and one time-constant fit per initial stored voltage."""
     ret_df = pd.DataFrame(_rows(res_ret))
     atomic_to_csv(ret_df, out_dir / "retention.csv")
-    retention_fits = []
+    fits = []
     for v0, grp in (ret_df.groupby("initial_v") if not ret_df.empty else []):
-        fitted = sweeps.fit_retention_tau(grp["time_s"].to_numpy(), grp["stored_v"].to_numpy(),
-                                          float(d.hold_bitline_v))
-        retention_fits.append({"initial_v": float(v0), **fitted})
-    top = max(retention_fits, key=lambda r: r["initial_v"]) if retention_fits else {}
+        fitted = sweeps.fit_retention_tau(grp["time_s"].to_numpy(), grp["stored_v"].to_numpy(), hold_bitline_v)
+        fits.append({"initial_v": float(v0), **fitted})
+    return fits
 
-    # ---- array ------------------------------------------------------------------------------------
-    arr_rows = _rows(res_array)
-    arr_df = pd.DataFrame(arr_rows)
+
+def _array(res_array, array_inputs, read_df: pd.DataFrame, read_v: float, out_dir: Path) -> Dict[str, Any]:
+    """array.csv with each output's ideal sum of cells beside it, and the array's energy, latency and error."""
+    arr_df = pd.DataFrame(_rows(res_array))
     array_summary: Dict[str, Any] = {}
     if not arr_df.empty:
         lookup = cell_charge_lookup(read_df, read_v)
@@ -238,8 +318,11 @@ def characterize(cfg) -> Dict[str, Any]:
             if len(arr_df) > 2 else float("nan"),
         }
     atomic_to_csv(arr_df, out_dir / "array.csv")
+    return array_summary
 
-    # ---- Monte-Carlo mismatch -----------------------------------------------------------------------
+
+def _mismatch_table(res_mm, mismatch_info: Dict[str, Any], out_dir: Path) -> None:
+    """mismatch.csv (Monte-Carlo cells); adds the drawn threshold shifts' sample spread to ``mismatch_info``."""
     mm_df = pd.DataFrame(_rows(res_mm))
     if not mm_df.empty:
         mm_df = mm_df.drop(columns=["read_start_ns", "pulse_width_max_ns", "bitline_v"])
@@ -248,11 +331,10 @@ def characterize(cfg) -> Dict[str, Any]:
             if mm_df["mc_cell"].nunique() > 1 else float("nan")
     atomic_to_csv(mm_df, out_dir / "mismatch.csv")
 
-    c2p_df = pd.DataFrame(_rows(res_c2p))
-    atomic_to_csv(c2p_df, out_dir / "charge_to_pulse.csv")
-    c2p_summary = _charge_to_pulse_summary(c2p_df, float(d.pulse_width_max_ns))
 
-    # ---- energy -----------------------------------------------------------------------------------
+def _energy_table(full: pd.DataFrame, full_pulse: pd.DataFrame, write_df: pd.DataFrame,
+                  array_summary: Dict[str, Any], layout: ArrayLayout, out_dir: Path) -> Dict[str, float]:
+    """energy.csv (each quantity with its definition); returns the cell energies for the summary."""
     mac_energy = float(full["read_energy_j"].mean())
     mac_energy_full = float(full_pulse["read_energy_j"].mean()) if not full_pulse.empty else float("nan")
     write_energy = float(write_df["write_energy_j"].mean()) if not write_df.empty else float("nan")
@@ -274,52 +356,8 @@ def characterize(cfg) -> Dict[str, Any]:
              "definition": "array operation energy / (rows x cols)"},
         ]
     atomic_to_csv(pd.DataFrame(energy_rows), out_dir / "energy.csv")
-
-    f_max = float(full_pulse["mean_current_a"].abs().max()) if not full_pulse.empty else float("nan")
-    summary: Dict[str, Any] = {
-        "technology": tech.name, "corner": tech.corner, "technology_provenance": tech.provenance(),
-        "ngspice_version": version, "config_hash": config_hash(cfg),
-        "mac_energy_j": mac_energy, "mac_energy_full_pulse_j": mac_energy_full,
-        "write_energy_j": write_energy, "signed_write_energy_j": 2 * write_energy,
-        "array_rows": layout.rows, "array_cols": layout.cols,
-        "array_op_energy_j": array_summary.get("array_op_energy_j", float("nan")),
-        "array_op_latency_ns": array_summary.get("array_op_latency_ns", float("nan")),
-        **{k: v for k, v in array_summary.items() if k not in ("array_op_energy_j", "array_op_latency_ns")},
-        # initial-slope time constant of the highest stored level (what exp(-t/tau) of the attention
-        # model should use); whole-curve exponential fit and 1/e time beside it (see sweeps.fit_retention_tau)
-        "retention_tau_s": top.get("tau_s", float("nan")),
-        "retention_exp_fit_tau_s": top.get("exp_fit_tau_s", float("nan")),
-        "retention_t_1e_s": top.get("t_1e_s", float("nan")),
-        "retention_droop_v_per_s": top.get("droop_v_per_s", float("nan")),
-        "retention_fits": retention_fits,
-        "mismatch": mismatch_info,
-        "charge_to_pulse": c2p_summary,
-        "charge_to_pulse_energy_j": c2p_summary.get("energy_per_conversion_j", float("nan")),
-        "full_scale_current_a": f_max,
-        "write_error_max_v": float(write_df["write_error_v"].abs().max()) if not write_df.empty else float("nan"),
-        "stored_window_v": [float(d.stored_v_min), float(d.stored_v_max)],
-        "read_window_v": [float(d.read_v_min), float(d.read_v_max)], "read_voltage_v": read_v,
-        "cell_kind": cell.cell,
-        "reference_v": cell.reference_v if cell.cell == "single_ended" else None,
-        "pulse_width_max_ns": t_max,
-        "supply_v": float(d.supply_v),
-        "cell": {k: getattr(cell, k) for k in cell.__dataclass_fields__},
-        "grid": {k: [float(x) for x in v] for k, v in grid.items()},
-        "points": {"read": n_read, "write": n_write, "retention": len(retention_tasks), "array": n_array,
-                   "mismatch": len(mismatch_tasks),
-                   "charge_to_pulse": len(c2p_tasks), "failed": len(failed), "from_cache": sum(1 for r in results if r.cached)},
-        "simulated_seconds": float(sum(r.seconds for r in results if not r.cached)),
-        "wall_seconds": time.time() - started,
-        "units": "SI (J, s, V, A, C) unless the key says otherwise",
-    }
-    atomic_write_json(out_dir / "summary.json", _finite(summary))
-    _log(cfg, summary)
-    print(f"characterize: {tech.name} {tech.corner}: full-scale signed current {f_max * 1e6:.2f} uA, "
-          f"MAC {mac_energy * 1e15:.1f} fJ, write {write_energy * 1e15:.2f} fJ, tau {summary['retention_tau_s']:.3g} s, "
-          f"array {layout.rows}x{layout.cols} op {summary['array_op_energy_j'] * 1e12:.3g} pJ / "
-          f"{summary['array_op_latency_ns']:.3g} ns; {len(failed)} failed; {summary['wall_seconds']:.1f} s -> {out_dir}")
-    return summary
-
+    return {"mac_energy_j": mac_energy, "mac_energy_full_pulse_j": mac_energy_full,
+            "write_energy_j": write_energy, "signed_write_energy_j": 2 * write_energy}
 
 
 def _mismatch_plan(tech: Technology, cell: CellDesign, grid, d):
@@ -378,8 +416,6 @@ def _charge_to_pulse_summary(df: pd.DataFrame, t_max_ns: float) -> Dict[str, Any
 
 def _log(cfg, summary: Dict[str, Any]) -> None:
     """Headline numbers to the experiment tracker (W&B offline + CSV); a tracking failure never fails the stage."""
-    from gaincell.tracking import Tracker
-
     try:
         tracker = Tracker(cfg, run_name="characterize", job_type="characterize")
     except Exception as err:  # tracking must never fail the stage

@@ -20,9 +20,19 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from gaincell.device.netlists import (CellDesign, ChargeToPulseDesign, charge_to_pulse_netlist, MODEL_STORED_MAX_V, dc_alter, pulse_alter, pwl_alter,
-                                      read_pair_netlist, retention_netlist, write_bitline_pwl,
-                                      write_cell_netlist)
+from gaincell.device.netlists import (
+    MODEL_STORED_MAX_V,
+    CellDesign,
+    ChargeToPulseDesign,
+    charge_to_pulse_netlist,
+    dc_alter,
+    pulse_alter,
+    pwl_alter,
+    read_pair_netlist,
+    retention_netlist,
+    write_bitline_pwl,
+    write_cell_netlist,
+)
 from gaincell.device.simulate import Run, Task
 from gaincell.device.technology import Technology
 

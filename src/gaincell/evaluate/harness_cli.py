@@ -16,8 +16,9 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import gaincell.evaluate.lm  # noqa: F401  (registers the "gaincell" model)
     from lm_eval.__main__ import cli_evaluate
+
+    import gaincell.evaluate.lm  # noqa: F401, PLC0415 (imports lm-evaluation-harness; registers the "gaincell" model)
 
     if argv is not None:
         sys.argv = ["gaincell-lm-eval"] + list(argv)

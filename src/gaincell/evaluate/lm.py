@@ -22,9 +22,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
+
+from gaincell.data import check_tokenizer, load_tokenizer
+from gaincell.model import GPT
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,6 @@ def _check_tokenizer(model: Any, tokenizer: Any, source: str) -> None:
     current = getattr(tokenizer, "fingerprint", None)
     if current is None or not hasattr(model, "tokenizer_info"):
         return
-    from gaincell.data import check_tokenizer
 
     warning = check_tokenizer(model.tokenizer_info, tokenizer.data_dir, source, current)
     if warning:
@@ -107,12 +110,8 @@ class GaincellLM(TemplateLM):
         self._device = resolve_device(str(device))
         source = model if isinstance(model, str) else "the model"
         if isinstance(model, str):
-            from gaincell.model import GPT
-
             model = GPT.from_checkpoint(model, map_location=str(self._device))
         if isinstance(tokenizer, str):
-            from gaincell.data import load_tokenizer
-
             tokenizer = load_tokenizer(tokenizer)
         _check_tokenizer(model, tokenizer, source)
         self.model = model.to(self._device).eval()
@@ -144,8 +143,6 @@ class GaincellLM(TemplateLM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
         """``lm_eval`` style ``model_args``: ``checkpoint=PATH,data_dir=DIR[,batch_size=..]``."""
-        from lm_eval import utils
-
         return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
     @classmethod

@@ -15,20 +15,31 @@
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import re
+import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pandas as pd
+import torch
+from omegaconf import OmegaConf
 
+from gaincell.attention.config import analog_config_from_settings
 from gaincell.config import EvaluateStage, stage_settings
+from gaincell.data import check_tokenizer, load_tokenizer
 from gaincell.io import atomic_to_csv, atomic_write_json
+from gaincell.model import GPT
+from gaincell.tracking import Tracker
 
 from .tasks import LOCAL_TASKS, LocalTaskParams, build_local_tasks, is_local_task, local_task_fingerprint
 
@@ -52,7 +63,6 @@ def set_offline(offline: bool) -> None:
         return
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import sys
 
     if "datasets" in sys.modules:
         import datasets.config
@@ -74,15 +84,10 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 
 def lm_eval_version() -> str:
-    from importlib.metadata import version
-
     return version("lm_eval")
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -129,8 +134,6 @@ def merge_results(eval_dir: Path) -> Path:
     Variant jobs running side by side each merge after writing their own table; a lock serialises the
     merges, so the last one reads every table written before it and the summary ends up complete.
     """
-    import fcntl
-
     eval_dir = Path(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
     with open(eval_dir / ".summary.lock", "w") as lock:
@@ -157,8 +160,6 @@ def locate_harness_tasks(names: Sequence[str]):
     Returns (folders holding a YAML with ``task: <name>``, names only mentioned in some YAML such as
     groups and tags, which need the full index, names in no YAML at all, i.e. unknown).
     """
-    import re
-
     import lm_eval.tasks
 
     root = Path(lm_eval.tasks.__file__).parent
@@ -339,8 +340,6 @@ def local_task_params(eval_cfg) -> LocalTaskParams:
 
 
 def _log_to_tracker(cfg, variant: str, table: pd.DataFrame) -> None:
-    from gaincell.tracking import Tracker
-
     tracker = Tracker(cfg, run_name=f"eval-{variant}", job_type="evaluate")
     try:
         flat = {f"eval/{r.task}/{r.metric}": float(r.value) for r in table.itertuples()}
@@ -368,19 +367,14 @@ def run(cfg) -> pd.DataFrame:
     stride = int(ev.rolling_stride) or None
 
     def make_lm():
-        from gaincell.model import GPT
-
-        from .lm import GaincellLM, resolve_device
+        from .lm import GaincellLM, resolve_device  # noqa: PLC0415 (imports lm-evaluation-harness)
 
         device = resolve_device(str(ev.device))
         analog_cfg = None
         if attention:
-            from gaincell.attention.config import analog_config_from_settings
-
             analog_cfg = analog_config_from_settings(cfg.attention)
         model = GPT.from_checkpoint(str(checkpoint), map_location=str(device),
                                     attention=str(attention) if attention else None, analog_cfg=analog_cfg)
-        from gaincell.data import check_tokenizer, load_tokenizer
 
         tokenizer = load_tokenizer(str(cfg.data.data_dir))
         check_tokenizer(model.tokenizer_info, tokenizer.data_dir, checkpoint, tokenizer.fingerprint)  # names the file
@@ -402,6 +396,4 @@ def run(cfg) -> pd.DataFrame:
 
 
 def _plain(section) -> Any:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section

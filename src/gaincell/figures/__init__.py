@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ast
 import importlib
-import json
 import inspect
+import json
 import sys
 import time
 import traceback
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 from gaincell.config import FiguresStage, stage_settings
+from gaincell.io import atomic_write_json, atomic_write_text
+from gaincell.tracking import log_stage_outputs
 
 # Modules in pipeline order.
 FIGURE_MODULES = ("device", "train", "adapt", "diagnose", "variation", "evaluate", "hardware", "analog", "benchmarks")
@@ -75,8 +77,6 @@ def make_all(results_dir: Path, out_dir: Path, strict: bool = True, only: List[s
              workers: int = 1) -> dict:
     """Make every figure. ``strict``: raise at the end when any figure failed. ``workers`` > 1: that many
     processes make the figures side by side (the index keeps pipeline order)."""
-    from gaincell.io import atomic_write_json, atomic_write_text
-
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [(name, module_name, func) for name, (module_name, func) in figure_functions().items()
             if not only or name in only]
@@ -120,8 +120,6 @@ def run(cfg) -> None:
 def log_figures(cfg, index: dict, out_dir: Path) -> None:
     """W&B: every figure made (PNG) as an image with its caption, every table in ``out_dir`` (the study
     table, the evaluation summary...) as a table. Best effort (gaincell.tracking.log_stage_outputs)."""
-    from gaincell.tracking import log_stage_outputs
-
     images, captions = {}, {}
     for name, entry in index.get("made", {}).items():
         for f in entry["files"]:

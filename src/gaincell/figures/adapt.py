@@ -14,16 +14,21 @@ is skipped (empty list, logged).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
 from gaincell import study
+from gaincell.figures._common import read_json_if_present
 from gaincell.figures._common import save_figure as _save
+from gaincell.io import atomic_to_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +46,9 @@ VARIANT_COLORS = {1: "#4d4d4d", 2: "#9e9e9e", 3: "#1f77b4", 4: "#ff7f0e", 5: "#d
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
-
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def adapt_runs(results_dir: Path, mode: str = "adapt") -> Dict[str, dict]:
@@ -64,7 +58,7 @@ def adapt_runs(results_dir: Path, mode: str = "adapt") -> Dict[str, dict]:
     if not base.is_dir():
         return runs
     for summary_path in sorted(base.glob("*/summary.json")):
-        s = _read_json(summary_path)
+        s = read_json_if_present(summary_path)
         if s and s.get("mode") == mode:
             runs[summary_path.parent.name] = s
     return runs
@@ -199,7 +193,6 @@ def fig_adapt_convergence(results_dir: Path, out_dir: Path) -> List[Path]:
     axes[2].axhline(0.0, color="black", lw=1, ls=":")
     axes[2].set(xlabel="iteration", ylabel="nonlinear - linear model loss (nats/token)",
                 title="Loss gap to the linear model (calibration batches)")
-    from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -242,7 +235,7 @@ def study_table(results_dir: Path) -> pd.DataFrame:
     rows = []
     for v in STUDY_VARIANTS:
         loss, source, per_batch, spread, seeds = None, None, None, None, None
-        s = _read_json(results_dir / "adapt" / "study" / f"{v.run}.json")
+        s = read_json_if_present(results_dir / "adapt" / "study" / f"{v.run}.json")
         if s and s.get("val_loss") is not None and s.get("mode") == "analog_eval":
             loss, per_batch, spread = s["val_loss"], s.get("val_batch_losses"), s.get("val_loss_spread")
             seeds = len(s.get("val_loss_seeds") or {})
@@ -311,8 +304,6 @@ def fig_study(results_dir: Path, out_dir: Path) -> List[Path]:
     """The model-variant study (paper Table 1 and Fig. 4 at this profile's scale): validation loss and
     perplexity of the six variants on the same batches, the paper's qualitative ordering checked with
     paired standard errors, and the training curves; also writes ``study_table.csv`` and ``.md``."""
-    from gaincell.io import atomic_to_csv, atomic_write_text
-
     plt = _plt()
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     df = study_table(results_dir)
@@ -411,7 +402,7 @@ def fig_study(results_dir: Path, out_dir: Path) -> List[Path]:
 # leakage (paper Supplementary Fig. 6)
 # --------------------------------------------------------------------------------------------------
 def leakage_table(results_dir: Path) -> pd.DataFrame:
-    rows = [_read_json(p) for p in sorted((Path(results_dir) / "adapt" / "leakage").glob("*.json"))]
+    rows = [read_json_if_present(p) for p in sorted((Path(results_dir) / "adapt" / "leakage").glob("*.json"))]
     rows = [r for r in rows if r and "decay_per_step" in r]
     return pd.DataFrame(rows).sort_values("decay_per_step").reset_index(drop=True) if rows else pd.DataFrame()
 
@@ -511,14 +502,3 @@ def fig_leakage(results_dir: Path, out_dir: Path) -> List[Path]:
     fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8.5, family="monospace")
     fig.tight_layout()
     return _save(fig, out_dir, "leakage")
-
-
-FIGURES = (fig_adapt_statistics, fig_adapt_convergence, fig_study, fig_leakage)
-
-
-def all_figures(results_dir: Path, out_dir: Path) -> List[Path]:
-    """Every figure of this module (those whose inputs exist)."""
-    paths: List[Path] = []
-    for f in FIGURES:
-        paths += f(Path(results_dir), Path(out_dir))
-    return paths

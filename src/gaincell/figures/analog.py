@@ -7,15 +7,16 @@ attention's share of the energy over the window (``hardware/estimates.json``, se
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 from gaincell import study
-from gaincell.figures._common import save_figure
+from gaincell.figures._common import read_json_if_present, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +28,9 @@ PART_LABELS = {"attention": "gain-cell attention (paper parameters)", "qkv": "QK
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def fig_analog_noise(results_dir: Path, out_dir: Path) -> List[Path]:
@@ -50,7 +41,7 @@ def fig_analog_noise(results_dir: Path, out_dir: Path) -> List[Path]:
     projections they start from (dashed line)."""
     results_dir = Path(results_dir)
     analog = [v for v in study.VARIANTS if v.noise_seeds]
-    runs = {v.run: _read_json(results_dir / "adapt" / "study" / f"{v.run}.json") for v in analog}
+    runs = {v.run: read_json_if_present(results_dir / "adapt" / "study" / f"{v.run}.json") for v in analog}
     runs = {k: s for k, s in runs.items() if s and s.get("mode") == "analog_eval"}
     if not runs:
         log.info("fig_analog_noise: no analog_eval results under %s", results_dir)
@@ -70,7 +61,7 @@ def fig_analog_noise(results_dir: Path, out_dir: Path) -> List[Path]:
                 label="no inference noise (8-bit converters only)" if i == 0 else None)
         labels.append(f"{v.number}. {v.label}")
     base = next((v for v in study.VARIANTS if v.number == 6), None)
-    ref = _read_json(results_dir / "adapt" / "study" / f"{base.run}.json") if base else None
+    ref = read_json_if_present(results_dir / "adapt" / "study" / f"{base.run}.json") if base else None
     if ref and ref.get("val_loss") is not None:
         ax.axhline(ref["val_loss"], color="#2ca02c", ls="--", lw=1.2,
                    label=f"{base.number}. {base.label} (digital projections)")
@@ -94,7 +85,7 @@ def fig_analog_energy(results_dir: Path, out_dir: Path) -> List[Path]:
     energy against the sliding window (the attention grows with the window, the projections do not).
     Not simulated here: the tile figures are published chip-level numbers; LayerNorm, GELU, residual
     adds and the embedding / LM head are not counted."""
-    summary = _read_json(Path(results_dir) / "hardware" / "estimates.json")
+    summary = read_json_if_present(Path(results_dir) / "hardware" / "estimates.json")
     proj = (summary or {}).get("projections")
     if not proj:
         log.info("fig_analog_energy: no projections section in hardware/estimates.json under %s", results_dir)

@@ -15,7 +15,10 @@ import math
 from pathlib import Path
 from typing import List
 
+import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
+import seaborn as sns
 
 from gaincell.io import tmp_path_beside
 
@@ -31,11 +34,7 @@ MODE_STYLE = {"forward_backward": ("-", "forward + backward"), "forward": ("--",
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
     return plt

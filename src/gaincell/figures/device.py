@@ -12,28 +12,17 @@ from typing import Any, Dict, List
 
 import matplotlib
 
+from gaincell.fit import monomials
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from gaincell.attention.config import PAPER_COEFFICIENTS, fold_coefficients  # noqa: E402
+from gaincell.figures._common import read_csv, read_json
 from gaincell.figures._common import save_figure as _save
 
 PAPER_SOURCE = "Leroux et al. 2025, TSMC 28 nm cell (docs/attention.md#cell-coefficients coefficients)"
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
-    return pd.read_csv(path)
-
-
-def _read_json(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
-    return json.loads(path.read_text())
-
 
 
 def _tech_label(summary: Dict[str, Any]) -> str:
@@ -49,8 +38,6 @@ def _num(value: float, full_scale: float) -> str:
 
 
 def _poly(coeffs, y, x):
-    from gaincell.fit import monomials
-
     return sum(c * y ** i * x ** j for c, (i, j) in zip(coeffs, monomials(3)))
 
 
@@ -62,8 +49,8 @@ def fig_device_characteristic(results_dir: Path, out_dir: Path) -> List[Path]:
     full-grid fit (lines) and the read-voltage fit the model uses (dashed, at V_read).
     """
     results_dir = Path(results_dir)
-    summary = _read_json(results_dir / "device" / "summary.json")
-    sweep = _read_csv(results_dir / "device" / "cell_sweep.csv")
+    summary = read_json(results_dir / "device" / "summary.json")
+    sweep = read_csv(results_dir / "device" / "cell_sweep.csv")
     t_max = float(summary["pulse_width_max_ns"])
     full = sweep[np.isclose(sweep["pulse_width_ns"], t_max)]
     reads = np.sort(full["read_v"].unique())
@@ -120,8 +107,8 @@ def fig_device_vs_paper(results_dir: Path, out_dir: Path) -> List[Path]:
     Both are scaled to the same linear coefficient c_1 = 13.612 (docs/attention.md#cell-coefficients); the difference is the shape: the
     ratios c_0/c_1, c_2/c_1, c_3/c_1 of each cell.
     """
-    fit = _read_json(Path(results_dir) / "fit" / "coefficients.json")
-    pts = _read_csv(Path(results_dir) / "fit" / "fit_points.csv")
+    fit = read_json(Path(results_dir) / "fit" / "coefficients.json")
+    pts = read_csv(Path(results_dir) / "fit" / "fit_points.csv")
     paper = fold_coefficients(PAPER_COEFFICIENTS, 0.9)
     ours = fit["folded"]
     yy = np.linspace(-0.45, 0.45, 200)
@@ -192,11 +179,11 @@ def fig_device_mismatch(results_dir: Path, out_dir: Path) -> List[Path]:
     cells with the standard error of that spread. Normalised units of the nominal fit (not renormalised per cell).
     """
     results_dir = Path(results_dir)
-    fit = _read_json(results_dir / "fit" / "coefficients.json")
+    fit = read_json(results_dir / "fit" / "coefficients.json")
     mm = fit.get("mismatch") or {}
     if not mm.get("available"):
         raise FileNotFoundError(f"no Monte-Carlo mismatch in the fit output: {mm.get('reason', 'not run')}")
-    cells = _read_csv(results_dir / "fit" / "mismatch_fits.csv")
+    cells = read_csv(results_dir / "fit" / "mismatch_fits.csv")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
     sc = ax.scatter(cells["delvto_pos_v"] * 1e3, cells["c0"], c=cells["delvto_neg_v"] * 1e3, cmap="coolwarm", s=18)
@@ -227,8 +214,8 @@ def fig_device_mismatch(results_dir: Path, out_dir: Path) -> List[Path]:
 
 def fig_device_fit_residuals(results_dir: Path, out_dir: Path) -> List[Path]:
     """Residuals of the polynomial fits (normalised units): the model's read-voltage fit and the full-grid fit, per point."""
-    fit = _read_json(Path(results_dir) / "fit" / "coefficients.json")
-    pts = _read_csv(Path(results_dir) / "fit" / "fit_points.csv")
+    fit = read_json(Path(results_dir) / "fit" / "coefficients.json")
+    pts = read_csv(Path(results_dir) / "fit" / "fit_points.csv")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     at = pts[np.isclose(pts["x"], fit["read_voltage_v"])]
     r_rv = at["target"] - at["pred_read_voltage"]
@@ -269,8 +256,8 @@ def fig_device_retention(results_dir: Path, out_dir: Path) -> List[Path]:
     it, so the node discharges almost linearly rather than exponentially.
     """
     results_dir = Path(results_dir)
-    summary = _read_json(results_dir / "device" / "summary.json")
-    ret = _read_csv(results_dir / "device" / "retention.csv")
+    summary = read_json(results_dir / "device" / "summary.json")
+    ret = read_csv(results_dir / "device" / "retention.csv")
     fits = {round(f["initial_v"], 9): f for f in summary.get("retention_fits", [])}
     floor = float(summary["cell"]["hold_bitline_v"])
     fig, ax = plt.subplots(figsize=(6.8, 4.3))
@@ -303,8 +290,8 @@ def fig_device_retention(results_dir: Path, out_dir: Path) -> List[Path]:
 def fig_device_array(results_dir: Path, out_dir: Path) -> List[Path]:
     """Array simulation (paper Fig. 2): every output of the SPICE array with wire parasitics against the sum of isolated-cell charges, and the error."""
     results_dir = Path(results_dir)
-    summary = _read_json(results_dir / "device" / "summary.json")
-    arr = _read_csv(results_dir / "device" / "array.csv")
+    summary = read_json(results_dir / "device" / "summary.json")
+    arr = read_csv(results_dir / "device" / "array.csv")
     if arr.empty:
         raise ValueError("array.csv is empty: no array was simulated (device.array_trials=0?)")
     fs = float(np.abs(arr["ideal_charge_c"]).max())
@@ -342,8 +329,8 @@ def fig_device_array(results_dir: Path, out_dir: Path) -> List[Path]:
 def fig_device_pulse_linearity(results_dir: Path, out_dir: Path) -> List[Path]:
     """Pulse-width modulation: output charge versus input pulse width at V_read for every stored level (the model assumes proportionality)."""
     results_dir = Path(results_dir)
-    summary = _read_json(results_dir / "device" / "summary.json")
-    sweep = _read_csv(results_dir / "device" / "cell_sweep.csv")
+    summary = read_json(results_dir / "device" / "summary.json")
+    sweep = read_csv(results_dir / "device" / "cell_sweep.csv")
     sub = sweep[np.isclose(sweep["read_v"], summary["read_voltage_v"])]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     levels = np.sort(sub["level_v"].unique())

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import List
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -28,10 +30,7 @@ HEALTH_COLUMNS = (("q_clipped", "q~ clipped"), ("k_clipped", "k~ clipped"), ("v_
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
 

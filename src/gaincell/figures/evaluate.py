@@ -2,13 +2,17 @@
 model variant, with the harness's standard errors. Reads ``<results_dir>/eval/summary.csv``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from gaincell import study
+from gaincell.figures._common import save_figure
 
 ACCURACY_METRICS = (("acc", "Accuracy"), ("acc_norm", "Accuracy, length-normalised (acc_norm)"))
 # Perplexity-like metrics, lower is better; word_perplexity is the paper's WikiText-2 number.
@@ -20,8 +24,6 @@ HARNESS_CHOICES = {"arc_easy": 4, "arc_challenge": 4, "winogrande": 2, "hellaswa
 def chance_levels(results_dir: Path, tasks) -> dict:
     """task -> 1 / number of answer options, for multiple-choice tasks whose options are known: the
     harness's (table above) and the local ones (first example of ``eval/tasks/<task>.jsonl``)."""
-    import json
-
     levels = {}
     for task in tasks:
         if task in HARNESS_CHOICES:
@@ -102,10 +104,7 @@ def fig_eval_tasks(results_dir: Path, out_dir: Path) -> List[Path]:
     the task defines it) per task and perplexity (word perplexity for perplexity tasks, target-word
     perplexity for last-word tasks; log scale, lower is better), one bar per model variant, error
     bars = the harness's standard errors (bootstrap for perplexity; none for word perplexity)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     table = load_eval_table(results_dir)
     # the study's order (paper Table 1), then any other variant in the order found
@@ -162,6 +161,5 @@ def fig_eval_tasks(results_dir: Path, out_dir: Path) -> List[Path]:
     fig.suptitle("Downstream evaluation (lm-evaluation-harness)" + (f", up to {n} examples per task" if n else ""),
                  y=1.06 if len(panels) == 1 else 1.04, fontsize=11)
     fig.tight_layout()
-    from gaincell.figures._common import save_figure
 
     return save_figure(fig, Path(out_dir), "eval_tasks")

@@ -5,7 +5,6 @@ Inputs: ``estimates.json`` and ``sweep_*.csv`` (stage ``hardware_estimates``), `
 """
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from pathlib import Path
@@ -15,9 +14,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from gaincell.figures._common import read_csv, read_json
 from gaincell.figures._common import save_figure as _save
 
 ENERGY_PARTS = ["qk_arrays_charge_to_pulse", "av_arrays_readout", "dac_write", "digital_routing"]
@@ -38,19 +38,6 @@ PROVENANCE_HATCH = {"measured here": "", "from the paper": "///", "assumption": 
 
 def _hardware_dir(results_dir: Path) -> Path:
     return Path(results_dir) / "hardware"
-
-
-def _read_json(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
-    return json.loads(path.read_text())
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m gaincell hardware_estimates` first")
-    return pd.read_csv(path)
-
 
 
 def _eng(value: float, unit: str) -> str:
@@ -83,7 +70,7 @@ def fig_hardware_breakdown(results_dir: Path, out_dir: Path) -> List[Path]:
     assumptions). (c) The timing chain of one token: discharge, write in parallel with the query
     pulses, phi(S) pulses, V read-out, adders (one clock per sub-tile).
     """
-    est = _read_json(_hardware_dir(results_dir) / "estimates.json")
+    est = read_json(_hardware_dir(results_dir) / "estimates.json")
     sets = est["sets"]
     design = est["design_point"]
     fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1.25, 1.0, 1.15]})
@@ -192,9 +179,9 @@ def fig_hardware_scaling(results_dir: Path, out_dir: Path) -> List[Path]:
     and chip area against heads and layers (latency does not grow with heads: they run in parallel).
     """
     hdir = _hardware_dir(results_dir)
-    win = _read_csv(hdir / "sweep_window.csv")
-    tile = _read_csv(hdir / "sweep_tile.csv")
-    hl = _read_csv(hdir / "sweep_heads_layers.csv")
+    win = read_csv(hdir / "sweep_window.csv")
+    tile = read_csv(hdir / "sweep_tile.csv")
+    hl = read_csv(hdir / "sweep_heads_layers.csv")
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
 
     ax = axes[0, 0]
@@ -291,8 +278,8 @@ def fig_hardware_technology(results_dir: Path, out_dir: Path) -> List[Path]:
     token if the decay were not absorbed by training, against the capacitor time constant tau.
     """
     hdir = _hardware_dir(results_dir)
-    tech = _read_csv(hdir / "sweep_technology.csv")
-    ret = _read_csv(hdir / "sweep_retention.csv")
+    tech = read_csv(hdir / "sweep_technology.csv")
+    ret = read_csv(hdir / "sweep_retention.csv")
     set_name = "paper" if "paper" in set(tech["set"]) else tech["set"].iloc[0]
     tech = tech[tech["set"] == set_name].reset_index(drop=True)
     ret = ret[ret["set"] == set_name].sort_values("knob_value")
@@ -355,8 +342,8 @@ def fig_hardware_gpu_comparison(results_dir: Path, out_dir: Path) -> List[Path]:
     analog estimate with the paper's parameters. Without a GPU, the measured rows are the CPU fallback.
     """
     hdir = _hardware_dir(results_dir)
-    est = _read_json(hdir / "estimates.json")
-    base = _read_json(hdir / "gpu_baseline.json")
+    est = read_json(hdir / "estimates.json")
+    base = read_json(hdir / "gpu_baseline.json")
     rows: List[Dict[str, Any]] = []
     heads = int(base.get("settings", {}).get("heads", 12))  # the analog side with as many heads as measured
     for name, d in est["sets"].items():

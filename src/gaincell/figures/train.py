@@ -14,8 +14,12 @@ import logging
 from pathlib import Path
 from typing import Dict, List
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+
 from gaincell.figures._common import save_figure as _save
 
 log = logging.getLogger(__name__)
@@ -26,11 +30,7 @@ KIND_STYLES = {"softmax": "-", "softmax_window": "--", "linear_hw": "-.", "nonli
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
     return plt
@@ -65,7 +65,6 @@ def fig_training_curves(results_dir: Path, out_dir: Path) -> List[Path]:
         log.info("fig_training_curves: no train/*/metrics.csv under %s; skipped", results_dir)
         return []
     plt = _plt()
-    import seaborn as sns
 
     palette = sns.color_palette("tab10", n_colors=max(10, len(runs)))
     fig, (ax_tr, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)

@@ -23,6 +23,7 @@ with recorded counter values (a fake NVML), wrap-around and idle subtraction inc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -32,6 +33,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gaincell.io import atomic_to_csv, atomic_write_json
 
 # nvmlDeviceGetTotalEnergyConsumption returns an unsigned long long in millijoules.
 NVML_COUNTER_MODULUS = 2 ** 64
@@ -235,8 +242,6 @@ class DecodeProblem:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        import torch
-
         for name in ("batch", "heads", "head_dim", "steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -255,8 +260,6 @@ class DecodeProblem:
 
 
 def _sdpa_step_fn(p: DecodeProblem) -> Callable[[int], Any]:
-    import torch.nn.functional as F
-
     def step(t: int):
         p.k_cache[:, :, t:t + 1] = p.k[t]
         p.v_cache[:, :, t:t + 1] = p.v[t]
@@ -265,8 +268,6 @@ def _sdpa_step_fn(p: DecodeProblem) -> Callable[[int], Any]:
 
 
 def _eager_step_fn(p: DecodeProblem) -> Callable[[int], Any]:
-    import torch
-
     def step(t: int):
         p.k_cache[:, :, t:t + 1] = p.k[t]
         p.v_cache[:, :, t:t + 1] = p.v[t]
@@ -277,7 +278,6 @@ def _eager_step_fn(p: DecodeProblem) -> Callable[[int], Any]:
 
 
 def _flash_attn_step_fn(p: DecodeProblem) -> Callable[[int], Any]:
-    import torch
     from flash_attn import flash_attn_with_kvcache  # type: ignore[import-not-found]
 
     # cache_seqlens as device tensors so the whole loop can be captured in one CUDA graph
@@ -291,11 +291,8 @@ def _flash_attn_step_fn(p: DecodeProblem) -> Callable[[int], Any]:
 
 def sdpa_kernel_context(kernel: Optional[str]):
     """Context manager restricting torch SDPA to one backend (``flash``, ``efficient``, ``math``)."""
-    import contextlib
-
     if kernel is None:
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "math": SDPBackend.MATH}[kernel]
@@ -304,8 +301,6 @@ def sdpa_kernel_context(kernel: Optional[str]):
 
 def make_decode_run(backend: str, p: DecodeProblem) -> Tuple[Callable[[], None], str]:
     """A function running all ``p.steps`` decode steps, and the kernel actually used."""
-    import torch
-
     if backend == "eager":
         step, kernel, ctx_kernel = _eager_step_fn(p), "matmul+softmax", None
     elif backend == "flash_attn_2":
@@ -344,8 +339,6 @@ def make_decode_run(backend: str, p: DecodeProblem) -> Tuple[Callable[[], None],
 
 def capture_cuda_graph(run: Callable[[], None], warmup_runs: int) -> Callable[[], None]:
     """Capture the whole decode loop once; replaying it launches every step with no Python overhead."""
-    import torch
-
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -361,8 +354,6 @@ def capture_cuda_graph(run: Callable[[], None], warmup_runs: int) -> Callable[[]
 
 def time_runs(workload: Callable[[], None], runs: int, device: str) -> List[float]:
     """Seconds of each of ``runs`` calls: CUDA events on a GPU, perf_counter on the CPU."""
-    import torch
-
     times = []
     for _ in range(runs):
         if device == "cpu":
@@ -399,8 +390,6 @@ def gpu_clocks(nvml: Any, handle: Any) -> Dict[str, Any]:
 
 
 def gpu_system_info(nvml: Any, handle: Any) -> Dict[str, Any]:
-    import torch
-
     info = {
         "gpu_name": _safe(lambda: nvml.nvmlDeviceGetName(handle)) or _safe(lambda: torch.cuda.get_device_name(0)),
         "driver_version": _safe(nvml.nvmlSystemGetDriverVersion),
@@ -417,8 +406,6 @@ def gpu_system_info(nvml: Any, handle: Any) -> Dict[str, Any]:
 
 
 def cpu_system_info() -> Dict[str, Any]:
-    import torch
-
     model = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -453,8 +440,6 @@ def choose_device(requested: str = "auto", nvml: Any = None, cuda_available: Opt
     if requested not in ("auto", "cuda", "cpu"):
         raise ValueError(f"hardware.baseline_device={requested!r}: expected auto, cuda or cpu")
     if cuda_available is None:
-        import torch
-
         cuda_available = torch.cuda.is_available()
     if requested in ("auto", "cuda"):
         try:
@@ -484,8 +469,6 @@ def choose_device(requested: str = "auto", nvml: Any = None, cuda_available: Opt
 def _measure_one(choice: DeviceChoice, backend: str, mode: str, batch: int, heads: int, head_dim: int, steps: int,
                  runs: int, warmup_runs: int, dtype_name: str, energy_window_s: float, settle_s: float,
                  seed: int) -> Dict[str, Any]:
-    import torch
-
     device = "cuda" if choice.kind == "cuda" else "cpu"
     dtype = getattr(torch, dtype_name)
     if mode == "cuda_graph" and device == "cpu":
@@ -537,10 +520,8 @@ def _measure_one(choice: DeviceChoice, backend: str, mode: str, batch: int, head
 
 def baseline(hw: Any, choice: DeviceChoice, progress: bool = True) -> Dict[str, Any]:
     """Measure every (batch, backend, mode) the config asks for on the chosen device."""
-    import torch
-
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # noqa: PLC0415 (absent on the GPU machine, benchmarks/gpu_check.sh)
     else:  # no progress bar, and no tqdm needed (the one-shot GPU check runs without it)
         def tqdm(items, **_):
             return items
@@ -591,10 +572,7 @@ def published_figures(hw: Any) -> List[Dict[str, Any]]:
 
 def run(cfg: Any) -> Dict[str, Any]:
     """Stage ``gpu_baseline``: writes ``results/<profile>/hardware/gpu_baseline.json`` (+ ``.csv``)."""
-    import pandas as pd
-    import torch
-
-    from gaincell.io import atomic_to_csv, atomic_write_json
+    import pandas as pd  # noqa: PLC0415 (absent on the GPU machine, benchmarks/gpu_check.sh)
 
     hw = cfg.hardware
     out_dir = Path(cfg.results_dir) / "hardware"
@@ -659,7 +637,7 @@ def run(cfg: Any) -> Dict[str, Any]:
 
 def _log(cfg: Any, summary: Dict[str, Any]) -> None:
     """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage)."""
-    from gaincell.tracking import Tracker
+    from gaincell.tracking import Tracker  # noqa: PLC0415 (absent on the GPU machine, benchmarks/gpu_check.sh)
 
     try:
         tracker = Tracker(cfg, run_name="gpu_baseline", job_type="gpu_baseline")

@@ -17,6 +17,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import pandas as pd
+
 from gaincell.hardware.costmodel import (
     PAPER_ENERGY_BREAKDOWN_NJ,
     PAPER_ENERGY_PER_HEAD_PER_TOKEN_NJ,
@@ -30,6 +32,8 @@ from gaincell.hardware.costmodel import (
     estimate,
     estimate_projections,
 )
+from gaincell.io import atomic_to_csv, atomic_write_json
+from gaincell.tracking import Tracker
 
 
 def flatten(est: HardwareEstimate) -> Dict[str, Any]:
@@ -140,12 +144,58 @@ def relative_errors(est: HardwareEstimate) -> Dict[str, float]:
     return errs
 
 
+def _profile_model(cfg: Any, sets: Dict[str, HardwareParameters]) -> Dict[str, Any]:
+    """This profile's own model (its window, heads, head dim, layers), with the paper's parameters."""
+    try:
+        n_head, n_embd = cfg.model.n_head, cfg.model.n_embd
+        model_params = sets.get("paper") or next(iter(sets.values()))
+        model_params = model_params.replace(tile_rows=cfg.attention.tile_rows)
+        est = estimate(model_params, window=cfg.attention.window, head_dim=n_embd // n_head, heads=n_head,
+                       layers=cfg.model.n_layer)
+        return {"estimate": est.to_dict(), "parameter_set": model_params.name}
+    except ValueError as err:
+        return {"skipped": str(err)}
+
+
+def _write_tables(out_dir: Path, design: Dict[str, Any], tables: Dict[str, List[Dict[str, Any]]]) -> None:
+    """parameters.csv, breakdown.csv (energy, area, latency per part) and one sweep_<knob>.csv per sweep."""
+    atomic_to_csv(pd.DataFrame([{"set": n, **r} for n, d in design.items() for r in d["parameters"]]),
+                  out_dir / "parameters.csv")
+    breakdown = []
+    for name, d in design.items():
+        e = d["estimate"]
+        for quantity, key, unit in (("energy", "energy_breakdown_nj", "nJ per head per token"),
+                                    ("area", "area_breakdown_um2", "um^2 per head"),
+                                    ("latency", "latency_breakdown_ns", "ns per token")):
+            breakdown += [{"set": name, "quantity": quantity, "part": k, "value": v, "unit": unit}
+                          for k, v in e[key].items()]
+    atomic_to_csv(pd.DataFrame(breakdown), out_dir / "breakdown.csv")
+    for key, rows in tables.items():
+        atomic_to_csv(pd.DataFrame(rows), out_dir / f"sweep_{key}.csv")
+
+
+
+def _print_summary(design: Dict[str, Any], projections: Dict[str, Any], profile_model: Dict[str, Any]) -> None:
+    for name, d in design.items():
+        e, err = d["estimate"], d["relative_error_vs_paper"]
+        print(f"hardware_estimates [{name}] window {e['window']}, D {e['head_dim']}, {e['heads']} heads: "
+              f"{e['latency_per_token_ns']:.1f} ns/token ({err['latency_per_token']:+.1%} vs 65), "
+              f"{e['energy_per_head_per_token_nj']:.3f} nJ/head/token ({err['energy_per_head_per_token']:+.1%} vs 6.15), "
+              f"{e['energy_per_token_nj']:.1f} nJ/token, {e['area_per_head_um2'] / 1e6:.3f} mm^2/head")
+    for name, d in projections["sets"].items():
+        share = d["design_point"]
+        print(f"hardware_estimates [projections on analog tiles, {name}] {share['projection_energy_nj']:.0f} nJ "
+              f"and {share['projection_latency_ns']:.0f} ns per token (all layers); the attention is "
+              f"{share['attention_energy_share']:.1%} of the token's energy, {share['attention_latency_share']:.1%} "
+              f"of its latency")
+    if "estimate" in profile_model:
+        e = profile_model["estimate"]
+        print(f"hardware_estimates [profile model] window {e['window']}, D {e['head_dim']}, {e['heads']} heads x "
+              f"{e['layers']} layers: {e['latency_all_layers_ns']:.0f} ns, {e['energy_all_layers_nj']:.1f} nJ per token")
+
+
 def run(cfg: Any) -> Dict[str, Any]:
     """Stage ``hardware_estimates``."""
-    import pandas as pd
-
-    from gaincell.io import atomic_to_csv, atomic_write_json
-
     hw = cfg.hardware
     out_dir = Path(cfg.results_dir) / "hardware"
     sets, skipped = parameter_sets(hw)
@@ -158,18 +208,7 @@ def run(cfg: Any) -> Dict[str, Any]:
                         "energy_components_nj": energy_components_nj(params, size["window"], size["head_dim"]),
                         "parameters": params.describe()}
 
-    # This profile's own model (its window, heads, head dim, layers), with the paper's parameters.
-    profile_model: Dict[str, Any]
-    try:
-        n_head, n_embd = cfg.model.n_head, cfg.model.n_embd
-        model_params = sets.get("paper") or next(iter(sets.values()))
-        model_params = model_params.replace(tile_rows=cfg.attention.tile_rows)
-        est = estimate(model_params, window=cfg.attention.window, head_dim=n_embd // n_head, heads=n_head,
-                       layers=cfg.model.n_layer)
-        profile_model = {"estimate": est.to_dict(), "parameter_set": model_params.name}
-    except ValueError as err:
-        profile_model = {"skipped": str(err)}
-
+    profile_model = _profile_model(cfg, sets)
     tables = sweeps(hw, sets)
     projections = projection_estimates(hw, sets.get("paper") or next(iter(sets.values())))
     summary = {
@@ -191,36 +230,8 @@ def run(cfg: Any) -> Dict[str, Any]:
         "sweeps": {k: f"sweep_{k}.csv" for k in tables},
     }
     atomic_write_json(out_dir / "estimates.json", summary)
-    atomic_to_csv(pd.DataFrame([{"set": n, **r} for n, d in design.items() for r in d["parameters"]]),
-                  out_dir / "parameters.csv")
-    breakdown = []
-    for name, d in design.items():
-        e = d["estimate"]
-        for quantity, key, unit in (("energy", "energy_breakdown_nj", "nJ per head per token"),
-                                    ("area", "area_breakdown_um2", "um^2 per head"),
-                                    ("latency", "latency_breakdown_ns", "ns per token")):
-            breakdown += [{"set": name, "quantity": quantity, "part": k, "value": v, "unit": unit}
-                          for k, v in e[key].items()]
-    atomic_to_csv(pd.DataFrame(breakdown), out_dir / "breakdown.csv")
-    for key, rows in tables.items():
-        atomic_to_csv(pd.DataFrame(rows), out_dir / f"sweep_{key}.csv")
-
-    for name, d in design.items():
-        e, err = d["estimate"], d["relative_error_vs_paper"]
-        print(f"hardware_estimates [{name}] window {e['window']}, D {e['head_dim']}, {e['heads']} heads: "
-              f"{e['latency_per_token_ns']:.1f} ns/token ({err['latency_per_token']:+.1%} vs 65), "
-              f"{e['energy_per_head_per_token_nj']:.3f} nJ/head/token ({err['energy_per_head_per_token']:+.1%} vs 6.15), "
-              f"{e['energy_per_token_nj']:.1f} nJ/token, {e['area_per_head_um2'] / 1e6:.3f} mm^2/head")
-    for name, d in projections["sets"].items():
-        share = d["design_point"]
-        print(f"hardware_estimates [projections on analog tiles, {name}] {share['projection_energy_nj']:.0f} nJ "
-              f"and {share['projection_latency_ns']:.0f} ns per token (all layers); the attention is "
-              f"{share['attention_energy_share']:.1%} of the token's energy, {share['attention_latency_share']:.1%} "
-              f"of its latency")
-    if "estimate" in profile_model:
-        e = profile_model["estimate"]
-        print(f"hardware_estimates [profile model] window {e['window']}, D {e['head_dim']}, {e['heads']} heads x "
-              f"{e['layers']} layers: {e['latency_all_layers_ns']:.0f} ns, {e['energy_all_layers_nj']:.1f} nJ per token")
+    _write_tables(out_dir, design, tables)
+    _print_summary(design, projections, profile_model)
     _log(cfg, design, out_dir)
     return summary
 
@@ -228,8 +239,6 @@ def run(cfg: Any) -> Dict[str, Any]:
 def _log(cfg: Any, design: Dict[str, Any], out_dir: Path) -> None:
     """Best-effort W&B/CSV logging through gaincell.tracking (a tracking failure never fails the stage):
     the design point's numbers as the summary, every table written to ``out_dir`` as a W&B table."""
-    from gaincell.tracking import Tracker
-
     try:
         tracker = Tracker(cfg, run_name="hardware_estimates", job_type="hardware_estimates")
         flat = {}

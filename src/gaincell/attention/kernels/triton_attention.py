@@ -16,10 +16,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ..config import AnalogAttentionConfig
 from ..blocked import analog_attention_blocked
-from ..reference import OUTPUT_RANGE, compute_dtype, validate_inputs
+from ..config import AnalogAttentionConfig
 from ..noise import cell_gains, next_readout_seed
+from ..reference import OUTPUT_RANGE, compute_dtype, validate_inputs
 from . import analog_kernels as _k
 
 __all__ = ["analog_attention_triton", "triton_supports", "INTERPRET", "DOT_PRECISIONS"]
@@ -47,6 +47,9 @@ _bwd_dkdv = _tuned(_k._analog_bwd_dkdv_kernel, _KEY + ["EXACT"])
 def triton_supports(cfg: AnalogAttentionConfig, head_dim: Optional[int] = None) -> Optional[str]:
     """None when the kernels can run ``cfg`` (and head dimension ``head_dim``); else why not (one line)."""
     n = cfg.tile_rows
+    if cfg.cell_offset_variation > 0:
+        return (f"cell_offset_variation={cfg.cell_offset_variation}: the Triton kernels do not model cell offsets "
+                f"(expected 0; the blocked and dense paths do)")
     if n < 16 or n > 128 or n & (n - 1):
         return f"tile_rows={n}: the Triton kernels need a power of two in [16, 128] (one tl.dot block)"
     if head_dim is not None and head_dim > 256:
