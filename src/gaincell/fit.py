@@ -363,7 +363,8 @@ def fit_mismatch(mm: pd.DataFrame, nominal: pd.DataFrame, scale: float, pulse_wi
               "offset_over_gain_effect_at_half_range": offset_vs_gain,
               "units": "folded c_i in the nominal fit's normalised units (paper uA); spreads across Monte-Carlo cells",
               "note": ("cell_variation (attention) models the gain spread: one factor per cell multiplying every "
-                       "term; the offset spread sigma(c_0) is reported beside it and is not part of that model")}
+                       "term; cell_offset_variation models the offset spread sigma(c_0): one additive c_0 per cell, in "
+                       "the units of the cells' folded c_i (rescale by the model's c_1 / this fit's c_1)")}
     return result, cells
 
 

@@ -5,7 +5,9 @@
 
 Validation loss of each trained nonlinear model (``+stage.models``: run names, run folders or checkpoint
 files) when its analog attention gets cell-to-cell gain variation (``attention.cell_variation``, one gain
-factor per physical cell, fixed per chip) or readout noise (``attention.readout_noise``, Gaussian on each
+factor per physical cell, fixed per chip), cell offsets (``attention.cell_offset_variation``, one additive
+c_0 per physical cell in the units of the cells' folded c_i, fixed per chip; each point records the models'
+c_1, ``folded_c1``, to convert a measured spread) or readout noise (``attention.readout_noise``, Gaussian on each
 sub-tile readout before its ADC, fresh per readout), on the study's fixed validation batches. The other
 knob keeps the checkpoint's value (0). Each model is evaluated on ``+stage.chips`` chips (noise seeds
 ``attention.noise_seed + k``): the spread over chips is the uncertainty of the point.
