@@ -174,3 +174,24 @@ def test_triton_kernels_decline_offsets():
     problem = kernels.triton_supports(AnalogAttentionConfig(tile_rows=64, cell_offset_variation=0.05))
     assert problem is not None and "cell_offset_variation=0.05" in problem
     assert kernels.triton_supports(AnalogAttentionConfig(tile_rows=64)) is None
+
+
+def test_custom_operator_with_offsets_equals_the_reference():
+    """The model's path (``gaincell::analog_attention``, blocked, its packed state empty with offsets so
+    the backward recomputes): outputs and gradients equal the dense reference's."""
+    from gaincell.attention.op import analog_attention_op, op_supports
+
+    cfg = AnalogAttentionConfig(window=16, tile_rows=8, decay_per_step=1e-2, cell_offset_variation=0.6,
+                                noise_seed=3, coefficients=PAPER_COEFFICIENTS)
+    assert op_supports(cfg, "blocked") is None
+    q, k, v = _inputs(1, 2, 40, 8, seed=6)
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for run in (lambda a, b, c: analog_attention_op(a, b, c, cfg, implementation="blocked"),
+                lambda a, b, c: analog_attention_dense(a, b, c, cfg)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        y = run(*leaves)
+        y.backward(dy)
+        results.append([y.detach()] + [x.grad for x in leaves])
+    for name, a, b in zip(("y", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} of the operator")
