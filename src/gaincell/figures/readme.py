@@ -104,6 +104,42 @@ def hardware_rows(results: Path) -> list[str]:
     return rows
 
 
+def _markdown(df: pd.DataFrame) -> list[str]:
+    """A small DataFrame as a markdown table (floats to 4 decimals, missing values blank)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.4f}"
+        return str(v)
+    return ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns),
+            *("| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False))]
+
+
+# What the study stage (``diagnose/``) measured, and the columns of each that the README shows.
+STUDY_TABLES = {
+    "study_table.csv": ("the study (paired SE over per-sequence mean losses; attention share = loss with "
+                        "every attention output zeroed minus the loss)",
+                        ["label", "iterations", "tokens", "val_loss", "val_loss_se", "minus_softmax",
+                         "minus_softmax_se", "share_zero", "share_zero_se", "share_below_resolution"]),
+    "claims.csv": ("the paper's claims, resolved only beyond 2 paired SE (equivalence: interval inside the margin)",
+                   ["claim", "difference", "se", "low", "high", "margin", "verdict"]),
+    "cells.csv": ("the nonlinearity study: per cell, loss of the linear / mapped / adapted (/ fine-tuned) "
+                  "models and the fraction of the mapping loss that adaptation recovers",
+                  ["cell", "linear", "mapped", "adapted", "finetuned", "recovered_fraction"]),
+}
+
+
+def study_tables(results: Path) -> list[str]:
+    """The study's tables from ``diagnose/``, each with its columns that a reader needs."""
+    parts = []
+    for name, (title, columns) in STUDY_TABLES.items():
+        path = results / "diagnose" / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run the whole pipeline for this profile first")
+        df = pd.read_csv(path)
+        parts += [f"#### {title} (`diagnose/{name}`)", "", *_markdown(df[[c for c in columns if c in df]]), ""]
+    return parts
+
+
 def markdown_tables(results: Path) -> list[str]:
     """Every markdown table the figures stage wrote, under its file name."""
     parts = []
@@ -120,7 +156,8 @@ def results_section(results: Path, profile: str) -> str:
              f"({_cpu()}). *measured*: computed in this run; *imposed*: fixed by a normalisation; "
              f"*paper*: an input taken from the paper.", "",
              "| what | our result | label |", "|---|---|---|", *pipeline_rows(results, profile), "",
-             *head, *cell_rows(results), *hardware_rows(results), "", *markdown_tables(results)]
+             *head, *cell_rows(results), *hardware_rows(results), "", *study_tables(results),
+             *markdown_tables(results)]
     return "\n".join(lines).rstrip() + "\n"
 
 
