@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaincell.attention.config import HW_KINDS
 from gaincell.attention.quantize import clamp_quantize
 from gaincell.attention.reference import (
     OUTPUT_RANGE,
@@ -94,18 +95,14 @@ def _cores(model: nn.Module) -> List[nn.Module]:
 def ablated_attention(model: nn.Module, replacement: Sequence[Optional[torch.Tensor]]) -> Iterator[None]:
     """Within the block, core ``i`` returns ``replacement[i]`` broadcast to its output's shape
     (a (H, D) mean, or None for zeros). Forward hooks on ``model.attention_cores()``."""
-    handles = []
-    for core, value in zip(_cores(model), replacement):
-        def hook(module, args, output, value=value):
-            if value is None:
-                return torch.zeros_like(output)
-            return value.to(output.dtype).view(1, value.shape[0], 1, value.shape[1]).expand_as(output)
-        handles.append(core.register_forward_hook(hook))
-    try:
+    with contextlib.ExitStack() as hooks:  # torch's hook handles remove themselves on exit
+        for core, value in zip(_cores(model), replacement):
+            def hook(module, args, output, value=value):
+                if value is None:
+                    return torch.zeros_like(output)
+                return value.to(output.dtype).view(1, value.shape[0], 1, value.shape[1]).expand_as(output)
+            hooks.enter_context(core.register_forward_hook(hook))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -114,18 +111,14 @@ def core_output_means(model: nn.Module, sequences: torch.Tensor, batch_size: int
     cores = _cores(model)
     sums: List[Optional[torch.Tensor]] = [None] * len(cores)
     counts = [0] * len(cores)
-    handles = []
-    for i, core in enumerate(cores):
-        def hook(module, args, output, i=i):
-            s = output.detach().double().sum(dim=(0, 2))  # (H, D)
-            sums[i] = s if sums[i] is None else sums[i] + s
-            counts[i] += output.shape[0] * output.shape[2]
-        handles.append(core.register_forward_hook(hook))
-    try:
+    with contextlib.ExitStack() as hooks:
+        for i, core in enumerate(cores):
+            def hook(module, args, output, i=i):
+                s = output.detach().double().sum(dim=(0, 2))  # (H, D)
+                sums[i] = s if sums[i] is None else sums[i] + s
+                counts[i] += output.shape[0] * output.shape[2]
+            hooks.enter_context(core.register_forward_hook(hook))
         sequence_losses(model, sequences, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
     return [s / c for s, c in zip(sums, counts)]  # type: ignore[operator]
 
 
@@ -225,22 +218,18 @@ def signal_health(model: nn.Module, sequences: torch.Tensor, batch_size: int) ->
     occupancy fractions}`` over ``sequences``; empty dicts for softmax layers."""
     cores = _cores(model)
     totals: List[Dict[str, torch.Tensor]] = [{} for _ in cores]
-    handles = []
-    for i, core in enumerate(cores):
-        if getattr(core, "kind", "softmax") not in ("linear_hw", "nonlinear_hw"):
-            continue
+    with contextlib.ExitStack() as hooks:
+        for i, core in enumerate(cores):
+            if getattr(core, "kind", "softmax") not in HW_KINDS:
+                continue
 
-        def pre_hook(module, args, i=i):
-            q, k, v = scaled_inputs(module, *args[:3])
-            for name, c in signal_counts(q, k, v, module.analog).items():
-                if c is not None:
-                    totals[i][name] = totals[i][name] + c.cpu() if name in totals[i] else c.cpu()
-        handles.append(core.register_forward_pre_hook(pre_hook))
-    try:
+            def pre_hook(module, args, i=i):
+                q, k, v = scaled_inputs(module, *args[:3])
+                for name, c in signal_counts(q, k, v, module.analog).items():
+                    if c is not None:
+                        totals[i][name] = totals[i][name] + c.cpu() if name in totals[i] else c.cpu()
+            hooks.enter_context(core.register_forward_pre_hook(pre_hook))
         sequence_losses(model, sequences, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
     result = []
     for layer_totals in totals:
         out = {name: layer_totals[name] / layer_totals[f"{name}_of"].clamp_min(1) for name in FRACTIONS
@@ -305,7 +294,7 @@ def run(cfg) -> Dict[str, object]:
     base = sequence_losses(model, seqs, bs)
     n_share = min(int(d.share_sequences), len(seqs))
     share = attention_share(model, seqs[:n_share], bs, base_losses=base[:n_share])
-    hardware = any(k in ("linear_hw", "nonlinear_hw") for k in kinds)
+    hardware = any(k in HW_KINDS for k in kinds)
     health = health_rows(signal_health(model, seqs[:int(d.health_sequences)], bs)) if hardware else []
     record = {"name": name, "checkpoint": str(checkpoint), "attention": kinds, "block_size": model.config.block_size,
               "sequences": len(seqs), "val_loss": float(base.mean()), "sequence_losses": base.tolist(),
