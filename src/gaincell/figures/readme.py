@@ -20,16 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from gaincell.figures._common import read_csv, read_json
 from gaincell.io import atomic_write_text
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def _json(results: Path, rel: str) -> dict:
-    path = results / rel
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run the whole pipeline for this profile first")
-    return json.loads(path.read_text())
 
 
 def _cpu() -> str:
@@ -63,7 +57,7 @@ def pipeline_rows(results: Path, profile: str) -> list[str]:
 
 def cell_rows(results: Path) -> list[str]:
     """SPICE numbers of the cell, the array and the fit, with the paper's beside them."""
-    dev, fit = _json(results, "device/summary.json"), _json(results, "fit/coefficients.json")
+    dev, fit = read_json(results / "device" / "summary.json"), read_json(results / "fit" / "coefficients.json")
     rows = [f"| cell | {dev.get('cell_kind', '?')} read against {dev.get('reference_v', '?')} V; "
             f"full-scale current {dev['full_scale_current_a'] * 1e6:.2f} uA; "
             f"{dev['mac_energy_j'] * 1e15:.0f} fJ per multiply, {dev['write_energy_j'] * 1e15:.2f} fJ per write "
@@ -92,7 +86,7 @@ def cell_rows(results: Path) -> list[str]:
 
 def hardware_rows(results: Path) -> list[str]:
     """The cost model's per-token figures for each parameter set, labelled by where its inputs come from."""
-    est = _json(results, "hardware/estimates.json")
+    est = read_json(results / "hardware" / "estimates.json")
     rows = []
     for name, entry in est["sets"].items():
         e = entry["estimate"]
@@ -132,10 +126,7 @@ def study_tables(results: Path) -> list[str]:
     """The study's tables from ``diagnose/``, each with its columns that a reader needs."""
     parts = []
     for name, (title, columns) in STUDY_TABLES.items():
-        path = results / "diagnose" / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run the whole pipeline for this profile first")
-        df = pd.read_csv(path)
+        df = read_csv(results / "diagnose" / name)
         parts += [f"#### {title} (`diagnose/{name}`)", "", *_markdown(df[[c for c in columns if c in df]]), ""]
     return parts
 
