@@ -110,21 +110,51 @@ def _band(t_len: int, cfg: AnalogAttentionConfig, dtype: torch.dtype, device) ->
     return _Band(n, blocks, tiles, max_lag, max_lag == tiles, lags)
 
 
-def _to_blocks(x: torch.Tensor, blocks: int, n: int, copy: bool = False) -> torch.Tensor:
-    """(B, H, T, D) -> (blocks, B * H, n, D), zero-padded at the end, contiguous; ``copy``: never a view
-    of ``x`` (the caller may write to it in place)."""
-    B, H, T, D = x.shape
-    padded = blocks * n > T
-    if padded:
-        x = torch.nn.functional.pad(x, (0, 0, 0, blocks * n - T))
-    x = x.reshape(B * H, blocks, n, D).transpose(0, 1)
-    return x.clone(memory_format=torch.contiguous_format) if copy and not padded else x.contiguous()
+def _blocks_source(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
+    """(B, H, T, D), any strides -> a (blocks, B, H, n, D) view (of a zero-padded copy when T < blocks * n),
+    the source of one pass that writes blocks (``_to_blocks``, ``_dac_blocks``)."""
+    if blocks * n > x.shape[2]:
+        x = torch.nn.functional.pad(x, (0, 0, 0, blocks * n - x.shape[2]))
+    return x.unflatten(2, (blocks, n)).permute(2, 0, 1, 3, 4)
+
+
+def _new_blocks(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
+    """An uninitialised (blocks, B * H, n, D) tensor for x (B, H, T, D)."""
+    B, H, _, D = x.shape
+    return x.new_empty(blocks, B * H, n, D)
+
+
+def _to_blocks(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
+    """(B, H, T, D) -> (blocks, B * H, n, D), zero-padded at the end, contiguous, a new tensor: one copy
+    whatever the strides of x (a transposed view of the QKV projection's output, say)."""
+    src = _blocks_source(x, blocks, n)
+    out = _new_blocks(x, blocks, n)
+    out.view(src.shape).copy_(src)
+    return out
 
 
 def _from_blocks(x: torch.Tensor, shape) -> torch.Tensor:
     B, H, T, D = shape
     blocks, _, n, _ = x.shape
     return x.transpose(0, 1).reshape(B, H, blocks * n, D)[:, :, :T]
+
+
+def _from_blocks_like(x: torch.Tensor, like: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``_from_blocks(x * mask)`` (mask: None or 0/1 in blocks) as a new tensor with the layout of ``like``
+    (B, H, T, D) where that is dense (as ``torch.empty_like``), in one pass. The attention's output then has
+    its input's layout, so the model's head merge (transpose + contiguous) is free."""
+    B, H, T, D = like.shape
+    blocks, _, n, _ = x.shape
+    if blocks * n != T:  # ragged: through the padded layout
+        return _from_blocks(x if mask is None else x * mask, like.shape).contiguous()
+    out = torch.empty_like(like)
+    dst = out.unflatten(2, (blocks, n)).permute(2, 0, 1, 3, 4)
+    src = x.view(dst.shape)
+    if mask is None:
+        dst.copy_(src)
+    else:
+        torch.mul(src, mask.view(dst.shape), out=dst)
+    return out
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -163,11 +193,13 @@ def _dac_blocks(x: torch.Tensor, band: _Band, levels: Optional[int], hi: float, 
     """A DAC on an input (B, H, T, D), in blocks: ``clamp_quantize(x, levels, 0, hi)`` (the same operations,
     in place on one copy) and, with ``need_mask``, where its clamp passes the gradient (0 <= x <= hi, as
     torch.clamp), a 0/1 mask (``_equal_mask``) in blocks; else None."""
-    xb = _to_blocks(x, band.blocks, band.n, copy=not need_mask)
-    if not need_mask:
-        return quantize_(xb.clamp_(0.0, hi), levels, 0.0, hi), None
-    clamped = xb.clamp(0.0, hi)
-    inside = _equal_mask(clamped, xb)  # x is not NaN (validated): equal exactly where the clamp left it
+    src = _blocks_source(x, band.blocks, band.n)
+    clamped = _new_blocks(x, band.blocks, band.n)
+    torch.clamp(src, 0.0, hi, out=clamped.view(src.shape))
+    inside = None
+    if need_mask:  # x is not NaN (validated): equal exactly where the clamp left it
+        inside = torch.empty_like(clamped)
+        torch.eq(clamped.view(src.shape), src, out=inside.view(src.shape))
     return quantize_(clamped, levels, 0.0, hi), inside
 
 
@@ -434,7 +466,7 @@ def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], kee
             if keep_states:
                 states[d] = st
         del parts, tile
-    y = _from_blocks(y, q.shape)
+    y = _from_blocks_like(y, q)
     if not keep:
         return y
     return y, _Saved(band, ops, readout_inside, states if keep_states else None)
@@ -457,7 +489,7 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy
             del st
         del dA
     # DAC clamps pass the gradient inside their range; the quantizers are straight-through.
-    return tuple(_from_blocks(g.mul_(inside), x.shape).contiguous()
+    return tuple(_from_blocks_like(g, x, inside)
                  for g, inside, x in zip((grads.dQ, grads.dW, grads.dU), ops.dac_inside, (q, k, v)))
 
 
