@@ -175,9 +175,11 @@ class AnalogKVDecoder:
         # The arrays, one column (K) or row (V) per slot and term: term n < P holds gamma * W**p (p the
         # n-th power, gamma the row's cells, 1 without variation), the last (nonlinear cell or offsets)
         # the slot's constant c_0 gamma + delta, written with the slot's first key (an empty slot is 0 in
-        # every term, so its charge and pulse are 0: no mask). K: (B, H, D, M, terms), V: (B, H, M, terms, D).
-        self._stored_k = torch.zeros(batch, heads, dim, m, n_terms, device=device, dtype=dtype)
-        self._stored_v = torch.zeros(batch, heads, m, n_terms, dim, device=device, dtype=dtype)
+        # every term, so its charge and pulse are 0: no mask). K: (B, H, D, terms, M); V by sub-tile,
+        # (B, H, tiles, terms, rows, D): each product is one matrix per head (and sub-tile).
+        self._stored_k = torch.zeros(batch, heads, dim, n_terms, m, device=device, dtype=dtype)
+        self._stored_v = torch.zeros(batch, heads, cfg.tiles, n_terms, cfg.tile_rows, dim, device=device,
+                                     dtype=dtype)
         self._allocate_tables(device, dtype)
         self._allocate_cells(device, dtype)
         self._query_dac = _converter(cfg.query_levels, 0.0, 1.0, dtype, device)
@@ -207,8 +209,8 @@ class AnalogKVDecoder:
         """Leakage (eq. 6) with the cell coefficients and saturations folded in, per slot and term: the
         factor of term n of a slot a steps old is c_p alpha(a)**p / S_sat_qk on the K array and
         c_p alpha(a)**p / S_sat_av on the V array (the constant term: 1 / S_sat), alpha = exp(-lambda a)
-        in double rounded once as the reference does. Laid out by age so that the slots' factors after
-        writing slot p are the contiguous rows [M - 1 - p, 2M - 1 - p) (slot s is (p - s) mod M steps old)."""
+        in double rounded once as the reference does. (terms, 2M - 1), laid out by age so that the slots'
+        factors after writing slot p are the columns [M - 1 - p, 2M - 1 - p) (slot s is (p - s) mod M steps old)."""
         cfg, m = self.cfg, self.cfg.window
         decay = torch.exp(-cfg.decay_per_step * torch.arange(m, device=device, dtype=torch.float64)).to(dtype)
         coefficient = cfg.folded_coefficients  # linear: (0, g, 0, 0)
@@ -217,11 +219,11 @@ class AnalogKVDecoder:
         value_coefficient = [cfg.gain / cfg.av_saturation] if not cfg.nonlinear else \
             [coefficient[p] / cfg.av_saturation for p in self._powers]
         by_age_k = torch.stack([a * coefficient[p] / cfg.qk_saturation for a, p in zip(alpha_pow, self._powers)]
-                               + [x / cfg.qk_saturation for x in ones], dim=-1)           # (M, terms)
+                               + [x / cfg.qk_saturation for x in ones])                   # (terms, M)
         by_age_v = torch.stack([a * c for a, c in zip(alpha_pow, value_coefficient)]
-                               + [x / cfg.av_saturation for x in ones], dim=-1)
+                               + [x / cfg.av_saturation for x in ones])
         ages = (m - 1 - torch.arange(2 * m - 1, device=device)) % m
-        self._table_k, self._table_v = by_age_k[ages].contiguous(), by_age_v[ages].contiguous()
+        self._table_k, self._table_v = by_age_k[:, ages].contiguous(), by_age_v[:, ages].contiguous()
 
     def _allocate_cells(self, device, dtype) -> None:
         """The chip's cells (H, M, D) per array (``cell_gains``, ``cell_offsets``; None without variation)
@@ -249,21 +251,24 @@ class AnalogKVDecoder:
         work = torch.zeros(1 + 2 * n_pow, self.batch, self.heads, self.head_dim, device=device, dtype=dtype)
         self._qkv = work[:3]
         self._written = work[1:].view(n_pow, 2, self.batch, self.heads, self.head_dim)   # (P, K/V, B, H, D)
+        self._power_views = tuple(self._written)
         self._written_k = self._written[:, 0].permute(1, 2, 3, 0)                        # (B, H, D, P)
         self._written_v = self._written[:, 1].permute(1, 2, 0, 3)                        # (B, H, P, D)
-        self._write_k = [self._stored_k[:, :, :, s, :n_pow] for s in range(m)]
-        self._write_v = [self._stored_v[:, :, s, :n_pow] for s in range(m)]
+        rows = cfg.tile_rows
+        self._write_k = [self._stored_k[:, :, :, :n_pow, s] for s in range(m)]
+        self._write_v = [self._stored_v[:, :, s // rows, :n_pow, s % rows] for s in range(m)]
         if self._constant is not None:
-            self._write_constant = [(self._stored_k[:, :, :, s, n_pow], self._stored_v[:, :, s, n_pow],
+            self._write_constant = [(self._stored_k[:, :, :, n_pow, s], self._stored_v[:, :, s // rows, n_pow, s % rows],
                                      self._constant[0, :, s], self._constant[1, :, s]) for s in range(m)]
         if self._gains is not None:  # (K/V, 1, H, D) per slot, against (P, K/V, B, H, D)
             gains = torch.stack(self._gains)
             self._gain_at = [gains[:, None, :, s] for s in range(m)]
-        self._table_k_at = [self._table_k[m - 1 - s:2 * m - 1 - s].unsqueeze(0) for s in range(m)]
-        self._table_v_at = [self._table_v[m - 1 - s:2 * m - 1 - s].unsqueeze(0) for s in range(m)]
+        self._table_k_at = [self._table_k[:, m - 1 - s:2 * m - 1 - s] for s in range(m)]        # (terms, M)
+        self._table_v_at = [self._table_v[:, m - 1 - s:2 * m - 1 - s].view(self._n_terms, tiles, rows).transpose(0, 1)
+                            for s in range(m)]                                                   # (tiles, terms, rows)
         self._query_row = work[0].view(bh, 1, self.head_dim)
-        self._k_matrix = self._stored_k.view(bh, self.head_dim, m * self._n_terms)
-        self._v_matrix = self._stored_v.view(bh * tiles, cfg.tile_rows * self._n_terms, self.head_dim)
+        self._k_matrix = self._stored_k.view(bh, self.head_dim, self._n_terms * m)
+        self._v_matrix = self._stored_v.view(bh * tiles, self._n_terms * rows, self.head_dim)
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -298,7 +303,8 @@ class AnalogKVDecoder:
         """(q, k, v) stacked, in place through the DAC (docs/attention.md#quantization): (Q, W, U), the
         stored rows relative to the half-supply offset."""
         if self._joint_dac is not None:
-            lo, hi, inv_step, step, offset = (c.view((3,) + (1,) * (qkv.dim() - 1)) for c in self._joint_dac)
+            lo, hi, inv_step, step, offset = self._joint_dac if qkv.dim() == 4 else (  # (3, 1, 1, 1): a step's
+                c.view((3,) + (1,) * (qkv.dim() - 1)) for c in self._joint_dac)        # shape, else (3, 1, ...)
             return qkv.clamp_(lo, hi).mul_(inv_step).round_().mul_(step).clamp_(lo, hi).sub_(offset)
         qkv[0] = _dac(qkv[0], self._query_dac)
         # K and V share their converter settings: one pass for both.
@@ -326,8 +332,9 @@ class AnalogKVDecoder:
         slot = self.steps % self.cfg.window
         written = self._written
         if len(self._powers) > 1:
-            torch.mul(written[0], written[0], out=written[1])
-            torch.mul(written[1], written[0], out=written[2])   # (W * W) * W, as W ** 3 computes it
+            first, square, cube = self._power_views
+            torch.mul(first, first, out=square)
+            torch.mul(square, first, out=cube)   # (W * W) * W, as W ** 3 computes it
         if self._gains is not None:
             written.mul_(self._gain_at[slot])
         self._write_k[slot].copy_(self._written_k)
@@ -373,7 +380,7 @@ class AnalogKVDecoder:
 
     def _chunk_columns(self, qkv: torch.Tensor, slots: torch.Tensor):
         """The chunk's keys and values as a step writes them (powers, cells of their rows, the constant
-        term): K (B, H, D, N, terms), V (B, H, N, terms, D)."""
+        term): K (B, H, D, terms, N), V (B, H, N, terms, D)."""
         written = [qkv[1:]]                                                           # (K/V, N, B, H, D)
         if len(self._powers) > 1:
             written.append(written[0] * written[0])
@@ -382,13 +389,13 @@ class AnalogKVDecoder:
         if self._gains is not None:
             written = written * torch.stack(self._gains)[:, :, slots].permute(0, 2, 1, 3).unsqueeze(2)
         n_tok, n_pow = qkv.shape[1], len(self._powers)
-        new_k = written.new_empty(self.batch, self.heads, self.head_dim, n_tok, self._n_terms)
+        new_k = written.new_empty(self.batch, self.heads, self.head_dim, self._n_terms, n_tok)
         new_v = written.new_empty(self.batch, self.heads, n_tok, self._n_terms, self.head_dim)
-        new_k[..., :n_pow] = written[:, 0].permute(2, 3, 4, 1, 0)
+        new_k[:, :, :, :n_pow] = written[:, 0].permute(2, 3, 4, 0, 1)
         new_v[:, :, :, :n_pow] = written[:, 1].permute(2, 3, 1, 0, 4)
         if self._constant is not None:
             constant = self._constant[:, :, slots]                                    # (K/V, H, N, D)
-            new_k[..., n_pow] = constant[0].transpose(-1, -2)
+            new_k[:, :, :, n_pow] = constant[0].transpose(-1, -2)
             new_v[:, :, :, n_pow] = constant[1]
         return new_k, new_v
 
@@ -404,39 +411,44 @@ class AnalogKVDecoder:
         s = self._slot_index
         last = times[:, None] - (times[:, None] - s[None, :]) % m                    # (N, M) token index
         rows = torch.where(last >= t0, m + last - t0, s[None, :].expand(n_tok, m)).reshape(-1)
-        seen_k = torch.cat([self._stored_k, new_k], dim=3).index_select(3, rows)      # (B, H, D, N M, terms)
-        seen_k = seen_k.view(self.batch, self.heads, dim, n_tok, m, n_terms).permute(3, 0, 1, 2, 4, 5)
-        seen_v = torch.cat([self._stored_v, new_v], dim=2).index_select(2, rows)      # (B, H, N M, terms, D)
-        seen_v = seen_v.view(self.batch, self.heads, n_tok, m, n_terms, dim).permute(2, 0, 1, 3, 4, 5)
+        tiles, tile_rows = self.cfg.tiles, self.cfg.tile_rows
+        seen_k = torch.cat([self._stored_k, new_k], dim=4).index_select(4, rows)      # (B, H, D, terms, N M)
+        seen_k = seen_k.view(self.batch, self.heads, dim, n_terms, n_tok, m).permute(4, 0, 1, 2, 3, 5)
+        by_slot_v = self._stored_v.transpose(3, 4).reshape(self.batch, self.heads, m, n_terms, dim)
+        seen_v = torch.cat([by_slot_v, new_v], dim=2).index_select(2, rows)           # (B, H, N M, terms, D)
+        seen_v = seen_v.view(self.batch, self.heads, n_tok, tiles, tile_rows, n_terms, dim
+                             ).permute(2, 0, 1, 3, 5, 4, 6)                           # (N, B, H, tiles, terms, rows, D)
         offsets = (m - 1 - slots)[:, None] + s[None, :]                              # (N, M)
+        table_v = self._table_v[:, offsets].view(n_terms, n_tok, tiles, tile_rows).permute(1, 2, 0, 3)
         readout = self._array_products(
-            qkv[0].reshape(n_tok * bh, 1, dim), seen_k.reshape(n_tok * bh, dim, m * n_terms),
-            self._table_k[offsets].unsqueeze(1), self._table_v[offsets].unsqueeze(1),
-            seen_v.reshape(n_tok * bh * self.cfg.tiles, self.cfg.tile_rows * n_terms, dim), n_tok)
+            qkv[0].reshape(n_tok * bh, 1, dim), seen_k.reshape(n_tok * bh, dim, n_terms * m),
+            self._table_k[:, offsets].transpose(0, 1).unsqueeze(1), table_v.unsqueeze(1),
+            seen_v.reshape(n_tok * bh * tiles, n_terms * tile_rows, dim), n_tok)
         y = self._sub_tile_readout(readout, (n_tok, self.batch, self.heads), m)
         # Advance: the chunk's last M tokens are in their slots now (distinct slots).
         keep = slice(max(0, n_tok - m), n_tok)
-        self._stored_k[:, :, :, slots[keep]] = new_k[:, :, :, keep]
-        self._stored_v[:, :, slots[keep]] = new_v[:, :, keep]
+        self._stored_k[..., slots[keep]] = new_k[..., keep]
+        self._stored_v[:, :, slots[keep] // tile_rows, :, slots[keep] % tile_rows] = new_v[:, :, keep].transpose(0, 2).transpose(1, 2)
         self.steps += n_tok
         return y
 
     def _array_products(self, query_row, k_matrix, table_k, table_v, v_matrix, n_tok: int) -> torch.Tensor:
         """Eqs. 3-4 for N tokens at once, each against the arrays it sees: ``query_row`` (N B H, 1, D),
-        ``k_matrix`` (N B H, D, M terms), ``v_matrix`` (N B H tiles, rows terms, D), the tables' factors
-        (N or 1, 1, M, terms). Every product is one (D).(D x M terms) or (rows terms).(rows terms x D)
-        per token and head, as in a single step, so a token's result does not depend on N. Returns the
-        sub-tile readouts before their ADC, (N B H tiles, 1, D)."""
-        m, n_terms = self.cfg.window, self._n_terms
+        ``k_matrix`` (N B H, D, terms M), ``v_matrix`` (N B H tiles, terms rows, D), the tables' factors
+        (N, 1, terms, M) and (N, 1, tiles, terms, rows), or without the leading (N, 1) for one token.
+        Every product is one (D).(D x terms M) or (terms rows).(terms rows x D) per token and head, as
+        in a single step, so a token's result does not depend on N. Returns the sub-tile readouts before
+        their ADC, (N B H tiles, 1, D)."""
+        cfg, bh, n_terms = self.cfg, self.batch * self.heads, self._n_terms
         # First dot product on the K array (eq. 4): S[s] = sum_n factor_n(age of s) (Q . term_n[s]) / S_sat.
-        charge = torch.bmm(query_row, k_matrix).view(n_tok, self.batch * self.heads, m, n_terms).mul_(table_k)
-        if n_terms > 1:
-            charge = charge.sum(-1, keepdim=True)
+        charge = torch.bmm(query_row, k_matrix).view(n_tok, bh, n_terms, cfg.window).mul_(table_k)
+        charge = charge.sum(-2) if n_terms > 1 else charge
         # Charge to pulse (eq. 3): 0 for an empty slot (every term 0).
-        pulse = charge.clamp_(0.0, 1.0)
+        pulse = charge.clamp_(0.0, 1.0).view(n_tok, bh, cfg.tiles, 1, cfg.tile_rows)
         # Second dot product per sub-tile (docs/attention.md#second-array-product-and-sub-tiles):
         # A_r[d] = sum_n sum_{s in r} P[s] factor_n(age of s) term_n[s, d].
-        weights = (pulse * table_v).view(v_matrix.shape[0], 1, v_matrix.shape[1])
+        weights = pulse.new_empty(v_matrix.shape[0], 1, v_matrix.shape[1])  # sub-tile by sub-tile
+        torch.mul(pulse, table_v, out=weights.view(n_tok, bh, cfg.tiles, n_terms, cfg.tile_rows))
         return torch.bmm(weights, v_matrix)
 
     def _sub_tile_readout(self, readout: torch.Tensor, lead: tuple, filled: int) -> torch.Tensor:
