@@ -65,13 +65,26 @@ def _dac(x: torch.Tensor, converter: tuple) -> torch.Tensor:
     return x.mul_(inv_step).round_().mul_(step).clamp_(lo, hi)
 
 
-def _quantize_(x: torch.Tensor, converter: tuple) -> torch.Tensor:
-    """``_dac`` in place (on a tensor the caller owns)."""
+def _quantize_(x: torch.Tensor, converter: tuple, clamp_first: bool = True) -> torch.Tensor:
+    """``_dac`` in place (on a tensor the caller owns); ``clamp_first=False`` where the first clamp
+    changes nothing (``_first_clamp_redundant``): the same values bit for bit, one pass less."""
     lo, hi, inv_step, step = converter
-    x = x.clamp_(lo, hi)
     if inv_step is None:
-        return x
+        return x.clamp_(lo, hi)
+    if clamp_first:
+        x = x.clamp_(lo, hi)
     return x.mul_(inv_step).round_().mul_(step).clamp_(lo, hi)
+
+
+def _first_clamp_redundant(converter: tuple) -> bool:
+    """Whether quantizing x without clamping it first gives the clamped result for every x: inside
+    [lo, hi] the operations are the same; above, round(x / step) >= round(hi / step) (rounding is
+    monotone), so the last clamp gives hi if round(hi / step) * step >= hi already in the dtype (and
+    likewise below lo). True for the 32-level [-1, 1] ADC: +-1 round to +-16 levels, +-1.03."""
+    lo, hi, inv_step, step = converter
+    top = torch.round(torch.tensor(hi, dtype=step.dtype) * inv_step) * step
+    bottom = torch.round(torch.tensor(lo, dtype=step.dtype) * inv_step) * step
+    return bool(top >= hi) and bool(bottom <= lo)
 
 
 class AnalogKVDecoder:
@@ -110,8 +123,12 @@ class AnalogKVDecoder:
         self._dtype = dtype
         # Powers i >= 1 of the stored weight that the cell model uses, with their folded c_i (eq. 4).
         self._powers = (1,) if not cfg.nonlinear else (1, 2, 3)
-        # Terms per slot in the arrays: the powers, and a constant one (c_0 gamma + delta) if any.
-        self._n_terms = len(self._powers) + int(cfg.nonlinear or cfg.cell_offset_variation > 0)
+        # Terms per slot in the arrays: the powers, and a constant one (c_0 gamma + delta) if any. Without
+        # cell variation the nonlinear cell's c_0 is the same in every cell: its terms are then computed
+        # from the query and the pulses (c_0 sum_d Q, c_0 sum_s P), not stored (a quarter less to read).
+        self._implicit_c0 = cfg.nonlinear and cfg.cell_variation == 0 and cfg.cell_offset_variation == 0
+        self._n_terms = len(self._powers) + int((cfg.nonlinear or cfg.cell_offset_variation > 0)
+                                                and not self._implicit_c0)
         self.steps = 0
         self._step_shape = torch.Size((batch, heads, head_dim))
         self._allocated = False
@@ -185,6 +202,7 @@ class AnalogKVDecoder:
         self._query_dac = _converter(cfg.query_levels, 0.0, 1.0, dtype, device)
         self._stored_dac = _converter(cfg.stored_levels, 0.0, cfg.stored_max, dtype, device)
         self._output_adc = _converter(cfg.output_levels, *OUTPUT_RANGE, dtype, device)
+        self._adc_clamp_first = self._output_adc[2] is None or not _first_clamp_redundant(self._output_adc)
         self._stored_offset = torch.tensor(cfg.stored_offset, dtype=dtype, device=device)
         self._joint_dac = None
         if cfg.query_levels is not None and cfg.stored_levels is not None:
@@ -212,6 +230,8 @@ class AnalogKVDecoder:
         in double rounded once as the reference does. (terms, 2M - 1), laid out by age so that the slots'
         factors after writing slot p are the columns [M - 1 - p, 2M - 1 - p) (slot s is (p - s) mod M steps old)."""
         cfg, m = self.cfg, self.cfg.window
+        self._c0_k = cfg.folded_coefficients[0] / cfg.qk_saturation
+        self._c0_v = cfg.folded_coefficients[0] / cfg.av_saturation
         decay = torch.exp(-cfg.decay_per_step * torch.arange(m, device=device, dtype=torch.float64)).to(dtype)
         coefficient = cfg.folded_coefficients  # linear: (0, g, 0, 0)
         alpha_pow = [decay ** power if power > 1 else decay for power in self._powers]
@@ -343,9 +363,11 @@ class AnalogKVDecoder:
             for target, constant in zip(self._write_constant[slot][:2], self._write_constant[slot][2:]):
                 target.copy_(constant)
         self.steps += 1
+        filled = min(self.steps, self.cfg.window)
+        valid = self._slot_index < filled if self._implicit_c0 and filled < self.cfg.window else None
         readout = self._array_products(self._query_row, self._k_matrix, self._table_k_at[slot],
-                                       self._table_v_at[slot], self._v_matrix, 1)
-        y = self._sub_tile_readout(readout, (self.batch, self.heads), min(self.steps, self.cfg.window))
+                                       self._table_v_at[slot], self._v_matrix, 1, valid)
+        y = self._sub_tile_readout(readout, (self.batch, self.heads), filled)
         return y if y.dtype == q.dtype else y.to(q.dtype)
 
     @torch.no_grad()
@@ -420,10 +442,13 @@ class AnalogKVDecoder:
                              ).permute(2, 0, 1, 3, 5, 4, 6)                           # (N, B, H, tiles, terms, rows, D)
         offsets = (m - 1 - slots)[:, None] + s[None, :]                              # (N, M)
         table_v = self._table_v[:, offsets].view(n_terms, n_tok, tiles, tile_rows).permute(1, 2, 0, 3)
+        valid = None
+        if self._implicit_c0 and t0 < m:   # slots holding a key for each token
+            valid = (s[None, :] < torch.clamp(times + 1, max=m)[:, None]).unsqueeze(1)  # (N, 1, M)
         readout = self._array_products(
             qkv[0].reshape(n_tok * bh, 1, dim), seen_k.reshape(n_tok * bh, dim, n_terms * m),
             self._table_k[:, offsets].transpose(0, 1).unsqueeze(1), table_v.unsqueeze(1),
-            seen_v.reshape(n_tok * bh * tiles, n_terms * tile_rows, dim), n_tok)
+            seen_v.reshape(n_tok * bh * tiles, n_terms * tile_rows, dim), n_tok, valid)
         y = self._sub_tile_readout(readout, (n_tok, self.batch, self.heads), m)
         # Advance: the chunk's last M tokens are in their slots now (distinct slots).
         keep = slice(max(0, n_tok - m), n_tok)
@@ -432,24 +457,34 @@ class AnalogKVDecoder:
         self.steps += n_tok
         return y
 
-    def _array_products(self, query_row, k_matrix, table_k, table_v, v_matrix, n_tok: int) -> torch.Tensor:
+    def _array_products(self, query_row, k_matrix, table_k, table_v, v_matrix, n_tok: int,
+                        valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Eqs. 3-4 for N tokens at once, each against the arrays it sees: ``query_row`` (N B H, 1, D),
         ``k_matrix`` (N B H, D, terms M), ``v_matrix`` (N B H tiles, terms rows, D), the tables' factors
         (N, 1, terms, M) and (N, 1, tiles, terms, rows), or without the leading (N, 1) for one token.
         Every product is one (D).(D x terms M) or (terms rows).(terms rows x D) per token and head, as
-        in a single step, so a token's result does not depend on N. Returns the sub-tile readouts before
-        their ADC, (N B H tiles, 1, D)."""
+        in a single step, so a token's result does not depend on N. ``valid`` (N or 1, 1, M): the slots
+        holding a key (needed only with the implicit c_0 terms; None: all). Returns the sub-tile readouts
+        before their ADC, (N B H tiles, 1, D)."""
         cfg, bh, n_terms = self.cfg, self.batch * self.heads, self._n_terms
         # First dot product on the K array (eq. 4): S[s] = sum_n factor_n(age of s) (Q . term_n[s]) / S_sat.
         charge = torch.bmm(query_row, k_matrix).view(n_tok, bh, n_terms, cfg.window).mul_(table_k)
-        charge = charge.sum(-2) if n_terms > 1 else charge
-        # Charge to pulse (eq. 3): 0 for an empty slot (every term 0).
-        pulse = charge.clamp_(0.0, 1.0).view(n_tok, bh, cfg.tiles, 1, cfg.tile_rows)
+        charge = charge.sum(-2) if n_terms > 1 else charge.view(n_tok, bh, cfg.window)
+        if self._implicit_c0:  # + c_0 sum_d Q / S_sat, the same for every slot
+            charge.add_(query_row.view(n_tok, bh, 1, -1).sum(-1), alpha=self._c0_k)
+        # Charge to pulse (eq. 3): 0 for an empty slot (every stored term 0; the implicit c_0: masked).
+        pulse = charge.clamp_(0.0, 1.0)
+        if valid is not None:
+            pulse = torch.where(valid, pulse, 0.0)
+        pulse = pulse.view(n_tok, bh, cfg.tiles, 1, cfg.tile_rows)
         # Second dot product per sub-tile (docs/attention.md#second-array-product-and-sub-tiles):
         # A_r[d] = sum_n sum_{s in r} P[s] factor_n(age of s) term_n[s, d].
         weights = pulse.new_empty(v_matrix.shape[0], 1, v_matrix.shape[1])  # sub-tile by sub-tile
         torch.mul(pulse, table_v, out=weights.view(n_tok, bh, cfg.tiles, n_terms, cfg.tile_rows))
-        return torch.bmm(weights, v_matrix)
+        readout = torch.bmm(weights, v_matrix)
+        if self._implicit_c0:  # + c_0 sum_{s in r} P[s] / S_sat_av, the same for every column
+            readout.view(n_tok, bh, cfg.tiles, -1).add_(pulse.sum(-1), alpha=self._c0_v)
+        return readout
 
     def _sub_tile_readout(self, readout: torch.Tensor, lead: tuple, filled: int) -> torch.Tensor:
         """Readout noise on every read sub-tile (those holding a key: ``filled`` slots), each sub-tile's
@@ -461,7 +496,7 @@ class AnalogKVDecoder:
             noise = torch.randn((1,) + readout.shape, generator=self.generator, device=readout.device,
                                 dtype=readout.dtype)[0]
             readout = readout + cfg.readout_noise * torch.where(read.view(cfg.tiles, 1), noise, 0.0)
-        return _quantize_(readout, self._output_adc).sum(dim=-2)
+        return _quantize_(readout, self._output_adc, self._adc_clamp_first).sum(dim=-2)
 
     def extra_repr(self) -> str:  # pragma: no cover - debugging aid
         return (f"AnalogKVDecoder(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "
