@@ -12,9 +12,11 @@ those to the V array and reads each 64-row sub-tile with its own pulse counter b
 
 Inputs are already scaled (eq. 8), as for ``analog_attention``; the output is before the output
 scaler (eq. 8). State per layer (one decoder holds every head of one layer): stored K and V
-(quantized on write, offset removed, with their powers for the nonlinear cell), the write pointer,
-and the age of every slot in token steps for leakage (eq. 6). A step costs O(B H M D) once the
-window is full, independent of how many tokens came before.
+(quantized on write, offset removed, with their powers for the nonlinear cell, times each row's cells)
+and the write pointer. Leakage (eq. 6) needs no per-step work: the factor of a slot a steps old,
+c_i alpha(a)**i over the saturation charge, comes from a table made once, read at an offset given by
+the write pointer. A step costs O(B H M D) once the window is full, independent of how many tokens came
+before: two batched matrix products and a few passes over (B, H, M) and (B, H, D) values.
 
 Cell variation (``cfg.cell_variation``, and the additive offsets of ``cfg.cell_offset_variation``): the cells of ring-buffer row s are those of the chip
 ``cfg.noise_seed`` (``gaincell.attention.noise.cell_gains``), so token t, written to row t mod M, meets
@@ -188,7 +190,7 @@ class AnalogKVDecoder:
             device = like.device  # "cuda" means the inputs' "cuda:N": the step's fast path compares devices
         self._device, self._dtype = device, dtype
         cfg, batch, heads, dim = self.cfg, self.batch, self.heads, self.head_dim
-        m, n_pow, n_terms = cfg.window, len(self._powers), self._n_terms
+        m, n_terms = cfg.window, self._n_terms
         # The arrays, one column (K) or row (V) per slot and term: term n < P holds gamma * W**p (p the
         # n-th power, gamma the row's cells, 1 without variation), the last (nonlinear cell or offsets)
         # the slot's constant c_0 gamma + delta, written with the slot's first key (an empty slot is 0 in
