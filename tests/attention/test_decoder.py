@@ -231,3 +231,30 @@ def test_prefill_rejects_wrong_shapes_and_respects_max_steps():
     with pytest.raises(RuntimeError, match="exceeds this decoder's max_steps=10"):
         decoder.prefill(x, x, x)
     assert decoder.steps == 0
+
+
+@pytest.mark.parametrize("levels, lo, hi", [(32, -1.0, 1.0), (8, 0.0, 0.9), (16, 0.0, 1.0), (6, 0.0, 0.3),
+                                            (11, 0.0, 0.8), (16, 0.0, 1.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_converter_without_its_first_clamp_only_where_that_changes_nothing(levels, lo, hi, dtype):
+    """``_first_clamp_redundant`` allows skipping the input clamp of a quantizer only where the result is
+    the clamped quantizer's for every input: checked on values dense around both ends and far outside;
+    and it must say False for converters where skipping would change an output (some are such)."""
+    from gaincell.attention.decoder import _converter, _first_clamp_redundant, _quantize_
+
+    converter = _converter(levels, lo, hi, dtype, "cpu")
+    span = hi - lo
+    x = torch.cat([torch.linspace(lo - 2 * span, hi + 2 * span, 20001, dtype=dtype),
+                   torch.tensor([lo, hi, float("inf"), -float("inf")], dtype=dtype),
+                   torch.nextafter(torch.tensor([lo, hi], dtype=dtype), torch.tensor([-9.0, 9.0], dtype=dtype))])
+    clamped = _quantize_(x.clone(), converter, clamp_first=True)
+    unclamped = _quantize_(x.clone(), converter, clamp_first=False)
+    assert torch.equal(clamped, unclamped) == _first_clamp_redundant(converter)
+
+
+def test_some_converters_need_their_first_clamp():
+    """The check is not vacuous: with 6 levels on [0, 0.3] V in float32, round(hi / step) * step < hi."""
+    from gaincell.attention.decoder import _converter, _first_clamp_redundant
+
+    assert not _first_clamp_redundant(_converter(6, 0.0, 0.3, torch.float32, "cpu"))
+    assert _first_clamp_redundant(_converter(32, -1.0, 1.0, torch.float32, "cpu"))
