@@ -102,10 +102,16 @@ def _(q, k, v, dy, state, config, implementation):
 def _setup_context(ctx, inputs, output):
     q, k, v, config, implementation = inputs
     ctx.save_for_backward(q, k, v, output[1])
+    # The state is not differentiable, and its gradient is not materialised (a zero tensor the size of the
+    # state per call): the backward gets dstate = None (and dy = None where y was not used).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.config, ctx.implementation = config, implementation
 
 
 def _backward(ctx, dy, dstate):
+    if dy is None:
+        return None, None, None, None, None
     q, k, v, state = ctx.saved_tensors
     dq, dk, dv = torch.ops.gaincell.analog_attention_backward(q, k, v, dy, state, ctx.config, ctx.implementation)
     return dq, dk, dv, None, None
