@@ -158,10 +158,9 @@ def _from_blocks_like(x: torch.Tensor, like: torch.Tensor, mask: Optional[torch.
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched product over the two leading dims of (m, BH, r, s) @ (m, BH, s, u)."""
-    m, bh = a.shape[:2]
-    return torch.bmm(a.reshape(m * bh, *a.shape[2:]), b.reshape(m * bh, *b.shape[2:])).view(m, bh, a.shape[2],
-                                                                                               b.shape[3])
+    """Batched product over the two leading dims of (m, BH, r, s) @ (m, BH, s, u): ``torch.matmul`` folds
+    them into one ``bmm`` (the same kernel and values as reshaping here, with less Python per call)."""
+    return torch.matmul(a, b)
 
 
 def _times(gain: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
