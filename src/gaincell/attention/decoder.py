@@ -82,8 +82,11 @@ def _first_clamp_redundant(converter: tuple) -> bool:
     """Whether quantizing x without clamping it first gives the clamped result for every x: inside
     [lo, hi] the operations are the same; above, round(x / step) >= round(hi / step) (rounding is
     monotone), so the last clamp gives hi if round(hi / step) * step >= hi already in the dtype (and
-    likewise below lo). True for the 32-level [-1, 1] ADC: +-1 round to +-16 levels, +-1.03."""
+    likewise below lo). Not with a bound at 0: x in (-step / 2, 0) would read -0.0, the clamped
+    converter +0.0. True for the 32-level [-1, 1] ADC: +-1 round to +-16 levels, +-1.03."""
     lo, hi, inv_step, step = converter
+    if lo == 0.0 or hi == 0.0:
+        return False
     top = torch.round(torch.tensor(hi, dtype=step.dtype) * inv_step) * step
     bottom = torch.round(torch.tensor(lo, dtype=step.dtype) * inv_step) * step
     return bool(top >= hi) and bool(bottom <= lo)
@@ -91,7 +94,8 @@ def _first_clamp_redundant(converter: tuple) -> bool:
 
 class _Workspace(NamedTuple):
     """Buffers of N tokens' products, with the views the products use (made once for a step)."""
-    query: torch.Tensor           # (N, B H, 1, D) view of the DAC'd queries
+    query_row: torch.Tensor       # (N B H, 1, D): the DAC'd queries
+    query: torch.Tensor           # (N, B H, 1, D) view
     dots: torch.Tensor            # (N B H, 1, terms M): Q . each stored term
     dots_by_term: torch.Tensor    # (N, B H, terms, M) view
     charge: torch.Tensor          # (N, B H, M): the charge, then the pulse
@@ -315,7 +319,7 @@ class AnalogKVDecoder:
         charge = dots.view(n_tok, bh, cfg.window) if n_terms == 1 else query_row.new_empty(n_tok, bh, cfg.window)
         weights = query_row.new_empty(n_tok * bh * tiles, 1, n_terms * rows)
         readout = query_row.new_empty(n_tok * bh * tiles, 1, self.head_dim)
-        return _Workspace(query_row.view(n_tok, bh, 1, self.head_dim), dots,
+        return _Workspace(query_row, query_row.view(n_tok, bh, 1, self.head_dim), dots,
                           dots.view(n_tok, bh, n_terms, cfg.window), charge,
                           charge.view(n_tok, bh, tiles, 1, rows), weights,
                           weights.view(n_tok, bh, tiles, n_terms, rows), readout,
@@ -355,7 +359,9 @@ class AnalogKVDecoder:
         stored rows relative to the half-supply offset."""
         if self._joint_dac is not None:
             lo, hi, inv_step, step, offset = self._joint_dac if qkv.dim() == 4 else (  # (3, 1, 1, 1): a step's
-                c.view((3,) + (1,) * (qkv.dim() - 1)) for c in self._joint_dac)        # shape, else (3, 1, ...)
+                c.view((3,) + (1,) * (qkv.dim() - 1)) for c in self._joint_dac)     # shape, else (3, 1, ...)
+            # (The first clamp stays even where the last one would give the same values: without it a
+            # query in (-step / 2, 0) would read -0.0 where the converter gives +0.0.)
             return qkv.clamp_(lo, hi).mul_(inv_step).round_().mul_(step).clamp_(lo, hi).sub_(offset)
         qkv[0] = _dac(qkv[0], self._query_dac)
         # K and V share their converter settings: one pass for both.
@@ -498,7 +504,7 @@ class AnalogKVDecoder:
         slots holding no key yet (needed only with the implicit c_0 terms; None: none). Leaves the sub-tile
         readouts before their ADC in ``work.readout``."""
         # First dot product on the K array (eq. 4): S[s] = sum_n factor_n(age of s) (Q . term_n[s]) / S_sat.
-        torch.bmm(work.query.view(-1, 1, self.head_dim), k_matrix, out=work.dots)
+        torch.bmm(work.query_row, k_matrix, out=work.dots)
         charge = work.dots_by_term.mul_(table_k)
         if self._n_terms > 1:
             torch.sum(charge, dim=-2, out=work.charge)
