@@ -197,7 +197,8 @@ def test_nan_flag_on_an_accelerator_is_read_lazily_and_names_the_step():
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("variation", [0.0, 0.1])
-def test_prefill_equals_token_by_token_exactly(cell, variation, monkeypatch):
+@pytest.mark.parametrize("gathers", [True, False])
+def test_prefill_equals_token_by_token_exactly(cell, variation, gathers, monkeypatch):
     """``prefill`` of a prompt (in several chunks, after earlier steps, past the window) gives exactly the
     outputs and the state of stepping the same tokens one by one."""
     from gaincell.attention import decoder as decoder_module
@@ -209,6 +210,7 @@ def test_prefill_equals_token_by_token_exactly(cell, variation, monkeypatch):
     expected = torch.stack([stepped.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(90)], dim=2)
     # chunks of 7 tokens: a chunk boundary inside the window and the wrap-around
     monkeypatch.setattr(decoder_module, "PREFILL_CHUNK_ELEMENTS", 7 * len(CELLS) * 2 * 3 * 32 * 16)
+    monkeypatch.setattr(decoder_module, "PREFILL_GATHERS_ON_CPU", gathers)  # True: the accelerators' path
     filled = AnalogKVDecoder(cfg, batch=2, heads=3, head_dim=16)
     first = torch.stack([filled.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(5)], dim=2)
     got = torch.cat([first, filled.prefill(q[:, :, 5:60], k[:, :, 5:60], v[:, :, 5:60]),

@@ -44,6 +44,11 @@ __all__ = ["AnalogKVDecoder"]
 
 # ``prefill`` gathers the arrays each token of a chunk sees: at most this many elements per chunk.
 PREFILL_CHUNK_ELEMENTS = 1 << 24
+# On CPU the gathered arrays cost more than the steps they replace (measured, window 256, 4 heads,
+# D = 64, 400-token prompt, one thread: gathered 0.5 s linear / 1.1 s nonlinear, stepped 0.06 s /
+# 0.09 s): there ``prefill`` steps the tokens (the same outputs by definition). Elsewhere it gathers,
+# one batched product per chunk instead of ~30 small kernels per token.
+PREFILL_GATHERS_ON_CPU = False
 
 
 def _converter(levels: Optional[int], lo: float, hi: float, dtype, device) -> tuple:
@@ -412,7 +417,8 @@ class AnalogKVDecoder:
         """A prompt of T tokens at once: (B, H, T, D) each -> y (B, H, T, D), exactly the outputs (and the
         final state) of T calls of ``step``: every token's products are computed as a step computes
         them, against the arrays as that token sees them, batched over the tokens (in chunks that bound
-        memory). With readout noise the tokens are stepped one by one (the noise draws follow the steps).
+        memory). With readout noise the tokens are stepped one by one (the noise draws follow the steps),
+        and on CPU too (``PREFILL_GATHERS_ON_CPU``: stepping is faster there).
         """
         if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k, v)) or q.shape[2] != k.shape[2] \
                 or q.shape[2] != v.shape[2]:
@@ -421,10 +427,10 @@ class AnalogKVDecoder:
                              f"{[tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in (q, k, v)]}")
         tokens = q.shape[2]
         self._check_all(q[:, :, 0], k[:, :, 0], v[:, :, 0], tokens)
-        if self.cfg.readout_noise > 0 or tokens == 1:
-            return torch.stack([self.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
         if not self._allocated:
             self._allocate(q)
+        if self.cfg.readout_noise > 0 or tokens == 1 or (self._device.type == "cpu" and not PREFILL_GATHERS_ON_CPU):
+            return torch.stack([self.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
         out_dtype = q.dtype
         per_token = self._n_terms * self.batch * self.heads * self.cfg.window * self.head_dim
         chunk = max(1, PREFILL_CHUNK_ELEMENTS // per_token)
