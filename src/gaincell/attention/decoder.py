@@ -32,7 +32,7 @@ prompt and at the end).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -44,6 +44,11 @@ __all__ = ["AnalogKVDecoder"]
 
 # ``prefill`` gathers the arrays each token of a chunk sees: at most this many elements per chunk.
 PREFILL_CHUNK_ELEMENTS = 1 << 24
+# On CPU the gathered arrays cost more than the steps they replace (measured, window 256, 4 heads,
+# D = 64, 400-token prompt, one thread: gathered 0.5 s linear / 1.1 s nonlinear, stepped 0.06 s /
+# 0.09 s): there ``prefill`` steps the tokens (the same outputs by definition). Elsewhere it gathers,
+# one batched product per chunk instead of ~30 small kernels per token.
+PREFILL_GATHERS_ON_CPU = False
 
 
 def _converter(levels: Optional[int], lo: float, hi: float, dtype, device) -> tuple:
@@ -82,11 +87,28 @@ def _first_clamp_redundant(converter: tuple) -> bool:
     """Whether quantizing x without clamping it first gives the clamped result for every x: inside
     [lo, hi] the operations are the same; above, round(x / step) >= round(hi / step) (rounding is
     monotone), so the last clamp gives hi if round(hi / step) * step >= hi already in the dtype (and
-    likewise below lo). True for the 32-level [-1, 1] ADC: +-1 round to +-16 levels, +-1.03."""
+    likewise below lo). Not with a bound at 0: x in (-step / 2, 0) would read -0.0, the clamped
+    converter +0.0. True for the 32-level [-1, 1] ADC: +-1 round to +-16 levels, +-1.03."""
     lo, hi, inv_step, step = converter
+    if lo == 0.0 or hi == 0.0:
+        return False
     top = torch.round(torch.tensor(hi, dtype=step.dtype) * inv_step) * step
     bottom = torch.round(torch.tensor(lo, dtype=step.dtype) * inv_step) * step
     return bool(top >= hi) and bool(bottom <= lo)
+
+
+class _Workspace(NamedTuple):
+    """Buffers of N tokens' products, with the views the products use (made once for a step)."""
+    query_row: torch.Tensor       # (N B H, 1, D): the DAC'd queries
+    query: torch.Tensor           # (N, B H, 1, D) view
+    dots: torch.Tensor            # (N B H, 1, terms M): Q . each stored term
+    dots_by_term: torch.Tensor    # (N, B H, terms, M) view
+    charge: torch.Tensor          # (N, B H, M): the charge, then the pulse
+    pulse_by_tile: torch.Tensor   # (N, B H, tiles, 1, rows) view of ``charge``
+    weights: torch.Tensor         # (N B H tiles, 1, terms rows): pulse x factor, sub-tile by sub-tile
+    weights_by_tile: torch.Tensor  # (N, B H, tiles, terms, rows) view
+    readout: torch.Tensor         # (N B H tiles, 1, D): each sub-tile's readout
+    readout_by_tile: torch.Tensor  # (N, B H, tiles, D) view
 
 
 class AnalogKVDecoder:
@@ -291,6 +313,22 @@ class AnalogKVDecoder:
         self._query_row = work[0].view(bh, 1, self.head_dim)
         self._k_matrix = self._stored_k.view(bh, self.head_dim, self._n_terms * m)
         self._v_matrix = self._stored_v.view(bh * tiles, self._n_terms * rows, self.head_dim)
+        self._step_work = self._workspace(self._query_row)
+        self._step_output = self._step_work.readout.view(self.batch, self.heads, tiles, self.head_dim)
+
+    def _workspace(self, query_row: torch.Tensor) -> _Workspace:
+        """Buffers for the products of the N tokens whose queries are ``query_row`` (N B H, 1, D)."""
+        cfg, bh, n_terms = self.cfg, self.batch * self.heads, self._n_terms
+        n_tok, tiles, rows = query_row.shape[0] // bh, cfg.tiles, cfg.tile_rows
+        dots = query_row.new_empty(n_tok * bh, 1, n_terms * cfg.window)
+        charge = dots.view(n_tok, bh, cfg.window) if n_terms == 1 else query_row.new_empty(n_tok, bh, cfg.window)
+        weights = query_row.new_empty(n_tok * bh * tiles, 1, n_terms * rows)
+        readout = query_row.new_empty(n_tok * bh * tiles, 1, self.head_dim)
+        return _Workspace(query_row, query_row.view(n_tok, bh, 1, self.head_dim), dots,
+                          dots.view(n_tok, bh, n_terms, cfg.window), charge,
+                          charge.view(n_tok, bh, tiles, 1, rows), weights,
+                          weights.view(n_tok, bh, tiles, n_terms, rows), readout,
+                          readout.view(n_tok, bh, tiles, self.head_dim))
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -326,7 +364,9 @@ class AnalogKVDecoder:
         stored rows relative to the half-supply offset."""
         if self._joint_dac is not None:
             lo, hi, inv_step, step, offset = self._joint_dac if qkv.dim() == 4 else (  # (3, 1, 1, 1): a step's
-                c.view((3,) + (1,) * (qkv.dim() - 1)) for c in self._joint_dac)        # shape, else (3, 1, ...)
+                c.view((3,) + (1,) * (qkv.dim() - 1)) for c in self._joint_dac)     # shape, else (3, 1, ...)
+            # (The first clamp stays even where the last one would give the same values: without it a
+            # query in (-step / 2, 0) would read -0.0 where the converter gives +0.0.)
             return qkv.clamp_(lo, hi).mul_(inv_step).round_().mul_(step).clamp_(lo, hi).sub_(offset)
         qkv[0] = _dac(qkv[0], self._query_dac)
         # K and V share their converter settings: one pass for both.
@@ -366,10 +406,10 @@ class AnalogKVDecoder:
                 target.copy_(constant)
         self.steps += 1
         filled = min(self.steps, self.cfg.window)
-        valid = self._slot_index < filled if self._implicit_c0 and filled < self.cfg.window else None
-        readout = self._array_products(self._query_row, self._k_matrix, self._table_k_at[slot],
-                                       self._table_v_at[slot], self._v_matrix, 1, valid)
-        y = self._sub_tile_readout(readout, (self.batch, self.heads), filled)
+        empty = self._slot_index >= filled if self._implicit_c0 and filled < self.cfg.window else None
+        self._array_products(self._step_work, self._k_matrix, self._table_k_at[slot], self._table_v_at[slot],
+                             self._v_matrix, empty)
+        y = self._sub_tile_readout(self._step_output, filled)
         return y if y.dtype == q.dtype else y.to(q.dtype)
 
     @torch.no_grad()
@@ -377,7 +417,8 @@ class AnalogKVDecoder:
         """A prompt of T tokens at once: (B, H, T, D) each -> y (B, H, T, D), exactly the outputs (and the
         final state) of T calls of ``step``: every token's products are computed as a step computes
         them, against the arrays as that token sees them, batched over the tokens (in chunks that bound
-        memory). With readout noise the tokens are stepped one by one (the noise draws follow the steps).
+        memory). With readout noise the tokens are stepped one by one (the noise draws follow the steps),
+        and on CPU too (``PREFILL_GATHERS_ON_CPU``: stepping is faster there).
         """
         if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k, v)) or q.shape[2] != k.shape[2] \
                 or q.shape[2] != v.shape[2]:
@@ -386,10 +427,10 @@ class AnalogKVDecoder:
                              f"{[tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in (q, k, v)]}")
         tokens = q.shape[2]
         self._check_all(q[:, :, 0], k[:, :, 0], v[:, :, 0], tokens)
-        if self.cfg.readout_noise > 0 or tokens == 1:
-            return torch.stack([self.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
         if not self._allocated:
             self._allocate(q)
+        if self.cfg.readout_noise > 0 or tokens == 1 or (self._device.type == "cpu" and not PREFILL_GATHERS_ON_CPU):
+            return torch.stack([self.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
         out_dtype = q.dtype
         per_token = self._n_terms * self.batch * self.heads * self.cfg.window * self.head_dim
         chunk = max(1, PREFILL_CHUNK_ELEMENTS // per_token)
@@ -444,14 +485,14 @@ class AnalogKVDecoder:
                              ).permute(2, 0, 1, 3, 5, 4, 6)                           # (N, B, H, tiles, terms, rows, D)
         offsets = (m - 1 - slots)[:, None] + s[None, :]                              # (N, M)
         table_v = self._table_v[:, offsets].view(n_terms, n_tok, tiles, tile_rows).permute(1, 2, 0, 3)
-        valid = None
-        if self._implicit_c0 and t0 < m:   # slots holding a key for each token
-            valid = (s[None, :] < torch.clamp(times + 1, max=m)[:, None]).unsqueeze(1)  # (N, 1, M)
-        readout = self._array_products(
-            qkv[0].reshape(n_tok * bh, 1, dim), seen_k.reshape(n_tok * bh, dim, n_terms * m),
-            self._table_k[:, offsets].transpose(0, 1).unsqueeze(1), table_v.unsqueeze(1),
-            seen_v.reshape(n_tok * bh * tiles, n_terms * tile_rows, dim), n_tok, valid)
-        y = self._sub_tile_readout(readout, (n_tok, self.batch, self.heads), m)
+        empty = None
+        if self._implicit_c0 and t0 < m:   # slots holding no key yet for each token
+            empty = (s[None, :] >= torch.clamp(times + 1, max=m)[:, None]).unsqueeze(1)  # (N, 1, M)
+        work = self._workspace(qkv[0].reshape(n_tok * bh, 1, dim))
+        self._array_products(work, seen_k.reshape(n_tok * bh, dim, n_terms * m),
+                             self._table_k[:, offsets].transpose(0, 1).unsqueeze(1), table_v.unsqueeze(1),
+                             seen_v.reshape(n_tok * bh * tiles, n_terms * tile_rows, dim), empty)
+        y = self._sub_tile_readout(work.readout.view(n_tok, self.batch, self.heads, tiles, dim), m)
         # Advance: the chunk's last M tokens are in their slots now (distinct slots).
         keep = slice(max(0, n_tok - m), n_tok)
         self._stored_k[..., slots[keep]] = new_k[..., keep]
@@ -459,40 +500,39 @@ class AnalogKVDecoder:
         self.steps += n_tok
         return y
 
-    def _array_products(self, query_row, k_matrix, table_k, table_v, v_matrix, n_tok: int,
-                        valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Eqs. 3-4 for N tokens at once, each against the arrays it sees: ``query_row`` (N B H, 1, D),
-        ``k_matrix`` (N B H, D, terms M), ``v_matrix`` (N B H tiles, terms rows, D), the tables' factors
-        (N, 1, terms, M) and (N, 1, tiles, terms, rows), or without the leading (N, 1) for one token.
-        Every product is one (D).(D x terms M) or (terms rows).(terms rows x D) per token and head, as
-        in a single step, so a token's result does not depend on N. ``valid`` (N or 1, 1, M): the slots
-        holding a key (needed only with the implicit c_0 terms; None: all). Returns the sub-tile readouts
-        before their ADC, (N B H tiles, 1, D)."""
-        cfg, bh, n_terms = self.cfg, self.batch * self.heads, self._n_terms
+    def _array_products(self, work: _Workspace, k_matrix, table_k, table_v, v_matrix,
+                        empty: Optional[torch.Tensor] = None) -> None:
+        """Eqs. 3-4 for N tokens at once, each against the arrays it sees, into ``work`` (its queries
+        given): ``k_matrix`` (N B H, D, terms M), ``v_matrix`` (N B H tiles, terms rows, D), the tables'
+        factors (N, 1, terms, M) and (N, 1, tiles, terms, rows), or without the leading (N, 1) for one
+        token. Every product is one (D).(D x terms M) or (terms rows).(terms rows x D) per token and head,
+        as in a single step, so a token's result does not depend on N. ``empty`` (N or 1, 1, M): the
+        slots holding no key yet (needed only with the implicit c_0 terms; None: none). Leaves the sub-tile
+        readouts before their ADC in ``work.readout``."""
         # First dot product on the K array (eq. 4): S[s] = sum_n factor_n(age of s) (Q . term_n[s]) / S_sat.
-        charge = torch.bmm(query_row, k_matrix).view(n_tok, bh, n_terms, cfg.window).mul_(table_k)
-        charge = charge.sum(-2) if n_terms > 1 else charge.view(n_tok, bh, cfg.window)
+        torch.bmm(work.query_row, k_matrix, out=work.dots)
+        charge = work.dots_by_term.mul_(table_k)
+        if self._n_terms > 1:
+            torch.sum(charge, dim=-2, out=work.charge)
+        charge = work.charge
         if self._implicit_c0:  # + c_0 sum_d Q / S_sat, the same for every slot
-            charge.add_(query_row.view(n_tok, bh, 1, -1).sum(-1), alpha=self._c0_k)
+            charge.add_(work.query.sum(-1), alpha=self._c0_k)
         # Charge to pulse (eq. 3): 0 for an empty slot (every stored term 0; the implicit c_0: masked).
-        pulse = charge.clamp_(0.0, 1.0)
-        if valid is not None:
-            pulse = torch.where(valid, pulse, 0.0)
-        pulse = pulse.view(n_tok, bh, cfg.tiles, 1, cfg.tile_rows)
+        charge.clamp_(0.0, 1.0)
+        if empty is not None:
+            charge.masked_fill_(empty, 0.0)
         # Second dot product per sub-tile (docs/attention.md#second-array-product-and-sub-tiles):
         # A_r[d] = sum_n sum_{s in r} P[s] factor_n(age of s) term_n[s, d].
-        weights = pulse.new_empty(v_matrix.shape[0], 1, v_matrix.shape[1])  # sub-tile by sub-tile
-        torch.mul(pulse, table_v, out=weights.view(n_tok, bh, cfg.tiles, n_terms, cfg.tile_rows))
-        readout = torch.bmm(weights, v_matrix)
+        torch.mul(work.pulse_by_tile, table_v, out=work.weights_by_tile)
+        torch.bmm(work.weights, v_matrix, out=work.readout)
         if self._implicit_c0:  # + c_0 sum_{s in r} P[s] / S_sat_av, the same for every column
-            readout.view(n_tok, bh, cfg.tiles, -1).add_(pulse.sum(-1), alpha=self._c0_v)
-        return readout
+            work.readout_by_tile.add_(work.pulse_by_tile.sum(-1), alpha=self._c0_v)
 
-    def _sub_tile_readout(self, readout: torch.Tensor, lead: tuple, filled: int) -> torch.Tensor:
+    def _sub_tile_readout(self, readout: torch.Tensor, filled: int) -> torch.Tensor:
         """Readout noise on every read sub-tile (those holding a key: ``filled`` slots), each sub-tile's
-        pulse counter (clamp + quantize), then the digital adders: (lead..., D); an empty sub-tile reads 0."""
+        pulse counter (clamp + quantize), then the digital adders: readouts (..., tiles, D) -> (..., D);
+        an empty sub-tile reads 0."""
         cfg = self.cfg
-        readout = readout.view(*lead, cfg.tiles, self.head_dim)
         if cfg.readout_noise > 0:
             read = self._tile_index < -(-filled // cfg.tile_rows)
             noise = torch.randn((1,) + readout.shape, generator=self.generator, device=readout.device,
