@@ -44,10 +44,10 @@ __all__ = ["AnalogKVDecoder"]
 
 # ``prefill`` gathers the arrays each token of a chunk sees: at most this many elements per chunk.
 PREFILL_CHUNK_ELEMENTS = 1 << 24
-# On CPU the gathered arrays cost more than the steps they replace (measured, window 256, 4 heads,
-# D = 64, 400-token prompt, one thread: gathered 0.5 s linear / 1.1 s nonlinear, stepped 0.06 s /
-# 0.09 s): there ``prefill`` steps the tokens (the same outputs by definition). Elsewhere it gathers,
-# one batched product per chunk instead of ~30 small kernels per token.
+# On CPU the gathered arrays cost more than the steps they replace (``benchmarks/decode.py``: a
+# 256-token prompt, window 256, 4 heads, D = 64, one thread, gathered 10-13x slower than stepped):
+# there ``prefill`` steps the tokens (the same outputs by definition). Elsewhere it gathers, as
+# before: one batched product per chunk instead of ~30 small kernels per token (not measured here).
 PREFILL_GATHERS_ON_CPU = False
 
 
