@@ -64,6 +64,7 @@ class _Lag:
     """Constant (n, n) matrices of one lag (zero outside the window), in the compute dtype."""
 
     window_mask: Optional[torch.Tensor]  # bool, None when every entry is inside the window
+    outside_mask: Optional[torch.Tensor]  # ~window_mask
     key_scale: torch.Tensor      # linear: g alpha / S_qk (S / S_qk = R * key_scale, R = Q W^T)
     value_scale: torch.Tensor    # linear: g alpha / S_av (A = (P * value_scale) @ U)
     grad_scale: torch.Tensor     # linear model's backward: value_scale * key_scale (dA . U^T -> dL/dR)
@@ -99,6 +100,7 @@ def _band(t_len: int, cfg: AnalogAttentionConfig, dtype: torch.dtype, device) ->
         powers = [alpha, alpha ** 2, alpha ** 3] if cfg.nonlinear else []
         lags.append(_Lag(
             window_mask=None if bool(inside.all()) else inside,
+            outside_mask=None if bool(inside.all()) else ~inside,
             key_scale=alpha * (cfg.gain / cfg.qk_saturation),
             value_scale=alpha * (cfg.gain / cfg.av_saturation),
             grad_scale=(alpha * (cfg.gain / cfg.av_saturation)) * (alpha * (cfg.gain / cfg.qk_saturation)),
@@ -308,11 +310,12 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
         # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp)
         inside = _equal_mask(P, X, None if out is None else out[1])
     # The linear cell's charge without offsets is already (+-)0 outside the window (key_scale is 0 there),
-    # and so is the pulse: the mask changes no value there, and grad_scale is 0 outside the window too.
-    if lag.window_mask is not None and (cfg.nonlinear or ops.offset_k is not None):
-        P.masked_fill_(~lag.window_mask, 0.0)
-        if need_grad:
-            inside.masked_fill_(~lag.window_mask, 0.0)
+    # and so is the pulse: the mask changes no value there. grad_scale is 0 outside the window too, so
+    # the HardSigmoid mask needs the window only where it is used on its own (exact gradient, offsets).
+    if lag.outside_mask is not None and (cfg.nonlinear or ops.offset_k is not None):
+        P.masked_fill_(lag.outside_mask, 0.0)
+        if need_grad and ((cfg.nonlinear and cfg.exact_nonlinear_grad) or ops.offset_k is not None):
+            inside.masked_fill_(lag.outside_mask, 0.0)
     del X
     P_weighted = A = None
     if not cfg.nonlinear:
