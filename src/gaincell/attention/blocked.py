@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -158,10 +158,9 @@ def _from_blocks_like(x: torch.Tensor, like: torch.Tensor, mask: Optional[torch.
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched product over the two leading dims of (m, BH, r, s) @ (m, BH, s, u)."""
-    m, bh = a.shape[:2]
-    return torch.bmm(a.reshape(m * bh, *a.shape[2:]), b.reshape(m * bh, *b.shape[2:])).view(m, bh, a.shape[2],
-                                                                                               b.shape[3])
+    """Batched product over the two leading dims of (m, BH, r, s) @ (m, BH, s, u): ``torch.matmul`` folds
+    them into one ``bmm`` (the same kernel and values as reshaping here, with less Python per call)."""
+    return torch.matmul(a, b)
 
 
 def _times(gain: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -183,22 +182,23 @@ def _readout_(A: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
     return quantize_(A.clamp_(lo, hi), cfg.output_levels, lo, hi)
 
 
-def _equal_mask(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """1 where a == b, else 0, in a's dtype: masks are multiplied in (``x * mask`` equals
-    ``torch.where(mask, x, 0)`` for finite x), a float mask about twice as fast as a bool one here."""
-    return torch.eq(a, b, out=torch.empty_like(a))
+def _equal_mask(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 where a == b, else 0, in a's dtype (into ``out`` if given): masks are multiplied in (``x * mask``
+    equals ``torch.where(mask, x, 0)`` for finite x), a float mask about twice as fast as a bool one here."""
+    return torch.eq(a, b, out=torch.empty_like(a) if out is None else out)
 
 
-def _dac_blocks(x: torch.Tensor, band: _Band, levels: Optional[int], hi: float, need_mask: bool):
+def _dac_blocks(x: torch.Tensor, band: _Band, levels: Optional[int], hi: float, need_mask: bool,
+                out: Optional[torch.Tensor] = None, mask_out: Optional[torch.Tensor] = None):
     """A DAC on an input (B, H, T, D), in blocks: ``clamp_quantize(x, levels, 0, hi)`` (the same operations,
     in place on one copy) and, with ``need_mask``, where its clamp passes the gradient (0 <= x <= hi, as
-    torch.clamp), a 0/1 mask (``_equal_mask``) in blocks; else None."""
+    torch.clamp), a 0/1 mask (``_equal_mask``) in blocks; else None. ``out``, ``mask_out``: where to write."""
     src = _blocks_source(x, band.blocks, band.n)
-    clamped = _new_blocks(x, band.blocks, band.n)
+    clamped = _new_blocks(x, band.blocks, band.n) if out is None else out
     torch.clamp(src, 0.0, hi, out=clamped.view(src.shape))
     inside = None
     if need_mask:  # x is not NaN (validated): equal exactly where the clamp left it
-        inside = torch.empty_like(clamped)
+        inside = torch.empty_like(clamped) if mask_out is None else mask_out
         torch.eq(clamped.view(src.shape), src, out=inside.view(src.shape))
     return quantize_(clamped, levels, 0.0, hi), inside
 
@@ -209,14 +209,22 @@ class _Operands:
     gamma * U (the linear products' operands); ``W_pow``, ``U_pow`` include gamma too."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
-                 band: _Band, need_masks: bool = False) -> None:
+                 band: _Band, need_masks: bool = False, slots: Optional[Tuple[torch.Tensor, ...]] = None,
+                 quantized: bool = False, powers: bool = True) -> None:
         # ``dac_inside``: where each DAC's clamp passes the gradient (q, k, v), in blocks (``need_masks``).
-        self.Q, in_q = _dac_blocks(q, band, cfg.query_levels, 1.0, need_masks)
-        self.W, in_k = _dac_blocks(k, band, cfg.stored_levels, cfg.stored_max, need_masks)
-        self.U, in_v = _dac_blocks(v, band, cfg.stored_levels, cfg.stored_max, need_masks)
-        self.W.sub_(cfg.stored_offset)
-        self.U.sub_(cfg.stored_offset)
-        self.dac_inside = (in_q, in_k, in_v) if need_masks else None
+        # ``slots``: (Q, W, U, in_q, in_k, in_v) in blocks, to write into, or (``quantized``) to take as they
+        # are (a backward from ``forward_packed``'s state). ``powers``: the nonlinear cell's stacked powers.
+        if quantized:
+            self.Q, self.W, self.U = slots[:3]
+            self.dac_inside = tuple(slots[3:])
+        else:
+            out = slots if slots is not None else (None,) * 6
+            self.Q, in_q = _dac_blocks(q, band, cfg.query_levels, 1.0, need_masks, out[0], out[3])
+            self.W, in_k = _dac_blocks(k, band, cfg.stored_levels, cfg.stored_max, need_masks, out[1], out[4])
+            self.U, in_v = _dac_blocks(v, band, cfg.stored_levels, cfg.stored_max, need_masks, out[2], out[5])
+            self.W.sub_(cfg.stored_offset)
+            self.U.sub_(cfg.stored_offset)
+            self.dac_inside = (in_q, in_k, in_v) if need_masks else None
         self.gain_k = self.gain_v = None
         gains = gains_per_key(cfg, q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device)
         if gains is not None:
@@ -226,7 +234,7 @@ class _Operands:
         if offsets is not None:
             self.offset_k, self.offset_v = (_to_blocks(o.expand(q.shape), band.blocks, band.n) for o in offsets)
         self.Wg, self.Ug = _times(self.gain_k, self.W), _times(self.gain_v, self.U)
-        if cfg.nonlinear:
+        if cfg.nonlinear and powers:
             # [X; X**2; X**3] stacked along the key axis: one batched product gives all three powers.
             self.W_pow = _stacked_powers(self.W, self.Wg, self.gain_k)
             self.U_pow = _stacked_powers(self.U, self.Ug, self.gain_v)
@@ -287,15 +295,18 @@ def _charge_of_cells(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, de
 
 
 def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int,
-                 need_grad: bool, need_output: bool = True) -> _LagState:
+                 need_grad: bool, need_output: bool = True,
+                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> _LagState:
     """Pulses and sub-tile output for key blocks j = i - delta, query blocks i = delta..blocks-1;
-    ``need_grad``: also what ``_lag_backward`` needs; ``need_output``: the output A."""
+    ``need_grad``: also what ``_lag_backward`` needs; ``need_output``: the output A; ``out``: where to write
+    the linear model's two backward slabs (``P_linear``, ``grad_scale``; ``forward_packed``'s state)."""
     m, lag = band.blocks - delta, band.lags[delta]
     X = _charge(ops, band, cfg, delta)
     P = X.clamp(0.0, 1.0)
     inside = None
     if need_grad:
-        inside = _equal_mask(P, X)  # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp)
+        # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp)
+        inside = _equal_mask(P, X, None if out is None else out[1])
     # The linear cell's charge without offsets is already (+-)0 outside the window (key_scale is 0 there),
     # and so is the pulse: the mask changes no value there, and grad_scale is 0 outside the window too.
     if lag.window_mask is not None and (cfg.nonlinear or ops.offset_k is not None):
@@ -305,7 +316,7 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
     del X
     P_weighted = A = None
     if not cfg.nonlinear:
-        P_weighted = P * lag.value_scale
+        P_weighted = torch.mul(P, lag.value_scale, out=None if out is None else out[0])
         if need_output:
             A = _bmm(P_weighted, ops.Ug[:m])
     elif need_output or (need_grad and cfg.exact_nonlinear_grad):
@@ -322,7 +333,7 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
         return _LagState(inside, P, P_weighted, A)
     # Linear model's gradient (linear cell, or the surrogate of docs/attention.md#gradients): keep only its
     # two operands (and, with cell offsets, the HardSigmoid mask their gradient paths need).
-    P_linear = P_weighted if not cfg.nonlinear else P * lag.value_scale
+    P_linear = P_weighted if not cfg.nonlinear else torch.mul(P, lag.value_scale, out=None if out is None else out[0])
     keep_inside = ops.offset_k is not None
     grad_scale = inside * lag.grad_scale if keep_inside else inside.mul_(lag.grad_scale)
     return _LagState(inside if keep_inside else None, None, None, A, P_linear, grad_scale)
@@ -436,24 +447,27 @@ class _Saved:
     states: Optional[Dict[int, _LagState]]
 
 
-def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], keep: bool = False):
-    """y (B, H, T, D); with ``keep`` also the ``_Saved`` state for ``_backward``: ``(y, saved)``."""
+def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], keep: bool = False,
+             slots: Optional["_PackedViews"] = None):
+    """y (B, H, T, D); with ``keep`` also the ``_Saved`` state for ``_backward``: ``(y, saved)``; ``slots``
+    (with ``keep``): the tensors that state is written into (``forward_packed``)."""
     band = _band(q.shape[-2], cfg, q.dtype, q.device)
-    ops = _Operands(q, k, v, cfg, band, need_masks=keep)
+    ops = _Operands(q, k, v, cfg, band, need_masks=keep, slots=None if slots is None else slots.operands)
     noise = _noise_generator(cfg, noise_seed, q.device)
     keep_states = keep and _saves_slabs(band, cfg, q)
     states: Dict[int, _LagState] = {}
     readout_inside = []
     y = None
-    for group in _readout_groups(band):
-        parts = [_lag_forward(ops, band, cfg, d, need_grad=keep_states) for d in group]
+    for index, group in enumerate(_readout_groups(band)):
+        parts = [_lag_forward(ops, band, cfg, d, need_grad=keep_states, out=None if slots is None else slots.lags[d])
+                 for d in group]
         tile = parts[0].A
         if len(group) == 2:  # the merged sub-tile: the oldest keys' contribution to the newest blocks
             tile[band.tiles:] += parts[1].A
         _add_noise_(tile, cfg, noise)
         if keep:  # the readout clamp passes dy where |A| <= 1
             read = tile.clamp(*OUTPUT_RANGE)
-            readout_inside.append(_equal_mask(read, tile))
+            readout_inside.append(_equal_mask(read, tile, None if slots is None else slots.readouts[index]))
             tile = quantize_(read, cfg.output_levels, *OUTPUT_RANGE)
         else:
             tile = _readout_(tile, cfg)
@@ -523,19 +537,46 @@ def packed_state_size(shape, cfg: AnalogAttentionConfig) -> int:
     n, blocks, tiles, max_lag, merged = _geometry(T, cfg)
     slabs = sum(blocks - d for d in range(max_lag + 1))
     readouts = sum(blocks - d for d in range(max_lag + 1) if not (merged and d == tiles))
-    return 2 * slabs * B * H * n * n + readouts * B * H * n * D
+    return 2 * slabs * B * H * n * n + (readouts + 6 * blocks) * B * H * n * D
+
+
+@dataclass
+class _PackedViews:
+    """The parts of ``forward_packed``'s flat state, as views: each lag's (P_linear, grad_scale), each
+    readout's clamp mask, then the operands Q, W, U and their DAC masks (in blocks)."""
+
+    lags: Dict[int, Tuple[torch.Tensor, torch.Tensor]]
+    readouts: List[torch.Tensor]
+    operands: Tuple[torch.Tensor, ...]
+
+
+def _packed_views(state: torch.Tensor, band: _Band, bh: int, head_dim: int) -> _PackedViews:
+    """Split ``state`` (``packed_state_size`` elements) into its ``_PackedViews``."""
+    n, offset = band.n, 0
+
+    def take(shape):
+        nonlocal offset
+        count = shape[0] * shape[1] * shape[2] * shape[3]
+        offset += count
+        return state[offset - count:offset].view(shape)
+    lags = {d: (take((band.blocks - d, bh, n, n)), take((band.blocks - d, bh, n, n)))
+            for d in range(band.max_lag + 1)}
+    readouts = [take((band.blocks - group[0], bh, n, head_dim)) for group in _readout_groups(band)]
+    operands = tuple(take((band.blocks, bh, n, head_dim)) for _ in range(6))
+    assert offset == state.numel(), "state size and layout disagree"
+    return _PackedViews(lags, readouts, operands)
 
 
 def forward_packed(q, k, v, cfg: AnalogAttentionConfig):
-    """(y, state): the forward (inputs in the compute dtype, no readout noise) and its packed state."""
-    if packed_state_size(tuple(q.shape), cfg) == 0:
+    """(y, state): the forward (inputs in the compute dtype, no readout noise) and its packed state,
+    written in place (no copy): what ``backward_packed`` needs without recomputing the forward."""
+    size = packed_state_size(tuple(q.shape), cfg)
+    if size == 0:
         return _forward(q, k, v, cfg, None), q.new_empty(0)
-    y, saved = _forward(q, k, v, cfg, None, keep=True)
-    parts = []
-    for d in sorted(saved.states):
-        parts += [saved.states[d].P_linear.reshape(-1), saved.states[d].grad_scale.reshape(-1)]
-    parts += [mask.reshape(-1) for mask in saved.readout_inside]
-    return y, torch.cat(parts)
+    state = q.new_empty(size)
+    band = _band(q.shape[-2], cfg, q.dtype, q.device)
+    y, _ = _forward(q, k, v, cfg, None, keep=True, slots=_packed_views(state, band, q.shape[0] * q.shape[1], q.shape[-1]))
+    return y, state
 
 
 def backward_packed(q, k, v, cfg: AnalogAttentionConfig, dy, state):
@@ -543,22 +584,10 @@ def backward_packed(q, k, v, cfg: AnalogAttentionConfig, dy, state):
     if state.numel() == 0:
         return _backward(q, k, v, cfg, None, dy)
     band = _band(q.shape[-2], cfg, q.dtype, q.device)
-    bh, n, D = q.shape[0] * q.shape[1], band.n, q.shape[-1]
-    offset, states, readout_inside = 0, {}, []
-
-    def take(count, shape):
-        nonlocal offset
-        offset += count
-        return state[offset - count:offset].view(shape)
-    for d in range(band.max_lag + 1):
-        m = band.blocks - d
-        slab = (m, bh, n, n)
-        states[d] = _LagState(None, None, None, None, take(m * bh * n * n, slab), take(m * bh * n * n, slab))
-    for group in _readout_groups(band):
-        m = band.blocks - group[0]
-        readout_inside.append(take(m * bh * n * D, (m, bh, n, D)))
-    saved = _Saved(band, _Operands(q, k, v, cfg, band, need_masks=True), readout_inside, states)
-    return _backward(q, k, v, cfg, None, dy, saved)
+    views = _packed_views(state, band, q.shape[0] * q.shape[1], q.shape[-1])
+    states = {d: _LagState(None, None, None, None, *slabs) for d, slabs in views.lags.items()}
+    ops = _Operands(q, k, v, cfg, band, slots=views.operands, quantized=True, powers=False)
+    return _backward(q, k, v, cfg, None, dy, _Saved(band, ops, views.readouts, states))
 
 
 class _BlockedAnalogAttention(torch.autograd.Function):
