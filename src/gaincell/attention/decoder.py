@@ -216,7 +216,8 @@ class AnalogKVDecoder:
         # The arrays, one column (K) or row (V) per slot and term: term n < P holds gamma * W**p (p the
         # n-th power, gamma the row's cells, 1 without variation), the last (nonlinear cell or offsets)
         # the slot's constant c_0 gamma + delta, written with the slot's first key (an empty slot is 0 in
-        # every term, so its charge and pulse are 0: no mask). K: (B, H, D, terms, M); V by sub-tile,
+        # every term, so its charge and pulse are 0: no mask, except for the implicit c_0 of the
+        # nonlinear cell without variation, which is added to every slot). K: (B, H, D, terms, M); V by sub-tile,
         # (B, H, tiles, terms, rows, D): each product is one matrix per head (and sub-tile).
         self._stored_k = torch.zeros(batch, heads, dim, n_terms, m, device=device, dtype=dtype)
         self._stored_v = torch.zeros(batch, heads, cfg.tiles, n_terms, cfg.tile_rows, dim, device=device,
