@@ -81,6 +81,7 @@ class _Band:
     max_lag: int                 # L = min(tiles, blocks - 1), in blocks
     merged: bool                 # lag 0 and lag ``tiles`` share a sub-tile (sequence longer than window)
     lags: List[_Lag]
+    coefficients: Tuple[float, float, float, float]  # cfg.folded_coefficients, computed once
 
 
 @functools.lru_cache(maxsize=32)
@@ -109,7 +110,7 @@ def _band(t_len: int, cfg: AnalogAttentionConfig, dtype: torch.dtype, device) ->
             value_pow_stacked=None))
         if cfg.nonlinear:
             lags[-1].value_pow_stacked = torch.stack(lags[-1].value_pow, dim=-2)
-    return _Band(n, blocks, tiles, max_lag, max_lag == tiles, lags)
+    return _Band(n, blocks, tiles, max_lag, max_lag == tiles, lags, c)
 
 
 def _blocks_source(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
@@ -287,7 +288,7 @@ def _charge_of_cells(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, de
     Qs = ops.Q[delta:]
     if not cfg.nonlinear:
         return _bmm(Qs, ops.Wg[:m].transpose(-1, -2)).mul_(lag.key_scale)
-    c = cfg.folded_coefficients
+    c = band.coefficients
     R = _bmm(Qs, ops.W_pow[:m].transpose(-1, -2))                          # Q . (W**i)^T, i = 1..3
     X = R[..., :n] * lag.key_pow[0]
     X.addcmul_(R[..., n:2 * n], lag.key_pow[1]).addcmul_(R[..., 2 * n:], lag.key_pow[2])
@@ -323,7 +324,7 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
         if need_output:
             A = _bmm(P_weighted, ops.Ug[:m])
     elif need_output or (need_grad and cfg.exact_nonlinear_grad):
-        c = cfg.folded_coefficients
+        c = band.coefficients
         # [P v_1 | P v_2 | P v_3] in one product: (.., n, 1, n) * (n, 3, n) -> (.., n, 3n)
         P_weighted = (P.unsqueeze(-2) * lag.value_pow_stacked).flatten(-2)
         if need_output:
@@ -362,7 +363,7 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
         grads.add("dQ", delta, _bmm(dR, ops.Wg[:m]))
         grads.add("dW", 0, _times(gain_k, _bmm(dR.transpose(-1, -2), Qs)))
         return
-    c = cfg.folded_coefficients
+    c = band.coefficients
     # Value array, exact: dP = sum_i v_i * (dA . (U**i)^T) + c_0 / S_av * sum_d dA.
     G = _bmm(dA, ops.U_pow[:m].transpose(-1, -2))
     dX = G[..., :n] * lag.value_pow[0]
@@ -495,10 +496,12 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy
     if saved is None:
         _, saved = _forward(q, k, v, cfg, noise_seed, keep=True)
     band, ops = saved.band, saved.ops
-    dyb = _to_blocks(dy.to(q.dtype), band.blocks, band.n)
+    dy_blocks = _blocks_source(dy.to(q.dtype), band.blocks, band.n)  # a view: each group reads dy once
     grads = _Grads()
     for group, inside in zip(_readout_groups(band), saved.readout_inside):
-        dA = dyb[group[0]:] * inside  # readout clamp (as torch.where(inside, dy, 0)); quantizer straight-through
+        # the readout clamp (as torch.where(inside, dy, 0)); its quantizer is straight-through
+        src, dA = dy_blocks[group[0]:], torch.empty_like(inside)
+        torch.mul(src, inside.view(src.shape), out=dA.view(src.shape))
         for d in group:
             st = (saved.states[d] if saved.states is not None
                   else _lag_forward(ops, band, cfg, d, need_grad=True, need_output=False))
