@@ -21,7 +21,8 @@ import pandas as pd
 
 from gaincell.figures._common import save_figure
 
-ROLE_COLORS = {"variant": "#1f77b4", "fair baseline": "#4d4d4d", "ablation": "#9467bd", "cell": "#d62728"}
+ROLE_COLORS = {"variant": "#1f77b4", "fair baseline": "#4d4d4d", "ablation": "#9467bd", "cell": "#d62728",
+               "seed 2": "#17becf"}
 VERDICT_COLORS = {"holds": "#2ca02c", "equivalent": "#2ca02c", "reversed": "#d62728", "different": "#d62728",
                   "not resolved": "#7f7f7f", "undetermined": "#7f7f7f"}
 HEALTH_COLUMNS = (("q_clipped", "q~ clipped"), ("k_clipped", "k~ clipped"), ("v_clipped", "v~ clipped"),
