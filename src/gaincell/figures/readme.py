@@ -122,9 +122,24 @@ STUDY_TABLES = {
 }
 
 
+def study_summary(results: Path) -> list[str]:
+    """How well the study resolves its comparisons (``diagnose/summary.json``): sequences, worst paired SE
+    over all claims and over the close ones, and what a second training seed moves."""
+    s = read_json(results / "diagnose" / "summary.json")
+    lines = [f"Study resolution (measured): {s['sequences']} validation sequences per model; worst paired SE "
+             f"of a claim {s['worst_claim_se']:.4f} nats/token (target {s['target_se']:g}; the SE of a paired "
+             f"difference grows with the difference), worst over claims closer than {s['close_difference']:g} "
+             f"nats/token {s['worst_close_claim_se']:.4f}. Training-seed variance: {s['seed_variance']}."]
+    shift = s.get("seed_shift") or {}
+    if shift:
+        lines.append("Second training seed minus first, same claim (nats/token): " + "; ".join(
+            f"{name}: {value:+.4f}" for name, value in shift.items()) + ".")
+    return [" ".join(lines), ""]
+
+
 def study_tables(results: Path) -> list[str]:
     """The study's tables from ``diagnose/``, each with its columns that a reader needs."""
-    parts = []
+    parts = study_summary(results)
     for name, (title, columns) in STUDY_TABLES.items():
         df = read_csv(results / "diagnose" / name)
         parts += [f"#### {title} (`diagnose/{name}`)", "", *_markdown(df[[c for c in columns if c in df]]), ""]
