@@ -56,7 +56,7 @@ def judge_equivalence(diff: float, se: float, resolve_se: float, margin: float) 
 
 
 def claim_rows(losses: Dict[str, np.ndarray], resolve_se: float, margin: float,
-               claims: Sequence[study.Claim] = study.CLAIMS) -> List[Dict[str, Any]]:
+               claims: Sequence[study.Claim] = study.CLAIMS, target_se: float = float("inf")) -> List[Dict[str, Any]]:
     rows = []
     for claim in claims:
         p = paired(losses[claim.worse], losses[claim.better])
@@ -67,7 +67,8 @@ def claim_rows(losses: Dict[str, np.ndarray], resolve_se: float, margin: float,
         rows.append({"claim": claim.name, "kind": claim.kind, "first": claim.worse, "second": claim.better,
                      "difference": p["mean"], "se": p["se"], "low": p["mean"] - resolve_se * p["se"],
                      "high": p["mean"] + resolve_se * p["se"],
-                     "margin": margin if claim.kind == "equivalence" else float("nan"), "verdict": verdict})
+                     "margin": margin if claim.kind == "equivalence" else float("nan"), "verdict": verdict,
+                     "se_within_target": bool(p["se"] <= target_se)})
     return rows
 
 
@@ -169,7 +170,7 @@ def run(cfg) -> Dict[str, Any]:
     records = load_records(out, study.table_rows(cfg))
     losses = {k: np.asarray(v["sequence_losses"], dtype=np.float64) for k, v in records.items()}
     k, margin = float(d.resolve_se), float(d.equivalence_margin)
-    tables = {"study_table": table_rows(records, losses, cfg, k), "claims": claim_rows(losses, k, margin, study.claims(cfg)),
+    tables = {"study_table": table_rows(records, losses, cfg, k), "claims": claim_rows(losses, k, margin, study.claims(cfg), float(d.target_se)),
               "cells": cell_rows(losses, cfg), "health": health_table(records)}
     for name, rows in tables.items():
         atomic_to_csv(pd.DataFrame(rows), out / f"{name}.csv")
@@ -179,6 +180,8 @@ def run(cfg) -> Dict[str, Any]:
     summary = {"sequences": len(next(iter(losses.values()))), "second_seed": bool(cfg.workflow.second_seed), "resolve_se": k, "equivalence_margin": margin,
                "target_se": float(d.target_se), "worst_claim_se": worst_se,
                "target_se_met": bool(worst_se <= float(d.target_se)),
+               "claims_within_target_se": sum(c["se_within_target"] for c in tables["claims"]),
+               "claims_tested": len(tables["claims"]),
                # the SE of a paired difference grows with the difference (per-sequence differences spread):
                # the target matters for the close comparisons, where a claim could flip
                "close_difference": float(d.close_difference),
