@@ -14,9 +14,13 @@ Writes one row per (decoder, position bucket) to ``results/benchmarks/decode.csv
 ms/token (median step time over the bucket; the decoders are stepped in turn at every position, so a
 load spike from another process affects them alike), and ``decode.json`` with the ratio of each
 decoder's step to ``softmax_ring_window`` (SDPA over a ring buffer of the same window, the issue 17
-reference: target analog_linear <= 2x), e.g.
+reference: target analog_linear and analog_nonlinear <= 2x), e.g.
 
     .venv/bin/python benchmarks/decode.py --window 256 --heads 4 --steps 768 --no-softmax
+
+``decode.json`` also holds the time of a prompt (``--prefill-tokens``, default one window) into a fresh
+analog decoder, gathered (``prefill``'s batched path) and stepped token by token: on CPU ``prefill``
+steps, because gathering measured slower there.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder
+from gaincell.attention import decoder as decoder_module
 from gaincell.attention.config import PAPER_COEFFICIENTS
 from gaincell.io import atomic_to_csv, atomic_write_json
 
@@ -113,6 +118,37 @@ def time_decoders(makers, steps, batch, heads, head_dim, bucket, device, seed):
     return rows
 
 
+def time_prefill(makers, tokens, batch, heads, head_dim, device, seed, repeats=5):
+    """Wall time (s, median of ``repeats`` interleaved repetitions) of a ``tokens``-token prompt into a
+    fresh analog decoder: ``prefill`` gathering the arrays each token sees (the batched path, forced on
+    CPU too) and stepping the tokens one by one (what ``prefill`` does on CPU); the outputs are checked
+    to be equal."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.rand(batch, heads, tokens, head_dim, generator=gen).to(device)
+    k = (0.45 + 0.2 * torch.randn(batch, heads, tokens, head_dim, generator=gen)).to(device)
+    v = (0.45 + 0.2 * torch.randn(batch, heads, tokens, head_dim, generator=gen)).to(device)
+    gathers = decoder_module.PREFILL_GATHERS_ON_CPU
+    times = {(name, how): [] for name in makers for how in ("gathered", "stepped")}
+    try:
+        for _ in range(repeats):
+            for name, make in makers.items():
+                outputs = {}
+                for how in ("gathered", "stepped"):
+                    decoder_module.PREFILL_GATHERS_ON_CPU = how == "gathered"
+                    decoder = make()
+                    _sync(device)
+                    start = time.perf_counter()
+                    outputs[how] = decoder.prefill(q, k, v) if how == "gathered" else torch.stack(
+                        [decoder.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
+                    _sync(device)
+                    times[(name, how)].append(time.perf_counter() - start)
+                if not torch.equal(outputs["gathered"], outputs["stepped"]):
+                    raise AssertionError(f"{name}: prefill differs from stepping the same tokens")
+    finally:
+        decoder_module.PREFILL_GATHERS_ON_CPU = gathers
+    return {f"{name}_{how}_ms": 1e3 * statistics.median(t) for (name, how), t in times.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=1024, help="window M, tokens (default 1024)")
@@ -128,6 +164,8 @@ def main(argv=None):
                              "a shared machine's other jobs make several threads stall)")
     parser.add_argument("--quick", action="store_true", help="window 256 (unless --window is given)")
     parser.add_argument("--no-softmax", action="store_true", help="skip the full softmax cache reference")
+    parser.add_argument("--prefill-tokens", type=int, default=None,
+                        help="prompt length for the prefill timing (default: the window; 0: skip it)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "decode.csv")
     args = parser.parse_args(argv)
     if args.quick and "--window" not in (argv if argv is not None else sys.argv[1:]):
@@ -155,6 +193,9 @@ def main(argv=None):
         makers["softmax_full_cache"] = lambda: FullSoftmaxCache(max_steps=steps, device=device,
                                                                 dtype=torch.float32, **shape)
     rows = time_decoders(makers, steps, bucket=bucket, device=device, seed=0, **shape)
+    prefill_tokens = args.window if args.prefill_tokens is None else args.prefill_tokens
+    analog = {name: make for name, make in makers.items() if name.startswith("analog")}
+    prefill = time_prefill(analog, prefill_tokens, device=device, seed=1, **shape) if prefill_tokens else {}
     frame = pd.DataFrame(rows)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     meta = {"device": device_name, "threads": torch.get_num_threads(), "window": args.window,
@@ -172,6 +213,8 @@ def main(argv=None):
     summary = {**meta, "ms_per_token_window_full": {k: float(v) for k, v in full.items()},
                "ratio_to_softmax_ring_window": ratios,
                "goal_analog_linear_le_2x_ring": ratios.get("analog_linear", float("nan")) <= 2.0,
+               "goal_analog_nonlinear_le_2x_ring": ratios.get("analog_nonlinear", float("nan")) <= 2.0,
+               "prefill_tokens": prefill_tokens, "prefill": prefill,
                "timing": "wall time per step, median over the position buckets after the window filled; decoders "
                          "stepped in turn at every position"}
     atomic_write_json(args.out.with_suffix(".json"), summary)
@@ -184,6 +227,8 @@ def main(argv=None):
         print(f"{name:>20}: tokens/s {first.tokens_per_s:8.0f} at position {int(first.position_start)} -> "
               f"{last.tokens_per_s:8.0f} at {int(last.position_start)} "
               f"(ratio last/first {last.tokens_per_s / first.tokens_per_s:.2f})")
+    if prefill:
+        print(f"prompt of {prefill_tokens} tokens (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in prefill.items()))
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ def test_nan_flag_on_an_accelerator_is_read_lazily_and_names_the_step():
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("variation", [0.0, 0.1])
-def test_prefill_equals_token_by_token_exactly(cell, variation, monkeypatch):
+@pytest.mark.parametrize("gathers", [True, False])
+def test_prefill_equals_token_by_token_exactly(cell, variation, gathers, monkeypatch):
     """``prefill`` of a prompt (in several chunks, after earlier steps, past the window) gives exactly the
     outputs and the state of stepping the same tokens one by one."""
     from gaincell.attention import decoder as decoder_module
@@ -209,6 +210,7 @@ def test_prefill_equals_token_by_token_exactly(cell, variation, monkeypatch):
     expected = torch.stack([stepped.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(90)], dim=2)
     # chunks of 7 tokens: a chunk boundary inside the window and the wrap-around
     monkeypatch.setattr(decoder_module, "PREFILL_CHUNK_ELEMENTS", 7 * len(CELLS) * 2 * 3 * 32 * 16)
+    monkeypatch.setattr(decoder_module, "PREFILL_GATHERS_ON_CPU", gathers)  # True: the accelerators' path
     filled = AnalogKVDecoder(cfg, batch=2, heads=3, head_dim=16)
     first = torch.stack([filled.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(5)], dim=2)
     got = torch.cat([first, filled.prefill(q[:, :, 5:60], k[:, :, 5:60], v[:, :, 5:60]),
@@ -231,3 +233,53 @@ def test_prefill_rejects_wrong_shapes_and_respects_max_steps():
     with pytest.raises(RuntimeError, match="exceeds this decoder's max_steps=10"):
         decoder.prefill(x, x, x)
     assert decoder.steps == 0
+
+
+@pytest.mark.parametrize("levels, lo, hi", [(32, -1.0, 1.0), (33, -1.0, 1.0), (8, 0.0, 0.9), (16, 0.0, 1.0),
+                                            (6, -0.3, 0.3), (11, -0.8, 0.8), (16, -1.1, 1.1), (7, 0.1, 0.9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_converter_without_its_first_clamp_only_where_that_changes_nothing(levels, lo, hi, dtype):
+    """``_first_clamp_redundant`` allows skipping the input clamp of a quantizer only where the result is
+    the clamped quantizer's for every input: checked on values dense around both ends and far outside;
+    and it must say False for converters where skipping would change an output (some are such)."""
+    from gaincell.attention.decoder import _converter, _first_clamp_redundant, _quantize_
+
+    converter = _converter(levels, lo, hi, dtype, "cpu")
+    span = hi - lo
+    x = torch.cat([torch.linspace(lo - 2 * span, hi + 2 * span, 20001, dtype=dtype),
+                   torch.tensor([lo, hi, 0.0, -0.0, float("inf"), -float("inf")], dtype=dtype),
+                   torch.nextafter(torch.tensor([lo, hi], dtype=dtype), torch.tensor([-9.0, 9.0], dtype=dtype))])
+    clamped = _quantize_(x.clone(), converter, clamp_first=True)
+    unclamped = _quantize_(x.clone(), converter, clamp_first=False)
+    same = torch.equal(clamped, unclamped) and torch.equal(torch.signbit(clamped), torch.signbit(unclamped))
+    assert same == _first_clamp_redundant(converter)
+
+
+def test_some_converters_need_their_first_clamp():
+    """The check is not vacuous: some converters need their first clamp (a bound at 0 always does)."""
+    from gaincell.attention.decoder import _converter, _first_clamp_redundant
+
+    assert not _first_clamp_redundant(_converter(8, 0.0, 0.9, torch.float32, "cpu"))
+    assert not _first_clamp_redundant(_converter(6, -0.3, 0.3, torch.float32, "cpu"))  # 0.3 -> 2.5 -> 2 levels
+    assert _first_clamp_redundant(_converter(32, -1.0, 1.0, torch.float32, "cpu"))
+
+
+@pytest.mark.parametrize("settings", [{}, dict(stored_max=1.0, stored_levels=9, query_levels=17),
+                                      dict(stored_levels=6, stored_max=0.3, stored_offset=0.15),
+                                      dict(stored_offset=0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_dac_equals_the_reference_converters_bit_for_bit(settings, dtype):
+    """The decoder's one-pass DAC (its first clamp skipped where redundant) gives the reference's
+    Q, K - offset, V - offset exactly, sign of zero included, for inputs far outside the ranges."""
+    from gaincell.attention.reference import dac_inputs
+
+    cfg = AnalogAttentionConfig(window=16, tile_rows=8, **settings)
+    decoder = AnalogKVDecoder(cfg, batch=1, heads=1, head_dim=8)
+    x = torch.linspace(-1.5, 2.5, 4001, dtype=dtype)
+    x = torch.cat([x, -x, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -1e-30], dtype=dtype)])
+    decoder.step(*(torch.zeros(1, 1, 8, dtype=dtype),) * 3)  # allocates the state in ``dtype``
+    got = decoder._dac_inputs_(torch.stack([x, x, x]).view(3, 1, 1, -1).clone())
+    query, key, value = dac_inputs(x, x, x, cfg)
+    expected = torch.stack([query, key - cfg.stored_offset, value - cfg.stored_offset]).view(3, 1, 1, -1)
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))

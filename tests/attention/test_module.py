@@ -94,6 +94,29 @@ def test_gradients_reach_scalers():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
+def test_scaler_function_equals_the_autograd_expression_bit_for_bit(layout):
+    """The scalers' fused autograd function gives the values and the gradients (x, a, b) of a * x + b,
+    equal bit for bit (same operations and reductions), also for the transposed layout the model passes."""
+    from gaincell.attention.module import _PerHeadAffine
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 64, 16, generator=gen)
+    if layout == "BTHD":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    a, b = torch.randn(1, 2, 1, 1, generator=gen), torch.randn(1, 2, 1, 1, generator=gen)
+    dy = torch.randn(4, 2, 64, 16, generator=gen)
+    results = []
+    for fn in (lambda x, a, b: a * x + b, _PerHeadAffine.apply):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        y = fn(*leaves)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for name, want, got in zip(("y", "dx", "da", "db"), *results):
+        assert torch.equal(want, got), name
+    assert results[0][2].abs().min() > 0 and results[0][3].abs().min() > 0  # the gradients carry signal
+
+
 def test_capture_stats_per_head():
     core = AttentionCore("linear_hw", H, AnalogAttentionConfig(window=8, tile_rows=4))
     with torch.no_grad():

@@ -70,6 +70,20 @@ def test_config_key_round_trips_and_unsupported_calls_are_refused():
         config_key({"window": 32})
 
 
+def test_a_key_from_another_state_layout_is_refused():
+    """A graph compiled against another layout of the op's state (cached on disk) carries another version in
+    its config argument: the op refuses it instead of reading the state wrongly."""
+    import json
+
+    fields = json.loads(config_key(CONFIGS["linear"]))
+    fields["_state_layout_version"] -= 1
+    with pytest.raises(ValueError, match="state layout version"):
+        config_from_key(json.dumps(fields, sort_keys=True))
+    del fields["_state_layout_version"]  # keys from before the version existed
+    with pytest.raises(ValueError, match="state layout version None"):
+        config_from_key(json.dumps(fields, sort_keys=True))
+
+
 def _tiny_gpt(kind):
     torch.manual_seed(0)
     analog = AnalogAttentionConfig(window=32, tile_rows=16,

@@ -18,7 +18,7 @@ each product is a single ``bmm`` without copies. The constants of each lag (g al
 are folded into one (n, n) matrix per product, so a slab costs few elementwise passes.
 
 Backward. A custom autograd function saves q, k, v, the quantized operands and each sub-tile
-readout's clamp mask (|A| <= 1, a bool per output element and lag). For the linear model's gradient
+readout's clamp mask (|A| <= 1, a 0/1 float per output element and lag). For the linear model's gradient
 (the linear cell, and the nonlinear cell's surrogate, with the masks of the actual nonlinear forward
 values) each lag needs two (n x n) slabs: P * g alpha / S_av for dU, and the HardSigmoid mask times the
 two alpha factors for dL/dR. The forward keeps them when they take at most ``SAVED_SLABS_MAX_RATIO``
@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .config import AnalogAttentionConfig
 from .noise import gains_per_key, next_readout_seed, offsets_per_key, readout_generator
-from .quantize import clamp_quantize
+from .quantize import quantize_
 from .reference import OUTPUT_RANGE, compute_dtype, validate_inputs
 
 __all__ = ["analog_attention_blocked"]
@@ -64,11 +64,13 @@ class _Lag:
     """Constant (n, n) matrices of one lag (zero outside the window), in the compute dtype."""
 
     window_mask: Optional[torch.Tensor]  # bool, None when every entry is inside the window
+    outside_mask: Optional[torch.Tensor]  # ~window_mask
     key_scale: torch.Tensor      # linear: g alpha / S_qk (S / S_qk = R * key_scale, R = Q W^T)
     value_scale: torch.Tensor    # linear: g alpha / S_av (A = (P * value_scale) @ U)
     grad_scale: torch.Tensor     # linear model's backward: value_scale * key_scale (dA . U^T -> dL/dR)
     key_pow: List[torch.Tensor]  # nonlinear: c_i alpha**i / S_qk, i = 1..3
     value_pow: List[torch.Tensor]  # nonlinear: c_i alpha**i / S_av, i = 1..3
+    value_pow_stacked: Optional[torch.Tensor]  # nonlinear: value_pow as (n, 3, n), [a, i - 1, b]
 
 
 @dataclass
@@ -98,20 +100,39 @@ def _band(t_len: int, cfg: AnalogAttentionConfig, dtype: torch.dtype, device) ->
         powers = [alpha, alpha ** 2, alpha ** 3] if cfg.nonlinear else []
         lags.append(_Lag(
             window_mask=None if bool(inside.all()) else inside,
+            outside_mask=None if bool(inside.all()) else ~inside,
             key_scale=alpha * (cfg.gain / cfg.qk_saturation),
             value_scale=alpha * (cfg.gain / cfg.av_saturation),
             grad_scale=(alpha * (cfg.gain / cfg.av_saturation)) * (alpha * (cfg.gain / cfg.qk_saturation)),
             key_pow=[p * (c[i + 1] / cfg.qk_saturation) for i, p in enumerate(powers)],
-            value_pow=[p * (c[i + 1] / cfg.av_saturation) for i, p in enumerate(powers)]))
+            value_pow=[p * (c[i + 1] / cfg.av_saturation) for i, p in enumerate(powers)],
+            value_pow_stacked=None))
+        if cfg.nonlinear:
+            lags[-1].value_pow_stacked = torch.stack(lags[-1].value_pow, dim=-2)
     return _Band(n, blocks, tiles, max_lag, max_lag == tiles, lags)
 
 
+def _blocks_source(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
+    """(B, H, T, D), any strides -> a (blocks, B, H, n, D) view (of a zero-padded copy when T < blocks * n),
+    the source of one pass that writes blocks (``_to_blocks``, ``_dac_blocks``)."""
+    if blocks * n > x.shape[2]:
+        x = torch.nn.functional.pad(x, (0, 0, 0, blocks * n - x.shape[2]))
+    return x.unflatten(2, (blocks, n)).permute(2, 0, 1, 3, 4)
+
+
+def _new_blocks(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
+    """An uninitialised (blocks, B * H, n, D) tensor for x (B, H, T, D)."""
+    B, H, _, D = x.shape
+    return x.new_empty(blocks, B * H, n, D)
+
+
 def _to_blocks(x: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
-    """(B, H, T, D) -> (blocks, B * H, n, D), zero-padded at the end, contiguous."""
-    B, H, T, D = x.shape
-    if blocks * n > T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, blocks * n - T))
-    return x.reshape(B * H, blocks, n, D).transpose(0, 1).contiguous()
+    """(B, H, T, D) -> (blocks, B * H, n, D), zero-padded at the end, contiguous, a new tensor: one copy
+    whatever the strides of x (a transposed view of the QKV projection's output, say)."""
+    src = _blocks_source(x, blocks, n)
+    out = _new_blocks(x, blocks, n)
+    out.view(src.shape).copy_(src)
+    return out
 
 
 def _from_blocks(x: torch.Tensor, shape) -> torch.Tensor:
@@ -120,11 +141,28 @@ def _from_blocks(x: torch.Tensor, shape) -> torch.Tensor:
     return x.transpose(0, 1).reshape(B, H, blocks * n, D)[:, :, :T]
 
 
+def _from_blocks_like(x: torch.Tensor, like: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``_from_blocks(x * mask)`` (mask: None or 0/1 in blocks) as a new tensor with the layout of ``like``
+    (B, H, T, D) where that is dense (as ``torch.empty_like``), in one pass. The attention's output then has
+    its input's layout, so the model's head merge (transpose + contiguous) is free."""
+    B, H, T, D = like.shape
+    blocks, _, n, _ = x.shape
+    if blocks * n != T:  # ragged: through the padded layout
+        return _from_blocks(x if mask is None else x * mask, like.shape).contiguous()
+    out = torch.empty_like(like)
+    dst = out.unflatten(2, (blocks, n)).permute(2, 0, 1, 3, 4)
+    src = x.view(dst.shape)
+    if mask is None:
+        dst.copy_(src)
+    else:
+        torch.mul(src, mask.view(dst.shape), out=dst)
+    return out
+
+
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched product over the two leading dims of (m, BH, r, s) @ (m, BH, s, u)."""
-    m, bh = a.shape[:2]
-    return torch.bmm(a.reshape(m * bh, *a.shape[2:]), b.reshape(m * bh, *b.shape[2:])).view(m, bh, a.shape[2],
-                                                                                               b.shape[3])
+    """Batched product over the two leading dims of (m, BH, r, s) @ (m, BH, s, u): ``torch.matmul`` folds
+    them into one ``bmm`` (the same kernel and values as reshaping here, with less Python per call)."""
+    return torch.matmul(a, b)
 
 
 def _times(gain: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -143,11 +181,28 @@ def _readout_(A: torch.Tensor, cfg: AnalogAttentionConfig) -> torch.Tensor:
     """In place: the sub-tile pulse counter, clamp to [-1, 1] and quantize (the operations of
     ``quantize._quantize_forward``, so values equal the reference's bit for bit)."""
     lo, hi = OUTPUT_RANGE
-    A.clamp_(lo, hi)
-    if cfg.output_levels is not None:
-        levels = cfg.output_levels
-        A.mul_((levels - 1) / (hi - lo)).round_().mul_((hi - lo) / (levels - 1)).clamp_(lo, hi)
-    return A
+    return quantize_(A.clamp_(lo, hi), cfg.output_levels, lo, hi)
+
+
+def _equal_mask(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 where a == b, else 0, in a's dtype (into ``out`` if given): masks are multiplied in (``x * mask``
+    equals ``torch.where(mask, x, 0)`` for finite x), a float mask about twice as fast as a bool one here."""
+    return torch.eq(a, b, out=torch.empty_like(a) if out is None else out)
+
+
+def _dac_blocks(x: torch.Tensor, band: _Band, levels: Optional[int], hi: float, need_mask: bool,
+                out: Optional[torch.Tensor] = None, mask_out: Optional[torch.Tensor] = None):
+    """A DAC on an input (B, H, T, D), in blocks: ``clamp_quantize(x, levels, 0, hi)`` (the same operations,
+    in place on one copy) and, with ``need_mask``, where its clamp passes the gradient (0 <= x <= hi, as
+    torch.clamp), a 0/1 mask (``_equal_mask``) in blocks; else None. ``out``, ``mask_out``: where to write."""
+    src = _blocks_source(x, band.blocks, band.n)
+    clamped = _new_blocks(x, band.blocks, band.n) if out is None else out
+    torch.clamp(src, 0.0, hi, out=clamped.view(src.shape))
+    inside = None
+    if need_mask:  # x is not NaN (validated): equal exactly where the clamp left it
+        inside = torch.empty_like(clamped) if mask_out is None else mask_out
+        torch.eq(clamped.view(src.shape), src, out=inside.view(src.shape))
+    return quantize_(clamped, levels, 0.0, hi), inside
 
 
 class _Operands:
@@ -156,13 +211,22 @@ class _Operands:
     gamma * U (the linear products' operands); ``W_pow``, ``U_pow`` include gamma too."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AnalogAttentionConfig,
-                 band: _Band) -> None:
-        Q = clamp_quantize(q, cfg.query_levels, 0.0, 1.0)
-        W = clamp_quantize(k, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
-        U = clamp_quantize(v, cfg.stored_levels, 0.0, cfg.stored_max) - cfg.stored_offset
-        self.Q = _to_blocks(Q, band.blocks, band.n)
-        self.W = _to_blocks(W, band.blocks, band.n)
-        self.U = _to_blocks(U, band.blocks, band.n)
+                 band: _Band, need_masks: bool = False, slots: Optional[Tuple[torch.Tensor, ...]] = None,
+                 quantized: bool = False, powers: bool = True) -> None:
+        # ``dac_inside``: where each DAC's clamp passes the gradient (q, k, v), in blocks (``need_masks``).
+        # ``slots``: (Q, W, U, in_q, in_k, in_v) in blocks, to write into, or (``quantized``) to take as they
+        # are (a backward from ``forward_packed``'s state). ``powers``: the nonlinear cell's stacked powers.
+        if quantized:
+            self.Q, self.W, self.U = slots[:3]
+            self.dac_inside = tuple(slots[3:])
+        else:
+            out = slots if slots is not None else (None,) * 6
+            self.Q, in_q = _dac_blocks(q, band, cfg.query_levels, 1.0, need_masks, out[0], out[3])
+            self.W, in_k = _dac_blocks(k, band, cfg.stored_levels, cfg.stored_max, need_masks, out[1], out[4])
+            self.U, in_v = _dac_blocks(v, band, cfg.stored_levels, cfg.stored_max, need_masks, out[2], out[5])
+            self.W.sub_(cfg.stored_offset)
+            self.U.sub_(cfg.stored_offset)
+            self.dac_inside = (in_q, in_k, in_v) if need_masks else None
         self.gain_k = self.gain_v = None
         gains = gains_per_key(cfg, q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device)
         if gains is not None:
@@ -172,13 +236,25 @@ class _Operands:
         if offsets is not None:
             self.offset_k, self.offset_v = (_to_blocks(o.expand(q.shape), band.blocks, band.n) for o in offsets)
         self.Wg, self.Ug = _times(self.gain_k, self.W), _times(self.gain_v, self.U)
-        if cfg.nonlinear:
+        if cfg.nonlinear and powers:
             # [X; X**2; X**3] stacked along the key axis: one batched product gives all three powers.
-            self.W_pow = torch.cat([self.Wg, _times(self.gain_k, self.W ** 2), _times(self.gain_k, self.W ** 3)],
-                                   dim=-2)
-            self.U_pow = torch.cat([self.Ug, _times(self.gain_v, self.U ** 2), _times(self.gain_v, self.U ** 3)],
-                                   dim=-2)
+            self.W_pow = _stacked_powers(self.W, self.Wg, self.gain_k)
+            self.U_pow = _stacked_powers(self.U, self.Ug, self.gain_v)
             self.Q_sum = self.Q.sum(dim=-1, keepdim=True)
+
+
+def _stacked_powers(X: torch.Tensor, Xg: torch.Tensor, gain: Optional[torch.Tensor]) -> torch.Tensor:
+    """[gamma X; gamma X**2; gamma X**3] (blocks, BH, 3n, D), written in place into one tensor (the values
+    of ``torch.cat([Xg, _times(gain, X ** 2), _times(gain, X ** 3)], dim=-2)``)."""
+    n = X.shape[-2]
+    out = X.new_empty(*X.shape[:-2], 3 * n, X.shape[-1])
+    out[..., :n, :].copy_(Xg)
+    for power in (2, 3):
+        part = out[..., (power - 1) * n:power * n, :]
+        torch.pow(X, power, out=part)
+        if gain is not None:
+            part.mul_(gain)
+    return out
 
 
 @dataclass
@@ -187,7 +263,7 @@ class _LagState:
     linear cell and the surrogate keep ``P_linear`` and ``grad_scale`` (nothing else), the exact
     nonlinear gradient ``P_weighted`` and ``inside``."""
 
-    inside: Optional[torch.Tensor]      # bool (m, BH, n, n): S / S_qk within [0, 1] and key in the window
+    inside: Optional[torch.Tensor]      # 0/1 (m, BH, n, n): S / S_qk within [0, 1] and key in the window
     P: Optional[torch.Tensor]           # pulse widths, zero outside the window
     P_weighted: Optional[torch.Tensor]  # value array's left operand: P * value_scale, or [P v_1 | P v_2 | P v_3]
     A: Optional[torch.Tensor]           # (m, BH, n, D) this lag's sub-tile output, before clamp/quantize
@@ -221,28 +297,35 @@ def _charge_of_cells(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, de
 
 
 def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int,
-                 need_grad: bool, need_output: bool = True) -> _LagState:
+                 need_grad: bool, need_output: bool = True,
+                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> _LagState:
     """Pulses and sub-tile output for key blocks j = i - delta, query blocks i = delta..blocks-1;
-    ``need_grad``: also what ``_lag_backward`` needs; ``need_output``: the output A."""
+    ``need_grad``: also what ``_lag_backward`` needs; ``need_output``: the output A; ``out``: where to write
+    the linear model's two backward slabs (``P_linear``, ``grad_scale``; ``forward_packed``'s state)."""
     m, lag = band.blocks - delta, band.lags[delta]
     X = _charge(ops, band, cfg, delta)
     P = X.clamp(0.0, 1.0)
     inside = None
     if need_grad:
-        inside = P == X  # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp)
-    if lag.window_mask is not None:
-        P.masked_fill_(~lag.window_mask, 0.0)
-        if need_grad:
-            inside &= lag.window_mask
+        # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp)
+        inside = _equal_mask(P, X, None if out is None else out[1])
+    # The linear cell's charge without offsets is already (+-)0 outside the window (key_scale is 0 there),
+    # and so is the pulse: the mask changes no value there. grad_scale is 0 outside the window too, so
+    # the HardSigmoid mask needs the window only where it is used on its own (exact gradient, offsets).
+    if lag.outside_mask is not None and (cfg.nonlinear or ops.offset_k is not None):
+        P.masked_fill_(lag.outside_mask, 0.0)
+        if need_grad and ((cfg.nonlinear and cfg.exact_nonlinear_grad) or ops.offset_k is not None):
+            inside.masked_fill_(lag.outside_mask, 0.0)
     del X
     P_weighted = A = None
     if not cfg.nonlinear:
-        P_weighted = P * lag.value_scale
+        P_weighted = torch.mul(P, lag.value_scale, out=None if out is None else out[0])
         if need_output:
             A = _bmm(P_weighted, ops.Ug[:m])
     elif need_output or (need_grad and cfg.exact_nonlinear_grad):
         c = cfg.folded_coefficients
-        P_weighted = torch.cat([P * lag.value_pow[0], P * lag.value_pow[1], P * lag.value_pow[2]], dim=-1)
+        # [P v_1 | P v_2 | P v_3] in one product: (.., n, 1, n) * (n, 3, n) -> (.., n, 3n)
+        P_weighted = (P.unsqueeze(-2) * lag.value_pow_stacked).flatten(-2)
         if need_output:
             A = _bmm(P_weighted, ops.U_pow[:m])
             zeroth = P.sum(dim=-1, keepdim=True) if ops.gain_v is None else _bmm(P, ops.gain_v[:m])
@@ -253,13 +336,14 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
         return _LagState(inside, P, P_weighted, A)
     # Linear model's gradient (linear cell, or the surrogate of docs/attention.md#gradients): keep only its
     # two operands (and, with cell offsets, the HardSigmoid mask their gradient paths need).
-    P_linear = P_weighted if not cfg.nonlinear else P * lag.value_scale
-    grad_scale = torch.where(inside, lag.grad_scale, 0.0)
-    return _LagState(inside if ops.offset_k is not None else None, None, None, A, P_linear, grad_scale)
+    P_linear = P_weighted if not cfg.nonlinear else torch.mul(P, lag.value_scale, out=None if out is None else out[0])
+    keep_inside = ops.offset_k is not None
+    grad_scale = inside * lag.grad_scale if keep_inside else inside.mul_(lag.grad_scale)
+    return _LagState(inside if keep_inside else None, None, None, A, P_linear, grad_scale)
 
 
 def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int, st: _LagState,
-                  dA: torch.Tensor, dQ: torch.Tensor, dW: torch.Tensor, dU: torch.Tensor) -> None:
+                  dA: torch.Tensor, grads: "_Grads") -> None:
     """Accumulate this lag's share of dQ, dW, dU (blocks) given dA = dL/dA of its sub-tile output."""
     m = band.blocks - delta
     n = band.n
@@ -269,14 +353,14 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     gain_v = None if ops.gain_v is None else ops.gain_v[:m]
     if not (cfg.nonlinear and cfg.exact_nonlinear_grad):
         # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (docs/attention.md#gradients).
-        dU[:m] += _times(gain_v, _bmm(st.P_linear.transpose(-1, -2), dA))
+        grads.add("dU", 0, _times(gain_v, _bmm(st.P_linear.transpose(-1, -2), dA)))
         # dL/dR with R = Q (gamma W)^T: through the value array (g alpha gamma / S_av), the HardSigmoid
         # mask and the key array (g alpha / S_qk): grad_scale holds the mask and both alpha factors.
         dR = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(st.grad_scale)
         if ops.offset_k is not None:
-            _offset_backward_linear(ops, band, cfg, delta, st, dA, dR, dQ)
-        dQ[delta:] += _bmm(dR, ops.Wg[:m])
-        dW[:m] += _times(gain_k, _bmm(dR.transpose(-1, -2), Qs))
+            _offset_backward_linear(ops, band, cfg, delta, st, dA, dR, grads)
+        grads.add("dQ", delta, _bmm(dR, ops.Wg[:m]))
+        grads.add("dW", 0, _times(gain_k, _bmm(dR.transpose(-1, -2), Qs)))
         return
     c = cfg.folded_coefficients
     # Value array, exact: dP = sum_i v_i * (dA . (U**i)^T) + c_0 / S_av * sum_d dA.
@@ -289,21 +373,24 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
         dX.add_(_bmm(dA, ops.offset_v[:m].transpose(-1, -2)), alpha=1.0 / cfg.av_saturation)
     del G
     Hs = _bmm(st.P_weighted.transpose(-1, -2), dA)                 # (P v_i)^T . dA, i = 1..3
-    dU[:m] += _times(gain_v, Hs[..., :n, :] + 2 * Us * Hs[..., n:2 * n, :] + 3 * Us * Us * Hs[..., 2 * n:, :])
+    grads.add("dU", 0, _times(gain_v, Hs[..., :n, :] + 2 * Us * Hs[..., n:2 * n, :]
+                              + 3 * Us * Us * Hs[..., 2 * n:, :]))
     del Hs
     dX.mul_(st.inside)                                              # HardSigmoid and window
     # Key array, exact: S / S_qk = c_0 / S_qk * sum_d Q + sum_i k_i * (Q . (W**i)^T).
     dR = torch.cat([dX * lag.key_pow[0], dX * lag.key_pow[1], dX * lag.key_pow[2]], dim=-1)
-    dQ[delta:] += _bmm(dR, ops.W_pow[:m])
-    dQ[delta:] += (dX.sum(dim=-1, keepdim=True) if gain_k is None else _bmm(dX, gain_k)) * (c[0] / cfg.qk_saturation)
+    grads.add("dQ", delta, _bmm(dR, ops.W_pow[:m]))
+    zeroth = dX.sum(dim=-1, keepdim=True) if gain_k is None else _bmm(dX, gain_k)
+    grads.add("dQ", delta, zeroth * (c[0] / cfg.qk_saturation))
     if ops.offset_k is not None:  # the K cells' offsets: dQ += dX . delta_K / S_qk
-        dQ[delta:] += _bmm(dX, ops.offset_k[:m]) * (1.0 / cfg.qk_saturation)
+        grads.add("dQ", delta, _bmm(dX, ops.offset_k[:m]) * (1.0 / cfg.qk_saturation))
     Xs = _bmm(dR.transpose(-1, -2), Qs)                            # (.., 3n, D)
-    dW[:m] += _times(gain_k, Xs[..., :n, :] + 2 * Ws * Xs[..., n:2 * n, :] + 3 * Ws * Ws * Xs[..., 2 * n:, :])
+    grads.add("dW", 0, _times(gain_k, Xs[..., :n, :] + 2 * Ws * Xs[..., n:2 * n, :]
+                              + 3 * Ws * Ws * Xs[..., 2 * n:, :]))
 
 
 def _offset_backward_linear(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int,
-                            st: _LagState, dA: torch.Tensor, dR: torch.Tensor, dQ: torch.Tensor) -> None:
+                            st: _LagState, dA: torch.Tensor, dR: torch.Tensor, grads: "_Grads") -> None:
     """The cell offsets' share of the linear model's gradient, given dR (dL/dR of R = Q (gamma W)^T through
     gamma U, updated in place): the V offsets add dA . delta_V^T / S_av to dL/dP; the K offsets pass
     the whole dL/dX (X = S / S_qk) to Q through delta_K / S_qk."""
@@ -312,7 +399,7 @@ def _offset_backward_linear(ops: _Operands, band: _Band, cfg: AnalogAttentionCon
     dX_offset = _bmm(dA, ops.offset_v[:m].transpose(-1, -2)).mul_(st.inside).mul_(1.0 / cfg.av_saturation)
     # dL/dX in full: dR / key_scale where key_scale != 0 (the window), recomputed without dividing.
     dX = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(st.inside).mul_(lag.value_scale).add_(dX_offset)
-    dQ[delta:] += _bmm(dX, ops.offset_k[:m]) * (1.0 / cfg.qk_saturation)
+    grads.add("dQ", delta, _bmm(dX, ops.offset_k[:m]) * (1.0 / cfg.qk_saturation))
     dR.add_(dX_offset.mul_(lag.key_scale))
 
 
@@ -343,8 +430,8 @@ def _saves(shape, cfg: AnalogAttentionConfig) -> bool:
     B, H, T, D = shape
     n, blocks, _, max_lag, _ = _geometry(T, cfg)
     slabs = sum(blocks - d for d in range(max_lag + 1)) * n * n
-    per_entry = 2 if not (cfg.nonlinear and cfg.exact_nonlinear_grad) else 3.25  # floats (bool = 1/4)
-    per_entry += 0.25 if cfg.cell_offset_variation > 0 else 0.0  # the HardSigmoid mask
+    per_entry = 2 if not (cfg.nonlinear and cfg.exact_nonlinear_grad) else 4  # floats (masks are floats too)
+    per_entry += 1 if cfg.cell_offset_variation > 0 else 0  # the HardSigmoid mask
     return slabs * per_entry * B * H <= SAVED_SLABS_MAX_RATIO * 3 * B * H * T * D
 
 
@@ -363,38 +450,43 @@ class _Saved:
     states: Optional[Dict[int, _LagState]]
 
 
-def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], keep: bool = False):
-    """y (B, H, T, D); with ``keep`` also the ``_Saved`` state for ``_backward``: ``(y, saved)``."""
+def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], keep: bool = False,
+             slots: Optional["_PackedViews"] = None):
+    """y (B, H, T, D); with ``keep`` also the ``_Saved`` state for ``_backward``: ``(y, saved)``; ``slots``
+    (with ``keep``): the tensors that state is written into (``forward_packed``)."""
     band = _band(q.shape[-2], cfg, q.dtype, q.device)
-    ops = _Operands(q, k, v, cfg, band)
+    ops = _Operands(q, k, v, cfg, band, need_masks=keep, slots=None if slots is None else slots.operands)
     noise = _noise_generator(cfg, noise_seed, q.device)
     keep_states = keep and _saves_slabs(band, cfg, q)
     states: Dict[int, _LagState] = {}
     readout_inside = []
-    y = torch.zeros_like(ops.Q)
-    for group in _readout_groups(band):
-        parts = [_lag_forward(ops, band, cfg, d, need_grad=keep_states) for d in group]
+    y = None
+    for index, group in enumerate(_readout_groups(band)):
+        parts = [_lag_forward(ops, band, cfg, d, need_grad=keep_states, out=None if slots is None else slots.lags[d])
+                 for d in group]
         tile = parts[0].A
         if len(group) == 2:  # the merged sub-tile: the oldest keys' contribution to the newest blocks
             tile[band.tiles:] += parts[1].A
         _add_noise_(tile, cfg, noise)
-        if keep:
-            readout_inside.append(tile.abs() <= OUTPUT_RANGE[1])  # the readout clamp passes dy here
-        y[group[0]:] += _readout_(tile, cfg)
+        if keep:  # the readout clamp passes dy where |A| <= 1
+            read = tile.clamp(*OUTPUT_RANGE)
+            readout_inside.append(_equal_mask(read, tile, None if slots is None else slots.readouts[index]))
+            tile = quantize_(read, cfg.output_levels, *OUTPUT_RANGE)
+        else:
+            tile = _readout_(tile, cfg)
+        if y is None:  # the first group is lag 0's: every block
+            y = tile
+        else:
+            y[group[0]:] += tile
         for d, st in zip(group, parts):
             st.A = None
             if keep_states:
                 states[d] = st
         del parts, tile
-    y = _from_blocks(y, q.shape)
+    y = _from_blocks_like(y, q)
     if not keep:
         return y
     return y, _Saved(band, ops, readout_inside, states if keep_states else None)
-
-
-def _in_range(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Where torch.clamp passes the gradient (inclusive bounds)."""
-    return (x >= lo) & (x <= hi)
 
 
 def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy: torch.Tensor,
@@ -404,20 +496,34 @@ def _backward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], dy
         _, saved = _forward(q, k, v, cfg, noise_seed, keep=True)
     band, ops = saved.band, saved.ops
     dyb = _to_blocks(dy.to(q.dtype), band.blocks, band.n)
-    dQ, dW, dU = torch.zeros_like(ops.Q), torch.zeros_like(ops.W), torch.zeros_like(ops.U)
+    grads = _Grads()
     for group, inside in zip(_readout_groups(band), saved.readout_inside):
-        dA = torch.where(inside, dyb[group[0]:], 0.0)  # readout clamp; its quantizer is straight-through
+        dA = dyb[group[0]:] * inside  # readout clamp (as torch.where(inside, dy, 0)); quantizer straight-through
         for d in group:
             st = (saved.states[d] if saved.states is not None
                   else _lag_forward(ops, band, cfg, d, need_grad=True, need_output=False))
-            _lag_backward(ops, band, cfg, d, st, dA if d == group[0] else dA[band.tiles:], dQ, dW, dU)
+            _lag_backward(ops, band, cfg, d, st, dA if d == group[0] else dA[band.tiles:], grads)
             del st
         del dA
     # DAC clamps pass the gradient inside their range; the quantizers are straight-through.
-    dq = torch.where(_in_range(q, 0.0, 1.0), _from_blocks(dQ, q.shape), 0.0)
-    dk = torch.where(_in_range(k, 0.0, cfg.stored_max), _from_blocks(dW, k.shape), 0.0)
-    dv = torch.where(_in_range(v, 0.0, cfg.stored_max), _from_blocks(dU, v.shape), 0.0)
-    return dq, dk, dv
+    return tuple(_from_blocks_like(g, x, inside)
+                 for g, inside, x in zip((grads.dQ, grads.dW, grads.dU), ops.dac_inside, (q, k, v)))
+
+
+class _Grads:
+    """dQ, dW, dU in blocks, accumulated over the lags: ``add(name, start, value)`` adds ``value`` to blocks
+    ``start:``; the first value (lag 0's, which spans every block) is taken as it is, not added to zeros."""
+
+    def __init__(self) -> None:
+        self.dQ = self.dW = self.dU = None
+
+    def add(self, name: str, start: int, value: torch.Tensor) -> None:
+        total = getattr(self, name)
+        if total is None:
+            assert start == 0, "lag 0 comes first"
+            setattr(self, name, value)
+        else:
+            total[start:start + value.shape[0]] += value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,19 +540,46 @@ def packed_state_size(shape, cfg: AnalogAttentionConfig) -> int:
     n, blocks, tiles, max_lag, merged = _geometry(T, cfg)
     slabs = sum(blocks - d for d in range(max_lag + 1))
     readouts = sum(blocks - d for d in range(max_lag + 1) if not (merged and d == tiles))
-    return 2 * slabs * B * H * n * n + readouts * B * H * n * D
+    return 2 * slabs * B * H * n * n + (readouts + 6 * blocks) * B * H * n * D
+
+
+@dataclass
+class _PackedViews:
+    """The parts of ``forward_packed``'s flat state, as views: each lag's (P_linear, grad_scale), each
+    readout's clamp mask, then the operands Q, W, U and their DAC masks (in blocks)."""
+
+    lags: Dict[int, Tuple[torch.Tensor, torch.Tensor]]
+    readouts: List[torch.Tensor]
+    operands: Tuple[torch.Tensor, ...]
+
+
+def _packed_views(state: torch.Tensor, band: _Band, bh: int, head_dim: int) -> _PackedViews:
+    """Split ``state`` (``packed_state_size`` elements) into its ``_PackedViews``."""
+    n, offset = band.n, 0
+
+    def take(shape):
+        nonlocal offset
+        count = shape[0] * shape[1] * shape[2] * shape[3]
+        offset += count
+        return state[offset - count:offset].view(shape)
+    lags = {d: (take((band.blocks - d, bh, n, n)), take((band.blocks - d, bh, n, n)))
+            for d in range(band.max_lag + 1)}
+    readouts = [take((band.blocks - group[0], bh, n, head_dim)) for group in _readout_groups(band)]
+    operands = tuple(take((band.blocks, bh, n, head_dim)) for _ in range(6))
+    assert offset == state.numel(), "state size and layout disagree"
+    return _PackedViews(lags, readouts, operands)
 
 
 def forward_packed(q, k, v, cfg: AnalogAttentionConfig):
-    """(y, state): the forward (inputs in the compute dtype, no readout noise) and its packed state."""
-    if packed_state_size(tuple(q.shape), cfg) == 0:
+    """(y, state): the forward (inputs in the compute dtype, no readout noise) and its packed state,
+    written in place (no copy): what ``backward_packed`` needs without recomputing the forward."""
+    size = packed_state_size(tuple(q.shape), cfg)
+    if size == 0:
         return _forward(q, k, v, cfg, None), q.new_empty(0)
-    y, saved = _forward(q, k, v, cfg, None, keep=True)
-    parts = []
-    for d in sorted(saved.states):
-        parts += [saved.states[d].P_linear.reshape(-1), saved.states[d].grad_scale.reshape(-1)]
-    parts += [mask.reshape(-1).to(q.dtype) for mask in saved.readout_inside]
-    return y, torch.cat(parts)
+    state = q.new_empty(size)
+    band = _band(q.shape[-2], cfg, q.dtype, q.device)
+    y, _ = _forward(q, k, v, cfg, None, keep=True, slots=_packed_views(state, band, q.shape[0] * q.shape[1], q.shape[-1]))
+    return y, state
 
 
 def backward_packed(q, k, v, cfg: AnalogAttentionConfig, dy, state):
@@ -454,22 +587,10 @@ def backward_packed(q, k, v, cfg: AnalogAttentionConfig, dy, state):
     if state.numel() == 0:
         return _backward(q, k, v, cfg, None, dy)
     band = _band(q.shape[-2], cfg, q.dtype, q.device)
-    bh, n, D = q.shape[0] * q.shape[1], band.n, q.shape[-1]
-    offset, states, readout_inside = 0, {}, []
-
-    def take(count, shape):
-        nonlocal offset
-        offset += count
-        return state[offset - count:offset].view(shape)
-    for d in range(band.max_lag + 1):
-        m = band.blocks - d
-        slab = (m, bh, n, n)
-        states[d] = _LagState(None, None, None, None, take(m * bh * n * n, slab), take(m * bh * n * n, slab))
-    for group in _readout_groups(band):
-        m = band.blocks - group[0]
-        readout_inside.append(take(m * bh * n * D, (m, bh, n, D)) != 0)
-    saved = _Saved(band, _Operands(q, k, v, cfg, band), readout_inside, states)
-    return _backward(q, k, v, cfg, None, dy, saved)
+    views = _packed_views(state, band, q.shape[0] * q.shape[1], q.shape[-1])
+    states = {d: _LagState(None, None, None, None, *slabs) for d, slabs in views.lags.items()}
+    ops = _Operands(q, k, v, cfg, band, slots=views.operands, quantized=True, powers=False)
+    return _backward(q, k, v, cfg, None, dy, _Saved(band, ops, views.readouts, states))
 
 
 class _BlockedAnalogAttention(torch.autograd.Function):

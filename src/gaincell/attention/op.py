@@ -37,17 +37,29 @@ __all__ = ["config_key", "config_from_key", "op_supports", "analog_attention_op"
 OP_IMPLEMENTATIONS = ("blocked",)  # the paths whose backward the operator calls directly
 
 
+# Version of ``blocked.forward_packed``'s state layout, carried in the operator's config argument: a graph
+# compiled (and cached on disk by inductor) against another layout has another constant, so never matches.
+STATE_LAYOUT_VERSION = 2
+_VERSION_FIELD = "_state_layout_version"
+
+
 def config_key(cfg: AnalogAttentionConfig) -> str:
-    """The config as a canonical JSON string (every field, sorted keys): the operator's argument."""
+    """The config as a canonical JSON string (every field, sorted keys, and the state layout's version):
+    the operator's argument."""
     if not isinstance(cfg, AnalogAttentionConfig):
         raise TypeError(f"cfg is a {type(cfg).__name__}: expected gaincell.attention.AnalogAttentionConfig")
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    return json.dumps({**dataclasses.asdict(cfg), _VERSION_FIELD: STATE_LAYOUT_VERSION}, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=64)
 def config_from_key(key: str) -> AnalogAttentionConfig:
     """Inverse of ``config_key`` (cached: a model has a few distinct configs)."""
-    return AnalogAttentionConfig(**json.loads(key))
+    fields = json.loads(key)
+    version = fields.pop(_VERSION_FIELD, None)
+    if version != STATE_LAYOUT_VERSION:
+        raise ValueError(f"operator config with state layout version {version!r}: expected {STATE_LAYOUT_VERSION} "
+                         f"(a graph compiled with another gaincell; clear the torch.compile cache)")
+    return AnalogAttentionConfig(**fields)
 
 
 def op_supports(cfg: AnalogAttentionConfig, implementation: str = "auto", on_cuda: bool = False) -> Optional[str]:
@@ -102,10 +114,16 @@ def _(q, k, v, dy, state, config, implementation):
 def _setup_context(ctx, inputs, output):
     q, k, v, config, implementation = inputs
     ctx.save_for_backward(q, k, v, output[1])
+    # The state is not differentiable, and its gradient is not materialised (a zero tensor the size of the
+    # state per call): the backward gets dstate = None (and dy = None where y was not used).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.config, ctx.implementation = config, implementation
 
 
 def _backward(ctx, dy, dstate):
+    if dy is None:
+        return None, None, None, None, None
     q, k, v, state = ctx.saved_tensors
     dq, dk, dv = torch.ops.gaincell.analog_attention_backward(q, k, v, dy, state, ctx.config, ctx.implementation)
     return dq, dk, dv, None, None

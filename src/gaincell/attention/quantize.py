@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 __all__ = ["quantization_step", "quantization_levels", "quantize", "clamp", "clamp_quantize",
-           "straight_through"]
+           "quantize_", "straight_through"]
 
 
 def _check_levels(levels: int, lo: float, hi: float) -> None:
@@ -53,6 +53,16 @@ def _quantize_forward(x: torch.Tensor, levels: int, lo: float, hi: float) -> tor
     # saturated); x / step in float32 would give 15.4999 and drop a saturated value to 15/15.5.
     index = torch.round(x * ((levels - 1) / (hi - lo)))
     return torch.clamp(index * step, lo, hi)
+
+
+def quantize_(x: torch.Tensor, levels: Optional[int], lo: float, hi: float) -> torch.Tensor:
+    """In place, no autograd: ``x`` replaced by ``_quantize_forward(x, ...)``, the same operations in the
+    same order (so the same values bit for bit) without allocating; ``levels=None``: ``x`` unchanged.
+    For the hot paths that own ``x`` (the blocked attention's operands and sub-tile readouts)."""
+    if levels is None:
+        return x
+    step = (hi - lo) / (levels - 1)
+    return x.mul_((levels - 1) / (hi - lo)).round_().mul_(step).clamp_(lo, hi)
 
 
 def quantize(x: torch.Tensor, levels: Optional[int], lo: float, hi: float) -> torch.Tensor:
