@@ -38,11 +38,22 @@ def test_claim_rows_on_synthetic_losses():
     shift = {"softmax": 0.0, "softmax_long": -0.004, "linear_hw": 0.003, "nonlinear_mapped": 0.10,
              "nonlinear_adapted": 0.05, "nonlinear_finetuned": 0.02}
     losses = {run: base + s + rng.normal(0, 0.01, 400) for run, s in shift.items()}
-    rows = {r["claim"]: r for r in comparisons.claim_rows(losses, 2.0, 0.02)}
-    assert set(rows) == {c.name for c in study.CLAIMS}
+    own = [c for c in study.CLAIMS if "," not in c.name]  # the profile's own cell, first seed
+    rows = {r["claim"]: r for r in comparisons.claim_rows(losses, 2.0, 0.02, own, target_se=0.001)}
+    assert set(rows) == {c.name for c in own}
     assert rows["4 worse than 5"]["verdict"] == "holds"
     assert rows["5 worse than 3"]["verdict"] == "holds"
     assert rows["6 better than 5"]["verdict"] == "holds"
     assert rows["3 close to 1"]["verdict"] == "equivalent"
     assert rows["4 worse than 5"]["difference"] == pytest.approx(0.05, abs=3 * rows["4 worse than 5"]["se"])
     assert rows["4 worse than 5"]["se"] == pytest.approx(0.01 * math.sqrt(2) / math.sqrt(400), rel=0.15)
+    # SE ~ 0.01 sqrt(2) / 20 = 0.0007 for every pair here: all within a 0.001 target
+    assert all(r["se_within_target"] == (r["se"] <= 0.001) for r in rows.values())
+    assert all(r["se_within_target"] for r in rows.values())
+
+
+def test_seed_shift_pairs_each_seed2_claim_with_its_first_seed_twin():
+    claims = [{"claim": "3 close to 1", "difference": 0.048}, {"claim": "3 close to 1, seed 2", "difference": 0.041},
+              {"claim": "5 worse than 3", "difference": 0.40}, {"claim": "6 better than 5", "difference": 0.7}]
+    assert comparisons.seed_shift(claims) == {"3 close to 1": pytest.approx(-0.007, abs=1e-15)}
+    assert comparisons.seed_shift(claims[2:]) == {}

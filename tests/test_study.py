@@ -101,9 +101,35 @@ def test_table_rows_and_claims_name_runs_of_the_study():
     assert len(rows) == len(set(rows)) and set(rows) <= set(study.RUNS_BY_NAME)
     assert {"softmax_long", "linear_hw_uncalibrated"} <= set(rows)
     assert all(c.worse in rows and c.better in rows for c in study.CLAIMS)
-    assert {c.name for c in study.CLAIMS if c.kind == "ordering"} == {"4 worse than 5", "5 worse than 3",
-                                                                       "6 better than 5"}
+    # the paper's three orderings on the profile's own cell, each repeated on every other cell (4 vs 5, 5 vs 3)
+    own = {c.name for c in study.CLAIMS if c.kind == "ordering" and "," not in c.name}
+    assert own == {"4 worse than 5", "5 worse than 3", "6 better than 5"}
+    for cell in study.CELLS:
+        assert {c.name for c in study.CLAIMS if c.name.endswith(f"cell '{cell}'")} == {
+            f"4 worse than 5, cell '{cell}'", f"5 worse than 3, cell '{cell}'"}
     # the linear runs start from the calibrated model, the ablation from the softmax baseline
     assert study.RUNS_BY_NAME["linear_hw"].start == "linear_hw_init" == study.RUNS_BY_NAME["linear_hw_early"].start
     assert study.RUNS_BY_NAME["linear_hw_init"].mode == "calibrate"
     assert study.RUNS_BY_NAME["linear_hw_uncalibrated"].start == "softmax"
+
+
+def test_second_seed_rows_follow_the_switch_and_mirror_their_first_seed_chain():
+    """With workflow.second_seed off no replicate run is asked for; on, variants 1, 3, 5 come twice, the
+    replicate chain is the first one's with ``train.seed`` changed, and each seed-2 claim has a seed-1 twin."""
+    tiny, paper = compose(["profile=tiny"]), compose(["profile=paper"])
+    assert tiny.workflow.second_seed and not paper.workflow.second_seed
+    off = {r.run for r in study.table_rows(paper)}
+    on = {r.run for r in study.table_rows(tiny)}
+    assert on - off == {"softmax_seed2", "linear_hw_seed2", "nonlinear_adapted_seed2"}
+    assert not any(study.in_use(r.name, paper) for r in study.RUNS if r.name.endswith(study.SEED2))
+    assert all(not c.replicate for c in study.claims(paper))
+    for name in ("softmax", "linear_hw_init", "linear_hw", "nonlinear_adapted"):
+        first, second = study.RUNS_BY_NAME[name], study.RUNS_BY_NAME[name + study.SEED2]
+        assert (second.kind, second.training, second.mode) == (first.kind, first.training, first.mode)
+        assert second.start == (first.start + study.SEED2 if first.start else None)
+        assert study.chain_iters(second.name, tiny) == study.chain_iters(name, tiny)
+        if second.training == "train":
+            assert second.overrides == (f"train.seed={study.SECOND_SEED}",)
+            assert study.SECOND_SEED != tiny.train.seed
+    names = {c.name for c in study.claims(tiny)}
+    assert all(n[:-len(", seed 2")] in names for n in names if n.endswith(", seed 2"))

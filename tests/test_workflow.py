@@ -111,8 +111,11 @@ def test_run_time_only_settings_rerun_nothing(touched_results):
 def test_top_level_seed_reruns_the_rules_that_read_it(touched_results):
     jobs = rerun_jobs(touched_results, "seed=7")
     # the stages drawing their batches from the top-level seed, and what depends on them: every training
-    # run (train.seed follows the top-level seed), every adapt run and the study evaluations
-    for rule in [r.rule for r in study.runs()]:
+    # run (train.seed follows the top-level seed), every adapt run and the study evaluations; the
+    # second-seed replicate's training runs set train.seed themselves (study.SECOND_SEED)
+    own_seed = [r for r in study.runs("train") if f"train.seed={study.SECOND_SEED}" in r.overrides]
+    assert {r.name for r in own_seed} == {"softmax" + study.SEED2, "linear_hw" + study.SEED2}
+    for rule in [r.rule for r in study.runs() if r not in own_seed]:
         assert rule in jobs, (rule, jobs)
     assert jobs.get("adapt") == len(study.runs("adapt")) and jobs.get("study_val_loss") == 6, jobs
     assert jobs.get("leakage_point") == 3, jobs

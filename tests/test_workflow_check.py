@@ -31,7 +31,8 @@ def _complete_run(root):
         put(f"adapt/variation/{name}.json", json.dumps({"models": {}}))
     for row in wc.study.TABLE_ROWS:  # the study table's diagnostics (issue 15)
         put(f"diagnose/{row.run}.json", json.dumps({"run": row.run, "losses": [5.0] * 16, "pad": "x" * 100}))
-    for name, rows in (("study_table", len(wc.study.TABLE_ROWS)), ("claims", len(wc.study.CLAIMS)), ("cells", 3)):
+    for name, rows in (("study_table", len(wc.study.TABLE_ROWS)), ("claims", len(wc.study.CLAIMS)),
+                       ("cells", 1 + len(wc.study.CELLS))):
         put(f"diagnose/{name}.csv", "name,value\n" + "".join(f"r{i},1.0\n" for i in range(rows)))
     put("hardware/estimates.json", json.dumps({"latency_per_token_ns": 65.0}))
     put("hardware/gpu_baseline.json", json.dumps({"device": "cpu", "latency_per_token_s": 1e-4}))
@@ -49,6 +50,17 @@ def test_complete_run_passes(tmp_path):
     _complete_run(tmp_path)
     assert wc.check(tmp_path) == []
     assert wc.main([str(tmp_path)]) == 0
+
+
+def test_second_seed_replicate_is_required_only_when_the_run_made_it(tmp_path):
+    _complete_run(tmp_path)
+    (tmp_path / "checkpoints" / "linear_hw_seed2" / "final.pt").unlink()
+    (tmp_path / "diagnose" / "softmax_seed2.json").unlink()
+    assert wc.check(tmp_path) == []                      # no study summary saying second_seed: not asked for
+    (tmp_path / "diagnose" / "summary.json").write_text(json.dumps({"second_seed": True}))
+    problems = wc.check(tmp_path)
+    assert any("checkpoints/linear_hw_seed2/final.pt" in p for p in problems)
+    assert any("diagnose/softmax_seed2.json" in p for p in problems)
 
 
 def test_analog_variant_without_noise_spread_is_reported(tmp_path):

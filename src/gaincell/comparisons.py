@@ -1,11 +1,13 @@
-"""The study table: every row of ``gaincell.study.TABLE_ROWS`` on the same fixed validation sequences
+"""The study table: every row of ``gaincell.study.table_rows`` on the same fixed validation sequences
 (``diagnose/<run>.json`` of the ``diagnose`` stage), the paper's claims tested with paired standard
 errors, and how much adaptation recovers for each cell.
 
 Statistics. Each model's loss is a mean over N validation sequences; a difference between two models is
 the mean over sequences of the per-sequence difference, and its standard error is the sample standard
 deviation of those differences over sqrt(N). This SE covers the choice of validation text only, not the
-variance between training seeds (one seed per run). An ordering is *resolved* when |difference| exceeds
+variance between training seeds: with ``workflow.second_seed`` variants 1, 3 and 5 are trained again with a
+second seed, their claims repeated on the replicate (``, seed 2``), and the shift of each difference between
+the seeds reported (``summary.json``, ``seed_shift``). An ordering is *resolved* when |difference| exceeds
 ``diagnose.resolve_se`` SEs; an equivalence holds when the interval difference +- resolve_se SE lies
 inside +- ``diagnose.equivalence_margin``. A row's *resolution* is resolve_se times the largest paired SE
 of its loss against any other row: loss differences smaller than that are not seen for it, and its
@@ -53,9 +55,10 @@ def judge_equivalence(diff: float, se: float, resolve_se: float, margin: float) 
     return "undetermined"
 
 
-def claim_rows(losses: Dict[str, np.ndarray], resolve_se: float, margin: float) -> List[Dict[str, Any]]:
+def claim_rows(losses: Dict[str, np.ndarray], resolve_se: float, margin: float,
+               claims: Sequence[study.Claim] = study.CLAIMS, target_se: float = float("inf")) -> List[Dict[str, Any]]:
     rows = []
-    for claim in study.CLAIMS:
+    for claim in claims:
         p = paired(losses[claim.worse], losses[claim.better])
         if claim.kind == "ordering":
             verdict = judge_ordering(p["mean"], p["se"], resolve_se)
@@ -64,7 +67,8 @@ def claim_rows(losses: Dict[str, np.ndarray], resolve_se: float, margin: float) 
         rows.append({"claim": claim.name, "kind": claim.kind, "first": claim.worse, "second": claim.better,
                      "difference": p["mean"], "se": p["se"], "low": p["mean"] - resolve_se * p["se"],
                      "high": p["mean"] + resolve_se * p["se"],
-                     "margin": margin if claim.kind == "equivalence" else float("nan"), "verdict": verdict})
+                     "margin": margin if claim.kind == "equivalence" else float("nan"), "verdict": verdict,
+                     "se_within_target": bool(p["se"] <= target_se)})
     return rows
 
 
@@ -84,9 +88,10 @@ def table_rows(records: Dict[str, Dict[str, Any]], losses: Dict[str, np.ndarray]
                resolve_se: float) -> List[Dict[str, Any]]:
     rows = []
     tokens = study.tokens_per_iter(cfg)
-    for row in study.TABLE_ROWS:
+    table = study.table_rows(cfg)
+    for row in table:
         rec, loss = records[row.run], losses[row.run]
-        others = [paired(loss, losses[o.run])["se"] for o in study.TABLE_ROWS if o.run != row.run]
+        others = [paired(loss, losses[o.run])["se"] for o in table if o.run != row.run]
         resolution = resolve_se * max(others)
         vs = paired(loss, losses["softmax"]) if row.run != "softmax" else {"mean": 0.0, "se": 0.0}
         share, mean_share = rec["attention_share"]["zero"], rec["attention_share"]["mean"]
@@ -129,16 +134,24 @@ def cell_rows(losses: Dict[str, np.ndarray], cfg: Any) -> List[Dict[str, Any]]:
 
 def health_table(records: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
-    for row in study.TABLE_ROWS:
-        for h in records[row.run].get("health") or []:
+    for run, record in records.items():
+        for h in record.get("health") or []:
             flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in h.items()}
-            rows.append({"run": row.run, **flat})
+            rows.append({"run": run, **flat})
     return rows
 
 
-def load_records(diagnose_dir: Path) -> Dict[str, Dict[str, Any]]:
+def seed_shift(claims: List[Dict[str, Any]]) -> Dict[str, float]:
+    """For each claim repeated on the second-seed replicate (``<name>, seed 2``): seed-2 minus seed-1 difference,
+    how far a training seed moves the comparison (to set beside the paired SEs, which exclude it)."""
+    by_name = {c["claim"]: c["difference"] for c in claims}
+    return {name[:-len(", seed 2")]: diff - by_name[name[:-len(", seed 2")]] for name, diff in by_name.items()
+            if name.endswith(", seed 2") and name[:-len(", seed 2")] in by_name}
+
+
+def load_records(diagnose_dir: Path, rows: Sequence[study.Row] = study.TABLE_ROWS) -> Dict[str, Dict[str, Any]]:
     records = {}
-    for row in study.TABLE_ROWS:
+    for row in rows:
         path = diagnose_dir / f"{row.run}.json"
         if not path.is_file():
             raise FileNotFoundError(f"study table: {path} is missing: run the diagnose stage for {row.run}")
@@ -154,18 +167,28 @@ def run(cfg) -> Dict[str, Any]:
     """``python -m gaincell study_table``: the study table, claims and cell summary from diagnose/*.json."""
     d = cfg.diagnose
     out = Path(str(cfg.results_dir)) / "diagnose"
-    records = load_records(out)
+    records = load_records(out, study.table_rows(cfg))
     losses = {k: np.asarray(v["sequence_losses"], dtype=np.float64) for k, v in records.items()}
     k, margin = float(d.resolve_se), float(d.equivalence_margin)
-    tables = {"study_table": table_rows(records, losses, cfg, k), "claims": claim_rows(losses, k, margin),
+    tables = {"study_table": table_rows(records, losses, cfg, k), "claims": claim_rows(losses, k, margin, study.claims(cfg), float(d.target_se)),
               "cells": cell_rows(losses, cfg), "health": health_table(records)}
     for name, rows in tables.items():
         atomic_to_csv(pd.DataFrame(rows), out / f"{name}.csv")
     worst_se = max(c["se"] for c in tables["claims"])
-    summary = {"sequences": len(next(iter(losses.values()))), "resolve_se": k, "equivalence_margin": margin,
+    close = [c["se"] for c in tables["claims"] if abs(c["difference"]) < float(d.close_difference)]
+    shift = seed_shift(tables["claims"])
+    summary = {"sequences": len(next(iter(losses.values()))), "second_seed": bool(cfg.workflow.second_seed), "resolve_se": k, "equivalence_margin": margin,
                "target_se": float(d.target_se), "worst_claim_se": worst_se,
                "target_se_met": bool(worst_se <= float(d.target_se)),
-               "seed_variance": "not included: one training seed per run",
+               "claims_within_target_se": sum(c["se_within_target"] for c in tables["claims"]),
+               "claims_tested": len(tables["claims"]),
+               # the SE of a paired difference grows with the difference (per-sequence differences spread):
+               # the target matters for the close comparisons, where a claim could flip
+               "close_difference": float(d.close_difference),
+               "worst_close_claim_se": max(close) if close else float("nan"),
+               "seed_variance": ("not in the paired SEs; second-seed replicate of variants 1, 3, 5: see seed_shift"
+                                 if shift else "not included: one training seed per run"),
+               "seed_shift": shift,
                "claims": {c["claim"]: c["verdict"] for c in tables["claims"]}}
     atomic_write_json(out / "summary.json", summary)
     tracker = Tracker(cfg, run_name="study_table", job_type="diagnose")

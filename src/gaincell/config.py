@@ -165,11 +165,13 @@ class AttentionChoice:
 
     ``coefficients`` is the cell model used whenever ``kind`` is ``nonlinear_hw`` (the other kinds ignore
     it): a set name (``paper``: the authors' ten C[i][j]; ``fitted``: the pipeline's own fit in
-    ``fitted_coefficients_path``) or ten floats in ``COEFFICIENT_ORDER``.
+    ``fitted_coefficients_path``; ``fitted_trimmed``: the same cell read against a reference trimmed to its
+    zero-weight current, c_0 = 0, see ``gaincell.attention.config.trim_offset``) or ten floats in
+    ``COEFFICIENT_ORDER``.
     """
 
     kind: AttentionKind = AttentionKind.softmax  # softmax | softmax_window | linear_hw | nonlinear_hw
-    coefficients: Any = "paper"         # "paper" | "fitted" | list of 10 floats (nonlinear_hw only)
+    coefficients: Any = "paper"         # "paper" | "fitted" | "fitted_trimmed" | 10 floats (nonlinear_hw only)
     fitted_coefficients_path: str = "${results_dir}/fit/coefficients.json"
     gain: Optional[float] = None        # slope g of the linear cell model; None: the cell's own slope
     #                                     (fitted: coefficients.json's linear_slope; paper: 19.3), see
@@ -320,6 +322,8 @@ class DiagnoseConfig:
     resolve_se: float = 2.0             # an ordering is resolved when |difference| > this many paired SE
     equivalence_margin: float = 0.02    # nats/token: "close" when the resolve_se interval lies inside +-this
     target_se: float = 0.005            # nats/token: the paired SE the study is sized for (reported if missed)
+    close_difference: float = 0.1       # nats/token: claims with a smaller |difference| count as close (their
+    #                                     worst SE is reported apart: a paired SE grows with the difference)
 
 
 @dataclass
@@ -469,6 +473,7 @@ class WorkflowConfig:
     #                                     (value 0 is the same model as cell_variation 0: evaluated once)
     variation_chips: int = 1            # chips (noise seeds) per point of the variation sweep
     sample_tokens: int = 200            # tokens of the generated text sample
+    second_seed: bool = False           # also train variants 1, 3, 5 with a second seed (study.SECOND_SEED)
     analog_hwa_iters: int = 100         # hardware-aware training of the fully analog model (study run
     #                                     fully_analog_hwa), iterations at finetune_learning_rate
 

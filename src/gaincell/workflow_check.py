@@ -62,10 +62,22 @@ def _figure_problems(index_path: Path) -> List[str]:
     return problems
 
 
+def _second_seed(results_dir: Path) -> bool:
+    """Whether the run made the second-seed replicate (``workflow.second_seed``, recorded by study_table)."""
+    try:
+        return bool(_json(results_dir / "diagnose" / "summary.json").get("second_seed", False))
+    except (OSError, ValueError):
+        return False  # no study summary: reported missing below; the replicate is not asked for
+
+
 def check(results_dir: Path) -> List[str]:
     """Problems found (empty when the run is complete)."""
     r = Path(results_dir)
     problems: List[str] = []
+    second = _second_seed(r)
+    made = [] if second else [run.name for run in study.RUNS if run.name.endswith(study.SEED2)]
+    table = [row for row in study.TABLE_ROWS if second or not row.replicate]
+    claims = [c for c in study.CLAIMS if second or not c.replicate]
 
     def need(rel: str, min_bytes: int = 1, test: Callable[[Path], str] | None = None) -> None:
         path = r / rel
@@ -104,10 +116,10 @@ def check(results_dir: Path) -> List[str]:
     need("data/meta.json", 10)
     need("data/train.bin", 10_000)
     need("data/val.bin", 1_000)
-    for run in TRAINED_RUNS:
+    for run in (n for n in TRAINED_RUNS if n not in made):
         need(study.checkpoint(run), 10_000)
         need(f"train/{run}/metrics.csv", 20, csv_rows(1))
-    for run in ADAPTED_RUNS:
+    for run in (n for n in ADAPTED_RUNS if n not in made):
         need(study.checkpoint(run), 10_000)
         need(f"adapt/{run}/summary.json", 10)
     for run in CONVERTED_RUNS:
@@ -118,9 +130,9 @@ def check(results_dir: Path) -> List[str]:
     leak = r / "adapt" / "leakage"
     if not leak.is_dir() or len(list(leak.glob("*.json"))) < 3:
         problems.append("adapt/leakage: fewer than 3 leakage points")
-    for row in study.TABLE_ROWS:  # the study table (issue 15): every row on the same validation sequences
+    for row in table:  # the study table (issue 15): every row on the same validation sequences
         need(f"diagnose/{row.run}.json", 100)
-    for name, rows in (("study_table", len(study.TABLE_ROWS)), ("claims", len(study.CLAIMS)), ("cells", 3)):
+    for name, rows in (("study_table", len(table)), ("claims", len(claims)), ("cells", 1 + len(study.CELLS))):
         need(f"diagnose/{name}.csv", 20, csv_rows(rows))
     variation = r / "adapt" / "variation"
     if not variation.is_dir() or len(list(variation.glob("*.json"))) < 3:
@@ -129,7 +141,8 @@ def check(results_dir: Path) -> List[str]:
     need("hardware/gpu_baseline.json", 20)
     need(f"samples/{study.SAMPLE_RUN}.txt", 20)
     problems += _figure_problems(r / "figures" / "index.json")
-    for rule in RULES_WITH_BENCHMARKS:
+    skipped = {study.RUNS_BY_NAME[n].rule for n in made}
+    for rule in (x for x in RULES_WITH_BENCHMARKS if x not in skipped):
         need(f"logs/benchmarks/{rule}.tsv", 10)
     return problems
 

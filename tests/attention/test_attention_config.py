@@ -90,6 +90,23 @@ def test_resolve_coefficients(tmp_path):
         resolve_coefficients("best")
 
 
+def test_trimmed_reference_removes_exactly_the_offset_at_every_read_voltage(tmp_path):
+    """fitted_trimmed = the fitted cell read against its own zero-weight current: the cell's polynomial minus
+    its value at W = 0, at any read voltage; the slope, curvature and cubic terms untouched."""
+    fitted = tmp_path / "coefficients.json"
+    fitted.write_text(json.dumps({"coefficients": list(PAPER_COEFFICIENTS), "linear_slope": 13.2}))
+    full = resolve_coefficients("fitted", str(fitted))
+    trimmed = resolve_coefficients("fitted_trimmed", str(fitted))
+    for v_read in (0.45, 0.7, 0.9):
+        c, t = fold_coefficients(full, v_read), fold_coefficients(trimmed, v_read)
+        assert t[0] == 0.0 and t[1:] == c[1:]
+        for w in (-0.45, -0.1, 0.2, 0.45):   # the cell's current against the W = 0 reference, by hand
+            current = sum(ci * w ** i for i, ci in enumerate(c))
+            assert sum(ti * w ** i for i, ti in enumerate(t)) == pytest.approx(current - c[0], rel=1e-12, abs=1e-12)
+    settings = dict(kind="linear_hw", coefficients="fitted_trimmed", gain=None, fitted_coefficients_path=str(fitted))
+    assert analog_config_from_settings(settings).gain == 13.2   # the trim leaves the fitted slope g
+
+
 def test_analog_config_from_settings(tmp_path):
     settings = dict(kind="nonlinear_hw", window=128, tile_rows=64, query_levels=16, stored_levels=None,
                     output_levels=32, gain=19.3, qk_saturation=80.0, av_saturation=40.0, stored_offset=0.45,

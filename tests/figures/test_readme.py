@@ -21,3 +21,17 @@ def test_a_readme_without_markers_is_refused(tmp_path):
 def test_a_run_without_results_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="benchmarks"):
         results_section(tmp_path / "tiny", "tiny")
+
+
+def test_study_summary_states_resolution_and_seed_shift(tmp_path):
+    import json
+
+    from gaincell.figures.readme import study_summary
+    (tmp_path / "diagnose").mkdir()
+    summary = {"sequences": 512, "worst_claim_se": 0.0107, "target_se": 0.005, "close_difference": 0.1,
+               "worst_close_claim_se": 0.0019, "seed_variance": "second-seed replicate",
+               "seed_shift": {"3 close to 1": -0.0071}}
+    (tmp_path / "diagnose" / "summary.json").write_text(json.dumps(summary))
+    text = " ".join(study_summary(tmp_path))
+    assert "512 validation sequences" in text and "0.0107" in text and "0.0019" in text
+    assert "3 close to 1: -0.0071" in text

@@ -13,7 +13,7 @@ for _run in _CONVERT_RUNS:
             _run.rule
         input:
             TRAIN_INPUTS,
-            FIT_INPUT if _run.kind == "nonlinear_hw" else [],
+            fit_input(_run.overrides) if _run.kind == "nonlinear_hw" else [],
             base=ckpt(_run.start),
         output:
             ckpt(_run.name),

@@ -13,6 +13,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from gaincell import results_lock, study
+from gaincell.attention.config import FITTED_SETS
 from gaincell.cli import stage_overrides
 from gaincell.config import RUNTIME_ONLY_KEYS, compose
 from gaincell.figures import docstring_captions as figure_captions
@@ -177,7 +178,15 @@ VARIANTS = list(study.VARIANT_RUNS)
 TRAIN_INPUTS = [f"{R}/data/meta.json"]
 TRAIN_SECTIONS = ("data", "model", "train", "attention")
 TRAIN_RESOURCES = dict(mem_mb=16000, runtime=720, gpu=WF.gpus_per_training, nodes=max(1, WF.nodes_per_training))
-FIT_INPUT = [f"{R}/fit/coefficients.json"] if CFG.attention.coefficients == "fitted" else []
+def fit_input(extra=()):
+    """The fit's coefficients.json when the cell of a run (its own ``cell=`` override, else the profile's
+    ``attention.coefficients``) is read from the pipeline's fit (``fitted``, ``fitted_trimmed``)."""
+    cells = [o.split("=", 1)[1] for o in extra if o.startswith("cell=")]
+    coefficients = cells[-1] if cells else CFG.attention.coefficients
+    return [f"{R}/fit/coefficients.json"] if str(coefficients) in FITTED_SETS else []
+
+
+FIT_INPUT = fit_input()
 # The linear hardware model's gain g: attention.gain=null with the fitted cell takes the fit's slope
 # (gaincell.attention.config.resolve_gain), so every hardware training run waits for the fit.
 GAIN_INPUT = FIT_INPUT if CFG.attention.gain is None else []

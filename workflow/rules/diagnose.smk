@@ -1,7 +1,7 @@
-# The study table (gaincell.study.TABLE_ROWS): every row's model on the same fixed validation sequences
+# The study table (gaincell.study.table_rows): every row's model on the same fixed validation sequences
 # (per-sequence losses, attention share, signal health), then the table, the paper's claims with paired
 # standard errors and the per-cell adaptation summary.
-TABLE_RUNS = [row.run for row in study.TABLE_ROWS]
+TABLE_RUNS = [row.run for row in study.table_rows(CFG)]
 STUDY_TABLE = [f"{R}/diagnose/{name}.csv" for name in ("study_table", "claims", "cells", "health")]
 
 
@@ -46,7 +46,8 @@ rule study_table:
         # what the table reads from the config: the diagnose section, and each row's iterations and tokens
         section=section("diagnose") + digest({"iterations": {r: study.chain_iters(r, CFG) for r in TABLE_RUNS},
                                               "tokens_per_iter": study.tokens_per_iter(CFG),
-                                              "cell": str(CFG.attention.coefficients)}),
+                                              "cell": str(CFG.attention.coefficients),
+                                              "second_seed": bool(WF.second_seed)}),
     log:
         f"{LOGS}/study_table.log",
     benchmark:

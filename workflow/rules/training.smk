@@ -8,7 +8,7 @@ for _run in study.runs("train"):
             _run.rule
         input:
             TRAIN_INPUTS,
-            FIT_INPUT if _run.kind == "nonlinear_hw" else GAIN_INPUT if _run.kind == "linear_hw" else [],
+            fit_input(_run.overrides) if _run.kind == "nonlinear_hw" else GAIN_INPUT if _run.kind == "linear_hw" else [],
             DECAY_INPUT if _run.kind in ("linear_hw", "nonlinear_hw") else [],
             base=[ckpt(_run.start)] if _run.start else [],
         output:
@@ -37,7 +37,7 @@ rule adapt:
     """Equation 9: a <- a*sigma_L/sigma_NL, b <- b + mu_L - mu_NL until the statistics match (study.RUNS
     with training="adapt"; mode map_only keeps the linear scalers)."""
     input:
-        FIT_INPUT,
+        lambda w: fit_input(study.RUNS_BY_NAME[w.run].overrides),
         TRAIN_INPUTS,
         linear=lambda w: ckpt(study.RUNS_BY_NAME[w.run].start),
     output:

@@ -57,7 +57,7 @@ def nonlinear_config(cfg: Any, current: AnalogAttentionConfig) -> AnalogAttentio
     coeffs = resolve_coefficients(cfg.attention.coefficients, cfg.attention.fitted_coefficients_path)
     if coeffs is None:
         raise ValueError("attention.coefficients is None: adaptation needs the nonlinear cell "
-                         "(attention.coefficients=paper, fitted or ten numbers)")
+                         "(attention.coefficients=paper, fitted, fitted_trimmed or ten numbers)")
     return dataclasses.replace(current, coefficients=coeffs)
 
 

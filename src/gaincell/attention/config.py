@@ -146,22 +146,38 @@ class AnalogAttentionConfig:
         return fold_coefficients(self.coefficients, self.read_voltage)
 
 
+FITTED_SETS = ("fitted", "fitted_trimmed")  # coefficient sets read from the pipeline's own fit
+
+
+def trim_offset(coefficients: Sequence[float]) -> Tuple[float, ...]:
+    """The cell read against a reference trimmed to its own zero-weight current: every ``C[0][j]`` set to 0,
+    so the folded ``c_0`` is 0 at any read voltage and ``c_1..c_3`` are unchanged (docs/attention.md#cell-coefficients).
+
+    A single-ended cell reads ``I(K) - I_ref``; moving the reference from ``I(Vref)`` to the current of the
+    stored zero weight (``W = K - 0.45 = 0``, the middle of the stored window) subtracts the polynomial's value
+    at ``W = 0``, which is exactly the ``i = 0`` terms. (Measured: characterizing with the reference at the
+    middle of the stored window gives the same c_2, c_3 and a c_0 of zero within its fit error.)"""
+    return tuple(0.0 if i == 0 else float(c) for (i, _), c in zip(COEFFICIENT_ORDER, coefficients))
+
+
 def resolve_coefficients(coefficients, fitted_path: Optional[str] = None) -> Optional[Tuple[float, ...]]:
     """A coefficient set from the config: None, ``"paper"`` (docs/attention.md#cell-coefficients), ``"fitted"`` (the pipeline's
-    fit: the JSON written by the fit stage, key ``coefficients``) or ten numbers."""
+    fit: the JSON written by the fit stage, key ``coefficients``), ``"fitted_trimmed"`` (the same with the
+    reference trimmed to the zero-weight current, :func:`trim_offset`) or ten numbers."""
     if coefficients is None:
         return None
     if isinstance(coefficients, str):
         if coefficients == "paper":
             return PAPER_COEFFICIENTS
-        if coefficients == "fitted":
+        if coefficients in FITTED_SETS:
             if not fitted_path or not Path(fitted_path).is_file():
-                raise FileNotFoundError(f"coefficients='fitted' but the fit result {fitted_path!r} does not "
+                raise FileNotFoundError(f"coefficients={coefficients!r} but the fit result {fitted_path!r} does not "
                                         f"exist: run the fit stage first, or use coefficients=paper")
             with open(fitted_path) as fh:
-                data = json.load(fh)
-            return tuple(float(c) for c in data["coefficients"])
-        raise ValueError(f"coefficients={coefficients!r}: expected None, 'paper', 'fitted' or ten numbers")
+                fitted = tuple(float(c) for c in json.load(fh)["coefficients"])
+            return trim_offset(fitted) if coefficients == "fitted_trimmed" else fitted
+        raise ValueError(f"coefficients={coefficients!r}: expected None, 'paper', 'fitted', 'fitted_trimmed' "
+                         f"or ten numbers")
     return tuple(float(c) for c in coefficients)
 
 
@@ -183,9 +199,9 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
         return float(gain)
     if isinstance(coefficients, str) and coefficients == "paper":
         return PAPER_GAIN
-    if isinstance(coefficients, str) and coefficients == "fitted":
+    if isinstance(coefficients, str) and coefficients in FITTED_SETS:  # the offset trim leaves the slope
         if not fitted_path or not Path(fitted_path).is_file():
-            raise FileNotFoundError(f"attention.gain=null with coefficients='fitted' takes g from the fit "
+            raise FileNotFoundError(f"attention.gain=null with coefficients={coefficients!r} takes g from the fit "
                                     f"result {fitted_path!r}, which does not exist: run the fit stage first")
         with open(fitted_path) as fh:
             data = json.load(fh)
@@ -193,7 +209,7 @@ def resolve_gain(gain, coefficients, fitted_path: Optional[str] = None) -> float
             raise ValueError(f"{fitted_path} has no 'linear_slope': rerun the fit stage")
         return float(data["linear_slope"])
     raise ValueError(f"attention.gain=null with coefficients={coefficients!r}: the slope g is taken from "
-                     f"'paper' or 'fitted' only; set attention.gain to a number")
+                     f"'paper', 'fitted' or 'fitted_trimmed' only; set attention.gain to a number")
 
 
 def resolve_decay_per_step(value, derived_path: Optional[str] = None) -> float:
@@ -228,7 +244,7 @@ def analog_config_from_settings(settings: Any) -> AnalogAttentionConfig:
     if kind == "nonlinear_hw":
         coeffs = resolve_coefficients(settings["coefficients"], fitted_path)
         if coeffs is None:
-            raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted or 10 numbers)")
+            raise ValueError("attention.kind=nonlinear_hw needs attention.coefficients (paper, fitted, fitted_trimmed or 10 numbers)")
     gain = settings.get("gain")
     if kind in HW_KINDS:
         gain = resolve_gain(gain, settings.get("coefficients"), fitted_path)

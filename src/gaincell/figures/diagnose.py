@@ -21,7 +21,8 @@ import pandas as pd
 
 from gaincell.figures._common import save_figure
 
-ROLE_COLORS = {"variant": "#1f77b4", "fair baseline": "#4d4d4d", "ablation": "#9467bd", "cell": "#d62728"}
+ROLE_COLORS = {"variant": "#1f77b4", "fair baseline": "#4d4d4d", "ablation": "#9467bd", "cell": "#d62728",
+               "seed 2": "#17becf"}
 VERDICT_COLORS = {"holds": "#2ca02c", "equivalent": "#2ca02c", "reversed": "#d62728", "different": "#d62728",
                   "not resolved": "#7f7f7f", "undetermined": "#7f7f7f"}
 HEALTH_COLUMNS = (("q_clipped", "q~ clipped"), ("k_clipped", "k~ clipped"), ("v_clipped", "v~ clipped"),
@@ -47,7 +48,8 @@ def fig_study_claims(results_dir: Path, out_dir: Path) -> List[Path]:
     (bars: +-1 SE of the mean; labels: training iterations behind each checkpoint), and the paper's
     claims as paired differences with 2-SE intervals: an ordering is resolved only beyond 2 SE, "3 close
     to 1" holds when its interval lies inside the stated margin. SEs are over validation sequences and
-    exclude training-seed variance (one seed per run)."""
+    exclude training-seed variance; with the second-seed replicate (cyan rows, ", seed 2" claims) the title
+    gives how far a second seed moves each repeated claim."""
     table, claims, summary = (_read(results_dir, n) for n in ("study_table.csv", "claims.csv", "summary.json"))
     if table is None or claims is None or summary is None:
         return []
@@ -82,10 +84,12 @@ def fig_study_claims(results_dir: Path, out_dir: Path) -> List[Path]:
     bx.set_xlabel("paired loss difference, nats/token (bar: 2 SE)")
     bx.set_title(f"paper claims: resolved beyond {k:g} SE; shaded: +-{summary['equivalence_margin']:g} margin",
                  fontsize=10)
-    fig.suptitle("Study table at this profile's scale. SE over validation sequences; training-seed variance not "
-                 "included" + ("" if summary["target_se_met"] else f" - worst SE {summary['worst_claim_se']:.4f} "
-                                                                   f"above the {summary['target_se']} target"),
-                 fontsize=10)
+    shift = summary.get("seed_shift") or {}
+    seeds = ("second seed moves " + ", ".join(f"'{n}' by {v:+.3f}" for n, v in shift.items()) if shift
+             else "training-seed variance not included")
+    fig.suptitle(f"Study table at this profile's scale. SE over {summary['sequences']} validation sequences; {seeds}"
+                 + ("" if summary["target_se_met"] else f"\nworst SE {summary['worst_claim_se']:.4f} above the "
+                                                        f"{summary['target_se']} target"), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out_dir, "study_claims")
 
@@ -159,8 +163,11 @@ def fig_nonlinearity(results_dir: Path, out_dir: Path) -> List[Path]:
     frac = cells["recovered_fraction"].to_numpy()
     err = np.abs(cells["recovered_se"].to_numpy() / cells["degradation"].to_numpy())
     ax.bar(cells["cell"], frac, yerr=err, color="#d62728")
-    for i, (_, c) in enumerate(cells.iterrows()):
-        ax.text(i, max(frac[i], 0) + 0.03, f"{c['recovered']:+.3f} of {c['degradation']:+.3f}", ha="center", fontsize=8)
+    for i, (_, c) in enumerate(cells.iterrows()):  # two lines, inside the axes: neighbours do not overlap
+        ax.text(i, max(frac[i], 0) + 0.03, f"{c['recovered']:+.3f}\nof {c['degradation']:+.3f}", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_ylim(min(0.0, float(np.nanmin(frac))) - 0.05, 1.25)
+    ax.tick_params(axis="x", labelsize=8, rotation=20)
     ax.axhline(1, color="k", lw=0.8)
     ax.set_ylabel("recovered / (mapped - linear)")
     ax.set_title("how much adaptation recovers", fontsize=10)

@@ -115,16 +115,33 @@ STUDY_TABLES = {
                         ["label", "iterations", "tokens", "val_loss", "val_loss_se", "minus_softmax",
                          "minus_softmax_se", "share_zero", "share_zero_se", "share_below_resolution"]),
     "claims.csv": ("the paper's claims, resolved only beyond 2 paired SE (equivalence: interval inside the margin)",
-                   ["claim", "difference", "se", "low", "high", "margin", "verdict"]),
+                   ["claim", "difference", "se", "low", "high", "margin", "verdict", "se_within_target"]),
     "cells.csv": ("the nonlinearity study: per cell, loss of the linear / mapped / adapted (/ fine-tuned) "
                   "models and the fraction of the mapping loss that adaptation recovers",
                   ["cell", "linear", "mapped", "adapted", "finetuned", "recovered_fraction"]),
 }
 
 
+def study_summary(results: Path) -> list[str]:
+    """How well the study resolves its comparisons (``diagnose/summary.json``): sequences, worst paired SE
+    over all claims and over the close ones, and what a second training seed moves."""
+    s = read_json(results / "diagnose" / "summary.json")
+    within = (f"{s['claims_within_target_se']} of {s['claims_tested']} claims have a paired SE within the target; "
+              if "claims_tested" in s else "")
+    lines = [f"Study resolution (measured): {s['sequences']} validation sequences per model; {within}worst paired SE "
+             f"of a claim {s['worst_claim_se']:.4f} nats/token (target {s['target_se']:g}; the SE of a paired "
+             f"difference grows with the difference), worst over claims closer than {s['close_difference']:g} "
+             f"nats/token {s['worst_close_claim_se']:.4f}. Training-seed variance: {s['seed_variance']}."]
+    shift = s.get("seed_shift") or {}
+    if shift:
+        lines.append("Second training seed minus first, same claim (nats/token): " + "; ".join(
+            f"{name}: {value:+.4f}" for name, value in shift.items()) + ".")
+    return [" ".join(lines), ""]
+
+
 def study_tables(results: Path) -> list[str]:
     """The study's tables from ``diagnose/``, each with its columns that a reader needs."""
-    parts = []
+    parts = study_summary(results)
     for name, (title, columns) in STUDY_TABLES.items():
         df = read_csv(results / "diagnose" / name)
         parts += [f"#### {title} (`diagnose/{name}`)", "", *_markdown(df[[c for c in columns if c in df]]), ""]
