@@ -531,9 +531,10 @@ class _Grads:
 
 # ----------------------------------------------------------------------------------------------------
 # The forward's state as one flat tensor (for gaincell.attention.op, whose custom operator can return
-# tensors only): each lag's two slabs of the linear model's gradient, then each readout's clamp mask.
-# Empty where nothing is kept (exact nonlinear gradient, or above SAVED_SLABS_MAX_RATIO): the backward
-# then recomputes the forward.
+# tensors only): each lag's two slabs of the linear model's gradient, then each readout's clamp mask,
+# then the quantized operands Q, W, U and their DAC clamp masks (``_PackedViews``), written in place by
+# the forward. Empty where nothing is kept (exact nonlinear gradient, cell offsets, or above
+# SAVED_SLABS_MAX_RATIO): the backward then recomputes the forward.
 # ----------------------------------------------------------------------------------------------------
 def packed_state_size(shape, cfg: AnalogAttentionConfig) -> int:
     """Elements of ``forward_packed``'s state for q of ``shape`` (pure arithmetic: usable by fake tensors)."""

@@ -6,7 +6,8 @@ node per attention layer instead of tracing (and breaking on) the dispatch, vali
 Forward: ``gaincell::analog_attention`` validates the inputs once and runs the blocked path (computed in
 float32 or float64 whatever the autocast region, as ``functional.analog_attention``) on the actual
 tensors at run time; it returns y and the forward's state for the backward as one flat tensor
-(``blocked.forward_packed``). Backward (registered autograd): ``gaincell::analog_attention_backward``
+(``blocked.forward_packed``: the lags' backward slabs, the readout masks and the quantized operands,
+written in place; not differentiable, and its gradient is never materialised). Backward (registered autograd): ``gaincell::analog_attention_backward``
 computes dq, dk, dv from q, k, v, dy and that state (``blocked.backward_packed``), so values and
 gradients are bit for bit those of the eager call. Both have fake (meta) implementations giving the output shapes and layouts, for tracing.
 The operator covers the blocked path (``OP_IMPLEMENTATIONS``; the dense oracle is left to autograd,
