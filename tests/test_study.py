@@ -118,11 +118,13 @@ def test_second_seed_rows_follow_the_switch_and_mirror_their_first_seed_chain():
     replicate chain is the first one's with ``train.seed`` changed, and each seed-2 claim has a seed-1 twin."""
     tiny, paper = compose(["profile=tiny"]), compose(["profile=paper"])
     assert tiny.workflow.second_seed and not paper.workflow.second_seed
-    off = {r.run for r in study.table_rows(paper)}
-    on = {r.run for r in study.table_rows(tiny)}
+    off = {r.run for r in study.table_rows(paper.workflow.second_seed)}
+    on = {r.run for r in study.table_rows(tiny.workflow.second_seed)}
     assert on - off == {"softmax_seed2", "linear_hw_seed2", "nonlinear_adapted_seed2"}
-    assert not any(study.in_use(r.name, paper) for r in study.RUNS if r.name.endswith(study.SEED2))
-    assert all(not c.replicate for c in study.claims(paper))
+    assert not any(study.in_use(r.name, False) for r in study.RUNS if r.name.endswith(study.SEED2))
+    assert not any(c.worse.endswith(study.SEED2) or c.better.endswith(study.SEED2) for c in study.claims(False))
+    assert {c.name for c in study.claims(True)} - {c.name for c in study.claims(False)} == {
+        "5 worse than 3, seed 2", "3 close to 1, seed 2"}
     for name in ("softmax", "linear_hw_init", "linear_hw", "nonlinear_adapted"):
         first, second = study.RUNS_BY_NAME[name], study.RUNS_BY_NAME[name + study.SEED2]
         assert (second.kind, second.training, second.mode) == (first.kind, first.training, first.mode)
@@ -131,5 +133,5 @@ def test_second_seed_rows_follow_the_switch_and_mirror_their_first_seed_chain():
         if second.training == "train":
             assert second.overrides == (f"train.seed={study.SECOND_SEED}",)
             assert study.SECOND_SEED != tiny.train.seed
-    names = {c.name for c in study.claims(tiny)}
+    names = {c.name for c in study.claims(True)}
     assert all(n[:-len(", seed 2")] in names for n in names if n.endswith(", seed 2"))

@@ -88,7 +88,7 @@ def table_rows(records: Dict[str, Dict[str, Any]], losses: Dict[str, np.ndarray]
                resolve_se: float) -> List[Dict[str, Any]]:
     rows = []
     tokens = study.tokens_per_iter(cfg)
-    table = study.table_rows(cfg)
+    table = study.table_rows(bool(cfg.workflow.second_seed))
     for row in table:
         rec, loss = records[row.run], losses[row.run]
         others = [paired(loss, losses[o.run])["se"] for o in table if o.run != row.run]
@@ -167,17 +167,19 @@ def run(cfg) -> Dict[str, Any]:
     """``python -m gaincell study_table``: the study table, claims and cell summary from diagnose/*.json."""
     d = cfg.diagnose
     out = Path(str(cfg.results_dir)) / "diagnose"
-    records = load_records(out, study.table_rows(cfg))
+    second_seed = bool(cfg.workflow.second_seed)
+    records = load_records(out, study.table_rows(second_seed))
     losses = {k: np.asarray(v["sequence_losses"], dtype=np.float64) for k, v in records.items()}
     k, margin = float(d.resolve_se), float(d.equivalence_margin)
-    tables = {"study_table": table_rows(records, losses, cfg, k), "claims": claim_rows(losses, k, margin, study.claims(cfg), float(d.target_se)),
+    tables = {"study_table": table_rows(records, losses, cfg, k), "claims": claim_rows(losses, k, margin, study.claims(second_seed),
+                                                                          float(d.target_se)),
               "cells": cell_rows(losses, cfg), "health": health_table(records)}
     for name, rows in tables.items():
         atomic_to_csv(pd.DataFrame(rows), out / f"{name}.csv")
     worst_se = max(c["se"] for c in tables["claims"])
     close = [c["se"] for c in tables["claims"] if abs(c["difference"]) < float(d.close_difference)]
     shift = seed_shift(tables["claims"])
-    summary = {"sequences": len(next(iter(losses.values()))), "second_seed": bool(cfg.workflow.second_seed), "resolve_se": k, "equivalence_margin": margin,
+    summary = {"sequences": len(next(iter(losses.values()))), "second_seed": second_seed, "resolve_se": k, "equivalence_margin": margin,
                "target_se": float(d.target_se), "worst_claim_se": worst_se,
                "target_se_met": bool(worst_se <= float(d.target_se)),
                "claims_within_target_se": sum(c["se_within_target"] for c in tables["claims"]),

@@ -193,7 +193,6 @@ class Row:
     label: str
     role: str                           # variant | fair baseline | ablation | cell
     cell: str = ""                      # coefficient set of a nonlinear row ("": the profile's own)
-    replicate: bool = False             # a second-seed row: only when workflow.second_seed is on
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,6 @@ class Claim:
     worse: str                          # ordering: the run expected worse; equivalence: the first run
     better: str                         # ordering: the run expected better; equivalence: the second run
     kind: str = "ordering"              # ordering | equivalence
-    replicate: bool = False             # compares second-seed rows: only when workflow.second_seed is on
 
 
 # Cells besides the profile's own (config/cell/), mapped and adapted, not fine-tuned. ``fitted`` is our cell read
@@ -221,7 +219,7 @@ TABLE_ROWS: Tuple[Row, ...] = tuple(Row(v.run, f"{v.number}. {v.label}", "varian
     Row("linear_hw_init", "3 at iteration 0: calibrated, untrained", "ablation"),
 ) + tuple(Row(f"nonlinear_{m}_{cell}", f"{n}. {what}, cell '{cell}'", "cell", cell)
           for cell in CELLS for m, n, what in (("mapped", 4, "mapped"), ("adapted", 5, "adapted"))) + tuple(
-    Row(v.run + SEED2, f"{v.number}. {v.label}, training seed 2", "seed 2", replicate=True)
+    Row(v.run + SEED2, f"{v.number}. {v.label}, training seed 2", "seed 2")
     for v in VARIANTS if v.number in (1, 3, 5))
 
 CLAIMS: Tuple[Claim, ...] = (
@@ -233,28 +231,24 @@ CLAIMS: Tuple[Claim, ...] = (
 ) + tuple(claim for cell in CELLS for claim in (
     Claim(f"4 worse than 5, cell '{cell}'", f"nonlinear_mapped_{cell}", f"nonlinear_adapted_{cell}"),
     Claim(f"5 worse than 3, cell '{cell}'", f"nonlinear_adapted_{cell}", "linear_hw"))) + (
-    Claim("5 worse than 3, seed 2", "nonlinear_adapted" + SEED2, "linear_hw" + SEED2, replicate=True),
-    Claim("3 close to 1, seed 2", "linear_hw" + SEED2, "softmax" + SEED2, "equivalence", replicate=True),
+    Claim("5 worse than 3, seed 2", "nonlinear_adapted" + SEED2, "linear_hw" + SEED2),
+    Claim("3 close to 1, seed 2", "linear_hw" + SEED2, "softmax" + SEED2, "equivalence"),
 )
 
 
-def _second_seed(cfg: Any) -> bool:
-    return bool(cfg.workflow.second_seed)
+def in_use(run: str, second_seed: bool) -> bool:
+    """Whether a run is made: the second-seed replicate (``*_seed2``) only with ``workflow.second_seed``."""
+    return second_seed or not run.endswith(SEED2)
 
 
-def table_rows(cfg: Any) -> Tuple[Row, ...]:
-    """The rows this configuration evaluates (second-seed rows only with ``workflow.second_seed``)."""
-    return tuple(r for r in TABLE_ROWS if not r.replicate or _second_seed(cfg))
+def table_rows(second_seed: bool) -> Tuple[Row, ...]:
+    """The study-table rows whose runs are made (:func:`in_use`)."""
+    return tuple(r for r in TABLE_ROWS if in_use(r.run, second_seed))
 
 
-def in_use(run: str, cfg: Any) -> bool:
-    """Whether this configuration makes the run (second-seed runs only with ``workflow.second_seed``)."""
-    return not run.endswith(SEED2) or _second_seed(cfg)
-
-
-def claims(cfg: Any) -> Tuple[Claim, ...]:
-    """The claims this configuration tests (second-seed claims only with ``workflow.second_seed``)."""
-    return tuple(c for c in CLAIMS if not c.replicate or _second_seed(cfg))
+def claims(second_seed: bool) -> Tuple[Claim, ...]:
+    """The claims whose two runs are made (:func:`in_use`)."""
+    return tuple(c for c in CLAIMS if in_use(c.worse, second_seed) and in_use(c.better, second_seed))
 
 
 def own_iters(run: str, cfg: Any) -> int:

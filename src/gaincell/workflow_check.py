@@ -75,9 +75,8 @@ def check(results_dir: Path) -> List[str]:
     r = Path(results_dir)
     problems: List[str] = []
     second = _second_seed(r)
-    made = [] if second else [run.name for run in study.RUNS if run.name.endswith(study.SEED2)]
-    table = [row for row in study.TABLE_ROWS if second or not row.replicate]
-    claims = [c for c in study.CLAIMS if second or not c.replicate]
+    made = [run.name for run in study.RUNS if not study.in_use(run.name, second)]  # runs this profile skips
+    table, claims = study.table_rows(second), study.claims(second)
 
     def need(rel: str, min_bytes: int = 1, test: Callable[[Path], str] | None = None) -> None:
         path = r / rel

@@ -1,7 +1,7 @@
 # The study table (gaincell.study.table_rows): every row's model on the same fixed validation sequences
 # (per-sequence losses, attention share, signal health), then the table, the paper's claims with paired
 # standard errors and the per-cell adaptation summary.
-TABLE_RUNS = [row.run for row in study.table_rows(CFG)]
+TABLE_RUNS = [row.run for row in study.table_rows(bool(WF.second_seed))]
 STUDY_TABLE = [f"{R}/diagnose/{name}.csv" for name in ("study_table", "claims", "cells", "health")]
 
 

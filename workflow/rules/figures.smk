@@ -11,7 +11,7 @@ rule figures:
         rules.variation_sweep.output,
         expand(f"{R}/eval/{{run}}/results.csv", run=VARIANTS),
         expand(f"{R}/adapt/study/{{run}}.json", run=VARIANTS),
-        expand(f"{R}/adapt/{{run}}/summary.json", run=[r.name for r in study.runs("adapt") if study.in_use(r.name, CFG)]),
+        expand(f"{R}/adapt/{{run}}/summary.json", run=[r.name for r in study.runs("adapt") if study.in_use(r.name, bool(WF.second_seed))]),
         ckpt(study.SAMPLE_RUN),
         STUDY_TABLE,
     output:
