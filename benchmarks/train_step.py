@@ -215,7 +215,8 @@ def main_interleaved(args) -> int:
 
     shape, device = args.shapes[0], (args.devices or ["cpu"])[0]
     kinds = args.kinds if args.kinds != list(KINDS) else ["softmax", "linear_hw", "nonlinear_hw"]
-    steps = args.steps or 7
+    # 15 interleaved repetitions: with 7 the median ratios moved by a few percent from run to run
+    steps = args.steps or 15
     warmup = args.warmup if args.warmup is not None else 2
     load_before = os.getloadavg()
     started = time.time()
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: per shape and device)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: per shape and device; 15 with --interleave)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "train_step.csv")
     ap.add_argument("--worker", nargs=3, metavar=("SHAPE", "KIND", "DEVICE"), help=argparse.SUPPRESS)
