@@ -166,6 +166,13 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+def _baddbmm_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """In place: total += a @ b over the two leading dims ((m, BH, r, s) @ (m, BH, s, u)), one ``baddbmm_``
+    (the product is added in the matrix kernel: no temporary). ``total`` must be contiguous; returns it."""
+    total.view(-1, *total.shape[2:]).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))
+    return total
+
+
 def _times(gain: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """gamma * x, or x itself without cell variation (today's arithmetic exactly)."""
     return x if gain is None else gain * x
@@ -299,17 +306,21 @@ def _charge_of_cells(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, de
 
 def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta: int,
                  need_grad: bool, need_output: bool = True,
-                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> _LagState:
+                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                 accumulate: Optional[torch.Tensor] = None) -> _LagState:
     """Pulses and sub-tile output for key blocks j = i - delta, query blocks i = delta..blocks-1;
     ``need_grad``: also what ``_lag_backward`` needs; ``need_output``: the output A; ``out``: where to write
-    the linear model's two backward slabs (``P_linear``, ``grad_scale``; ``forward_packed``'s state)."""
+    the linear model's two backward slabs (``P_linear``, ``grad_scale``; ``forward_packed``'s state);
+    ``accumulate`` (linear cell): a sub-tile readout (m, BH, n, D) the output is added into, in the product
+    (then ``A`` is that tensor)."""
     m, lag = band.blocks - delta, band.lags[delta]
     X = _charge(ops, band, cfg, delta)
     P = X.clamp(0.0, 1.0)
     inside = None
     if need_grad:
-        # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp)
-        inside = _equal_mask(P, X, None if out is None else out[1])
+        # where the HardSigmoid passes the gradient (inclusive bounds, as torch.clamp); without a slot the
+        # mask takes X's buffer (X is not read after this), one allocation less
+        inside = _equal_mask(P, X, X if out is None else out[1])
     # The linear cell's charge without offsets is already (+-)0 outside the window (key_scale is 0 there),
     # and so is the pulse: the mask changes no value there. grad_scale is 0 outside the window too, so
     # the HardSigmoid mask needs the window only where it is used on its own (exact gradient, offsets).
@@ -320,9 +331,11 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
     del X
     P_weighted = A = None
     if not cfg.nonlinear:
-        P_weighted = torch.mul(P, lag.value_scale, out=None if out is None else out[0])
+        # in place without a slot unless the V offsets read P below
+        in_place = out is None and ops.offset_v is None
+        P_weighted = torch.mul(P, lag.value_scale, out=out[0] if out is not None else (P if in_place else None))
         if need_output:
-            A = _bmm(P_weighted, ops.Ug[:m])
+            A = _bmm(P_weighted, ops.Ug[:m]) if accumulate is None else _baddbmm_(accumulate, P_weighted, ops.Ug[:m])
     elif need_output or (need_grad and cfg.exact_nonlinear_grad):
         c = band.coefficients
         # [P v_1 | P v_2 | P v_3] in one product: (.., n, 1, n) * (n, 3, n) -> (.., n, 3n)
@@ -337,7 +350,7 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
         return _LagState(inside, P, P_weighted, A)
     # Linear model's gradient (linear cell, or the surrogate of docs/attention.md#gradients): keep only its
     # two operands (and, with cell offsets, the HardSigmoid mask their gradient paths need).
-    P_linear = P_weighted if not cfg.nonlinear else torch.mul(P, lag.value_scale, out=None if out is None else out[0])
+    P_linear = P_weighted if not cfg.nonlinear else torch.mul(P, lag.value_scale, out=P if out is None else out[0])
     keep_inside = ops.offset_k is not None
     grad_scale = inside * lag.grad_scale if keep_inside else inside.mul_(lag.grad_scale)
     return _LagState(inside if keep_inside else None, None, None, A, P_linear, grad_scale)
@@ -354,14 +367,14 @@ def _lag_backward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta
     gain_v = None if ops.gain_v is None else ops.gain_v[:m]
     if not (cfg.nonlinear and cfg.exact_nonlinear_grad):
         # Linear cell, or the nonlinear cell's surrogate: the linear model's gradient (docs/attention.md#gradients).
-        grads.add("dU", 0, _times(gain_v, _bmm(st.P_linear.transpose(-1, -2), dA)))
+        grads.add_product("dU", 0, st.P_linear.transpose(-1, -2), dA, gain_v)
         # dL/dR with R = Q (gamma W)^T: through the value array (g alpha gamma / S_av), the HardSigmoid
         # mask and the key array (g alpha / S_qk): grad_scale holds the mask and both alpha factors.
         dR = _bmm(dA, ops.Ug[:m].transpose(-1, -2)).mul_(st.grad_scale)
         if ops.offset_k is not None:
             _offset_backward_linear(ops, band, cfg, delta, st, dA, dR, grads)
-        grads.add("dQ", delta, _bmm(dR, ops.Wg[:m]))
-        grads.add("dW", 0, _times(gain_k, _bmm(dR.transpose(-1, -2), Qs)))
+        grads.add_product("dQ", delta, dR, ops.Wg[:m])
+        grads.add_product("dW", 0, dR.transpose(-1, -2), Qs, gain_k)
         return
     c = band.coefficients
     # Value array, exact: dP = sum_i v_i * (dA . (U**i)^T) + c_0 / S_av * sum_d dA.
@@ -463,15 +476,22 @@ def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], kee
     readout_inside = []
     y = None
     for index, group in enumerate(_readout_groups(band)):
-        parts = [_lag_forward(ops, band, cfg, d, need_grad=keep_states, out=None if slots is None else slots.lags[d])
-                 for d in group]
+        parts = [_lag_forward(ops, band, cfg, group[0], need_grad=keep_states,
+                              out=None if slots is None else slots.lags[group[0]])]
         tile = parts[0].A
         if len(group) == 2:  # the merged sub-tile: the oldest keys' contribution to the newest blocks
-            tile[band.tiles:] += parts[1].A
+            d = group[1]
+            merge_in_product = not cfg.nonlinear and ops.offset_v is None
+            parts.append(_lag_forward(ops, band, cfg, d, need_grad=keep_states,
+                                      out=None if slots is None else slots.lags[d],
+                                      accumulate=tile[band.tiles:] if merge_in_product else None))
+            if not merge_in_product:
+                tile[band.tiles:] += parts[1].A
         _add_noise_(tile, cfg, noise)
         if keep:  # the readout clamp passes dy where |A| <= 1
             read = tile.clamp(*OUTPUT_RANGE)
-            readout_inside.append(_equal_mask(read, tile, None if slots is None else slots.readouts[index]))
+            # the mask takes the readout's buffer without a slot (tile is not read after this)
+            readout_inside.append(_equal_mask(read, tile, tile if slots is None else slots.readouts[index]))
             tile = quantize_(read, cfg.output_levels, *OUTPUT_RANGE)
         else:
             tile = _readout_(tile, cfg)
@@ -519,6 +539,16 @@ class _Grads:
 
     def __init__(self) -> None:
         self.dQ = self.dW = self.dU = None
+
+    def add_product(self, name: str, start: int, a: torch.Tensor, b: torch.Tensor,
+                    gain: Optional[torch.Tensor] = None) -> None:
+        """``add(name, start, gain * (a @ b))``; without a gain the product is accumulated in place
+        (``baddbmm_``: no temporary, no separate sum pass)."""
+        total = getattr(self, name)
+        if total is None or gain is not None:
+            self.add(name, start, _times(gain, _bmm(a, b)))
+        else:
+            _baddbmm_(total[start:start + a.shape[0]], a, b)
 
     def add(self, name: str, start: int, value: torch.Tensor) -> None:
         total = getattr(self, name)

@@ -295,6 +295,7 @@ class AnalogKVDecoder:
         bh, tiles = self.batch * self.heads, cfg.tiles
         work = torch.zeros(1 + 2 * n_pow, self.batch, self.heads, self.head_dim, device=device, dtype=dtype)
         self._qkv = work[:3]
+        self._qkv_rows = tuple(work[:3])  # q, k, v's rows of the buffer, as views made once
         self._written = work[1:].view(n_pow, 2, self.batch, self.heads, self.head_dim)   # (P, K/V, B, H, D)
         self._power_views = tuple(self._written)
         self._written_k = self._written[:, 0].permute(1, 2, 3, 0)                        # (B, H, D, P)
@@ -387,7 +388,9 @@ class AnalogKVDecoder:
             self._allocate(q)
         if q.device != self._device or k.device != self._device or v.device != self._device:
             q, k, v = (x.to(self._device) for x in (q, k, v))
-        qkv = torch.stack((q, k, v), out=self._qkv)  # in the state's dtype
+        for row, x in zip(self._qkv_rows, (q, k, v)):  # in the state's dtype (torch.stack with out=
+            row.copy_(x)                                # costs about twice these three copies)
+        qkv = self._qkv
         self._record_nan(qkv)
         self._dac_inputs_(qkv)
         # The write into slot t mod M (docs/attention.md#second-array-product-and-sub-tiles): the powers

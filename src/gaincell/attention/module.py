@@ -63,20 +63,28 @@ class SoftmaxKVCache:
 
 
 class _PerHeadAffine(torch.autograd.Function):
-    """y = a * x + b with a, b of shape (1, H, 1, 1): the values and gradients of that autograd expression
-    (same operations, same reductions), with the sum written in place into the product (one pass less)."""
+    """y = a * x + b with a, b of shape (1, H, 1, 1) and x (B, H, T, D) of any layout: the values of that
+    autograd expression bit for bit (one product and one sum per element), and its gradients.
+
+    Why not the expression itself: broadcasting one number per head against rows of D elements takes
+    PyTorch's strided slow path (2-3x a copy of x here, most of the attention layer's elementwise time
+    at the tiny shape); a and b are broadcast as contiguous (1, H, 1, D) rows instead. The gradients of
+    a and b reduce over B and T first (outer dimensions, vectorised along D), then over D: the same sums
+    in another order (float rounding aside)."""
 
     @staticmethod
     def forward(ctx, x, a, b):
-        ctx.save_for_backward(x, a)
-        return torch.mul(a, x).add_(b)
+        a_row = a.expand(*a.shape[:-1], x.shape[-1]).contiguous()
+        ctx.save_for_backward(x, a_row)
+        ctx.scale_shape = a.shape
+        return torch.mul(x, a_row).add_(b.expand_as(a_row).contiguous())
 
     @staticmethod
     def backward(ctx, dy):
-        x, a = ctx.saved_tensors
-        dx = dy * a if ctx.needs_input_grad[0] else None
-        da = (dy * x).sum((0, 2, 3), keepdim=True) if ctx.needs_input_grad[1] else None
-        db = dy.sum((0, 2, 3), keepdim=True) if ctx.needs_input_grad[2] else None
+        x, a_row = ctx.saved_tensors
+        dx = dy * a_row if ctx.needs_input_grad[0] else None
+        da = torch.mul(dy, x).sum((0, 2)).sum(-1).view(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        db = dy.sum((0, 2)).sum(-1).view(ctx.scale_shape) if ctx.needs_input_grad[2] else None
         return dx, da, db
 
 
