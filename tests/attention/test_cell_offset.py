@@ -1,8 +1,8 @@
 """Per-cell additive offsets (``cell_offset_variation``, issue 16 §3: a threshold shift is mostly an offset)
 on the CPU paths: the dense reference, the blocked path (forward and backward) and the streaming decoder.
 
-Float64 throughout, so that a wrong cell, ring row or a missing 1 / S_sat factor shows many orders of
-magnitude above rounding (1e-16 relative).
+Float64 throughout (set-up shared with ``test_noise.py``: ``cell_cases``), so that a wrong cell, ring row
+or a missing 1 / S_sat factor shows many orders of magnitude above rounding (1e-16 relative).
 """
 from __future__ import annotations
 
@@ -11,61 +11,25 @@ import math
 
 import pytest
 import torch
+from cell_cases import (
+    CELLS,
+    PATHS,
+    assert_outputs_close,
+    assert_seed_decides,
+    chip_config,
+    closed_form_config,
+    gradcheck_config,
+    inputs,
+    outputs_and_gradients,
+    per_cell_attention,
+    run,
+    stream,
+)
 
-from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder, analog_attention, blocked
+from gaincell.attention import AnalogAttentionConfig, analog_attention, blocked
 from gaincell.attention.config import PAPER_COEFFICIENTS
 from gaincell.attention.noise import cell_gains, cell_offsets, layer_config
-from gaincell.attention.quantize import clamp_quantize
-from gaincell.attention.reference import analog_attention_dense, dac_inputs
-
-PATHS = ("dense", "blocked")
-CELLS = {"linear": dict(coefficients=None), "surrogate": dict(coefficients=PAPER_COEFFICIENTS),
-         "exact": dict(coefficients=PAPER_COEFFICIENTS, exact_nonlinear_grad=True)}
-
-
-def _inputs(batch, heads, tokens, dim, seed):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(batch, heads, tokens, dim, generator=g, dtype=torch.float64) * 1.1 - 0.05
-    k = 0.45 + 0.3 * torch.randn(batch, heads, tokens, dim, generator=g, dtype=torch.float64)
-    v = 0.45 + 0.3 * torch.randn(batch, heads, tokens, dim, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def _stream(cfg, q, k, v):
-    batch, heads, tokens, dim = q.shape
-    decoder = AnalogKVDecoder(cfg, batch=batch, heads=heads, head_dim=dim)
-    return torch.stack([decoder.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
-
-
-def _run(path, q, k, v, cfg):
-    return _stream(cfg, q, k, v) if path == "decoder" else analog_attention(q, k, v, cfg, implementation=path)
-
-
-def _per_cell_attention(q, k, v, cfg, gains, offsets):
-    """Independent oracle, one cell at a time (q, k, v: (H, T, D) float64; gains, offsets (H, M, D) per
-    array): every cell's current (gamma * sum_i c_i alpha**i x y**i + delta) * x, key t' in ring row t' mod M,
-    its sub-tile (row // tile_rows) read when it holds a key. Output quantizer off."""
-    c = cfg.folded_coefficients
-    (gain_k, gain_v), (offset_k, offset_v) = gains, offsets
-    Q, K, V = dac_inputs(q, k, v, cfg)
-    W, U = K - cfg.stored_offset, V - cfg.stored_offset
-    heads, tokens, dim = q.shape
-    y = torch.zeros(heads, tokens, dim, dtype=torch.float64)
-    for h in range(heads):
-        for t in range(tokens):
-            tiles = {}
-            for s in range(max(0, t - cfg.window + 1), t + 1):
-                a, row = math.exp(-cfg.decay_per_step * (t - s)), s % cfg.window
-                charge = sum((float(gain_k[h, row, d]) * sum(c[i] * a ** i * float(W[h, s, d]) ** i for i in range(4))
-                              + float(offset_k[h, row, d])) * float(Q[h, t, d]) for d in range(dim))
-                pulse = min(max(charge / cfg.qk_saturation, 0.0), 1.0)
-                A = tiles.setdefault(row // cfg.tile_rows, [0.0] * dim)
-                for d in range(dim):
-                    cell = float(gain_v[h, row, d]) * sum(c[i] * a ** i * float(U[h, s, d]) ** i for i in range(4))
-                    A[d] += (cell + float(offset_v[h, row, d])) * pulse / cfg.av_saturation
-            for A in tiles.values():
-                y[h, t] += clamp_quantize(torch.tensor(A, dtype=torch.float64), None, -1.0, 1.0)
-    return y
+from gaincell.attention.reference import analog_attention_dense
 
 
 @pytest.mark.parametrize("with_gain_variation", [False, True])
@@ -73,18 +37,17 @@ def _per_cell_attention(q, k, v, cfg, gains, offsets):
 def test_offset_adds_to_each_cells_output(cell, with_gain_variation):
     """Closed form, cell by cell: each cell's offset is added to its output (not attenuated, not scaled by
     its gain), ring row t' mod M holds key t' (the sequence wraps the window 2.5 times); every path."""
-    cfg = AnalogAttentionConfig(window=8, tile_rows=4, decay_per_step=2e-2, output_levels=None,
-                                qk_saturation=4.0, av_saturation=4.0, cell_offset_variation=0.4,
-                                cell_variation=0.3 if with_gain_variation else 0.0, noise_seed=2, **CELLS[cell])
-    q, k, v = _inputs(1, 2, 20, 3, seed=3)
+    cfg = closed_form_config(cell, cell_offset_variation=0.4, cell_variation=0.3 if with_gain_variation else 0.0,
+                             noise_seed=2)
+    q, k, v = inputs(1, 2, 20, 3, seed=3)
     ones = torch.ones(2, cfg.window, 3, dtype=torch.float64)
     gains = cell_gains(cfg, heads=2, head_dim=3, dtype=torch.float64) or (ones, ones)
     offsets = cell_offsets(cfg, heads=2, head_dim=3, dtype=torch.float64)
-    expected = _per_cell_attention(q[0], k[0], v[0], cfg, gains, offsets)
-    without = _per_cell_attention(q[0], k[0], v[0], cfg, gains, (0 * ones, 0 * ones))
+    expected = per_cell_attention(q[0], k[0], v[0], cfg, gains, offsets)
+    without = per_cell_attention(q[0], k[0], v[0], cfg, gains, (0 * ones, 0 * ones))
     assert (expected - without).abs().max() > 0.05  # the offsets change the answer
     for path in PATHS + ("decoder",):
-        torch.testing.assert_close(_run(path, q, k, v, cfg)[0], expected, rtol=1e-12, atol=1e-13, msg=path)
+        torch.testing.assert_close(run(path, q, k, v, cfg)[0], expected, rtol=1e-12, atol=1e-13, msg=path)
 
 
 def test_offsets_statistics_and_independence_from_the_gains():
@@ -113,10 +76,9 @@ def test_offsets_statistics_and_independence_from_the_gains():
 def test_streaming_equals_parallel_exactly_with_offsets(cell, ratio):
     """The decoder's quantized outputs equal the parallel ones bit for bit with offsets (and gains) on
     (float64: rounding differences of 1e-16 never cross an output level)."""
-    cfg = AnalogAttentionConfig(window=32, tile_rows=8, decay_per_step=1e-2, cell_variation=0.05,
-                                cell_offset_variation=1.0, noise_seed=11, **CELLS[cell])
-    q, k, v = _inputs(2, 3, int(ratio * cfg.window), 16, seed=int(10 * ratio))
-    streamed = _stream(cfg, q, k, v)
+    cfg = chip_config(cell, cell_variation=0.05, cell_offset_variation=1.0, noise_seed=11)
+    q, k, v = inputs(2, 3, int(ratio * cfg.window), 16, seed=int(10 * ratio))
+    streamed = stream(cfg, q, k, v)
     for path in PATHS:
         assert torch.equal(streamed, analog_attention(q, k, v, cfg, implementation=path)), path
     no_offsets = analog_attention(q, k, v, dataclasses.replace(cfg, cell_offset_variation=0.0))
@@ -128,43 +90,33 @@ def test_streaming_equals_parallel_exactly_with_offsets(cell, ratio):
 def test_blocked_forward_and_backward_equal_the_reference_with_offsets(cell, long_window):
     """Blocked vs dense, outputs and gradients, with the saved-slab backward (short window) and the
     recomputing one (window long enough that ``_saves`` is False)."""
-    window = 256 if long_window else 32
-    cfg = AnalogAttentionConfig(window=window, tile_rows=8, decay_per_step=1e-2, cell_variation=0.05,
-                                cell_offset_variation=0.6, noise_seed=5, **CELLS[cell])
-    q, k, v = _inputs(2, 2, 300 if long_window else 90, 4 if long_window else 16, seed=8)
+    cfg = chip_config(cell, window=256 if long_window else 32, cell_variation=0.05, cell_offset_variation=0.6,
+                      noise_seed=5)
+    q, k, v = inputs(2, 2, 300 if long_window else 90, 4 if long_window else 16, seed=8)
     dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert blocked._saves(q.shape, cfg) == (not long_window)  # both backward variants are exercised
-    results = []
-    for path in PATHS:
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        y = analog_attention(*leaves, cfg, implementation=path)
-        y.backward(dy)
-        results.append([y.detach()] + [x.grad for x in leaves])
-    for name, a, b in zip(("y", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} of the blocked path")
+    results = [outputs_and_gradients(lambda a, b, c: analog_attention(a, b, c, cfg, implementation=path), q, k, v, dy)
+               for path in PATHS]
+    assert_outputs_close(*results, "the blocked path")
     # The offsets reach the query gradient: it differs from the one without them.
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    analog_attention(*leaves, dataclasses.replace(cfg, cell_offset_variation=0.0), implementation="blocked").backward(dy)
-    assert (leaves[0].grad - results[1][1]).abs().max() > 1e-3
+    no_offsets = dataclasses.replace(cfg, cell_offset_variation=0.0)
+    dq_no_offsets = outputs_and_gradients(lambda a, b, c: analog_attention(a, b, c, no_offsets, implementation="blocked"),
+                                          q, k, v, dy)[1]
+    assert (dq_no_offsets - results[1][1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("cell", ["linear", "exact"])
 def test_reference_gradient_with_offsets_passes_gradcheck(cell):
     """The dense path's autograd through the offset cells (quantizers off: they are straight-through)."""
-    cfg = AnalogAttentionConfig(window=8, tile_rows=4, decay_per_step=3e-2, query_levels=None, stored_levels=None,
-                                output_levels=None, qk_saturation=4.0, av_saturation=4.0, cell_offset_variation=0.4,
-                                **CELLS[cell])
-    q, k, v = (x.requires_grad_() for x in _inputs(1, 2, 12, 3, seed=4))
+    cfg = gradcheck_config(cell, cell_offset_variation=0.4)
+    q, k, v = (x.requires_grad_() for x in inputs(1, 2, 12, 3, seed=4))
     assert torch.autograd.gradcheck(lambda a, b, c: analog_attention_dense(a, b, c, cfg), (q, k, v))
 
 
 def test_same_seed_same_offsets_different_seed_different_offsets():
-    q, k, v = _inputs(1, 2, 40, 8, seed=2)
+    q, k, v = inputs(1, 2, 40, 8, seed=2)
     cfg = AnalogAttentionConfig(window=16, tile_rows=8, output_levels=None, cell_offset_variation=0.3, noise_seed=1)
-    for path in PATHS + ("decoder",):
-        first = _run(path, q, k, v, cfg)
-        assert torch.equal(first, _run(path, q, k, v, cfg))
-        assert (first - _run(path, q, k, v, dataclasses.replace(cfg, noise_seed=2))).abs().max() > 1e-3
+    assert_seed_decides(q, k, v, cfg, other_seed=2)
 
 
 def test_triton_kernels_decline_offsets():
@@ -184,14 +136,9 @@ def test_custom_operator_with_offsets_equals_the_reference():
     cfg = AnalogAttentionConfig(window=16, tile_rows=8, decay_per_step=1e-2, cell_offset_variation=0.6,
                                 noise_seed=3, coefficients=PAPER_COEFFICIENTS)
     assert op_supports(cfg, "blocked") is None
-    q, k, v = _inputs(1, 2, 40, 8, seed=6)
+    q, k, v = inputs(1, 2, 40, 8, seed=6)
     dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    results = []
-    for run in (lambda a, b, c: analog_attention_op(a, b, c, cfg, implementation="blocked"),
-                lambda a, b, c: analog_attention_dense(a, b, c, cfg)):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        y = run(*leaves)
-        y.backward(dy)
-        results.append([y.detach()] + [x.grad for x in leaves])
-    for name, a, b in zip(("y", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} of the operator")
+    operator = outputs_and_gradients(lambda a, b, c: analog_attention_op(a, b, c, cfg, implementation="blocked"),
+                                     q, k, v, dy)
+    reference = outputs_and_gradients(lambda a, b, c: analog_attention_dense(a, b, c, cfg), q, k, v, dy)
+    assert_outputs_close(operator, reference, "the operator")

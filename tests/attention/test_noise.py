@@ -1,8 +1,9 @@
 """Cell-to-cell gain variation and readout noise (issue 16 §3) on every CPU path: the dense reference, the
 blocked path and the streaming decoder (the Triton kernels: ``test_triton.py``).
 
-Float64 throughout where paths are compared, so that a wrong cell, a wrong ring-buffer row or a
-missing factor shows as a difference many orders of magnitude above rounding (1e-16 relative).
+Float64 throughout where paths are compared (set-up shared with ``test_cell_offset.py``: ``cell_cases``),
+so that a wrong cell, a wrong ring-buffer row or a missing factor shows as a difference many orders of
+magnitude above rounding (1e-16 relative).
 """
 from __future__ import annotations
 
@@ -12,36 +13,26 @@ import math
 import pytest
 import torch
 import zero_knob_cases
+from cell_cases import (
+    CELLS,
+    PATHS,
+    assert_outputs_close,
+    assert_seed_decides,
+    chip_config,
+    closed_form_config,
+    gradcheck_config,
+    inputs,
+    outputs_and_gradients,
+    per_cell_attention,
+    run,
+    stream,
+)
 
-from gaincell.attention import AnalogAttentionConfig, AnalogKVDecoder, analog_attention
+from gaincell.attention import AnalogAttentionConfig, analog_attention
 from gaincell.attention import noise as noise_module
 from gaincell.attention.blocked import _BlockedAnalogAttention
-from gaincell.attention.config import PAPER_COEFFICIENTS
 from gaincell.attention.noise import cell_gains, layer_config, reset_readout_noise
-from gaincell.attention.quantize import clamp_quantize
-from gaincell.attention.reference import analog_attention_dense, dac_inputs
-
-PATHS = ("dense", "blocked")
-CELLS = {"linear": dict(coefficients=None), "surrogate": dict(coefficients=PAPER_COEFFICIENTS),
-         "exact": dict(coefficients=PAPER_COEFFICIENTS, exact_nonlinear_grad=True)}
-
-
-def _inputs(batch, heads, tokens, dim, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(batch, heads, tokens, dim, generator=g, dtype=torch.float64) * 1.1 - 0.05
-    k = 0.45 + 0.3 * torch.randn(batch, heads, tokens, dim, generator=g, dtype=torch.float64)
-    v = 0.45 + 0.3 * torch.randn(batch, heads, tokens, dim, generator=g, dtype=torch.float64)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _stream(cfg, q, k, v, **kwargs):
-    batch, heads, tokens, dim = q.shape
-    decoder = AnalogKVDecoder(cfg, batch=batch, heads=heads, head_dim=dim, **kwargs)
-    return torch.stack([decoder.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(tokens)], dim=2)
-
-
-def _run(path, q, k, v, cfg):
-    return _stream(cfg, q, k, v) if path == "decoder" else analog_attention(q, k, v, cfg, implementation=path)
+from gaincell.attention.reference import analog_attention_dense
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,10 +51,10 @@ def test_zero_variation_and_noise_are_bit_identical_to_before(path, cell):
 
 
 def test_zero_knobs_ignore_the_seed():
-    q, k, v = _inputs(1, 2, 40, 8, seed=1)
+    q, k, v = inputs(1, 2, 40, 8, seed=1)
     base = AnalogAttentionConfig(window=16, tile_rows=8, decay_per_step=1e-2)
     for path in PATHS:
-        assert torch.equal(_run(path, q, k, v, base), _run(path, q, k, v, dataclasses.replace(base, noise_seed=9)))
+        assert torch.equal(run(path, q, k, v, base), run(path, q, k, v, dataclasses.replace(base, noise_seed=9)))
     assert layer_config(base, 3) is base
 
 
@@ -120,47 +111,18 @@ def test_layers_get_their_own_chips():
     assert all(core.analog == cfg for core in model.attention_cores())  # the model-level config is kept
 
 
-def _per_cell_attention(q, k, v, cfg, gain_k, gain_v):
-    """Independent oracle, one cell at a time (q, k, v: (H, T, D) float64; gains (H, M, D)): every cell's
-    current gamma * sum_i c_i alpha**i x y**i, key t' in ring row t' mod M, its sub-tile (row // tile_rows)
-    read when it holds a key. Output quantizer off (the caller compares unquantized sums)."""
-    c = cfg.folded_coefficients
-    Q, K, V = dac_inputs(q, k, v, cfg)
-    W, U = K - cfg.stored_offset, V - cfg.stored_offset
-    heads, tokens, dim = q.shape
-    y = torch.zeros(heads, tokens, dim, dtype=torch.float64)
-    for h in range(heads):
-        for t in range(tokens):
-            keys = range(max(0, t - cfg.window + 1), t + 1)
-            tiles = {}
-            for s in keys:
-                a, row = math.exp(-cfg.decay_per_step * (t - s)), s % cfg.window
-                charge = sum(float(gain_k[h, row, d]) * sum(c[i] * a ** i * float(Q[h, t, d]) * float(W[h, s, d]) ** i
-                                                            for i in range(4)) for d in range(dim))
-                pulse = min(max(charge / cfg.qk_saturation, 0.0), 1.0)
-                A = tiles.setdefault(row // cfg.tile_rows, [0.0] * dim)
-                for d in range(dim):
-                    A[d] += float(gain_v[h, row, d]) * sum(c[i] * pulse * a ** i * float(U[h, s, d]) ** i
-                                                           for i in range(4)) / cfg.av_saturation
-            for A in tiles.values():
-                y[h, t] += clamp_quantize(torch.tensor(A, dtype=torch.float64), None, -1.0, 1.0)
-    return y
-
-
 @pytest.mark.parametrize("cell", ["linear", "surrogate"])
 def test_variation_multiplies_every_term_of_each_cell(cell):
     """Closed form, cell by cell: the variation scales c_0 too (nonlinear) and g (linear), the chip's
     row t' mod M holds key t' (the sequence wraps the window 2.5 times)."""
-    cfg = AnalogAttentionConfig(window=8, tile_rows=4, decay_per_step=2e-2, output_levels=None,
-                                qk_saturation=4.0, av_saturation=4.0, cell_variation=0.3, noise_seed=2,
-                                **CELLS[cell])
-    q, k, v = _inputs(1, 2, 20, 3, seed=3)
+    cfg = closed_form_config(cell, cell_variation=0.3, noise_seed=2)
+    q, k, v = inputs(1, 2, 20, 3, seed=3)
     gain_k, gain_v = cell_gains(cfg, heads=2, head_dim=3, dtype=torch.float64)
-    expected = _per_cell_attention(q[0], k[0], v[0], cfg, gain_k, gain_v)
-    without = _per_cell_attention(q[0], k[0], v[0], cfg, torch.ones_like(gain_k), torch.ones_like(gain_v))
+    expected = per_cell_attention(q[0], k[0], v[0], cfg, (gain_k, gain_v))
+    without = per_cell_attention(q[0], k[0], v[0], cfg, (torch.ones_like(gain_k), torch.ones_like(gain_v)))
     assert (expected - without).abs().max() > 0.05  # the variation changes the answer
     for path in PATHS + ("decoder",):
-        torch.testing.assert_close(_run(path, q, k, v, cfg)[0], expected, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(run(path, q, k, v, cfg)[0], expected, rtol=1e-12, atol=1e-13, msg=path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,51 +133,38 @@ def test_variation_multiplies_every_term_of_each_cell(cell):
 def test_streaming_equals_parallel_exactly_with_variation(cell, ratio):
     """Token t is written to ring row t mod M and meets that row's cells: the decoder's quantized outputs
     equal the parallel ones bit for bit (float64: rounding differences of 1e-16 never cross a level)."""
-    cfg = AnalogAttentionConfig(window=32, tile_rows=8, decay_per_step=1e-2, cell_variation=0.2, noise_seed=11,
-                                **CELLS[cell])
-    tokens = int(ratio * cfg.window)
-    q, k, v = _inputs(2, 3, tokens, 16, seed=int(10 * ratio))
+    cfg = chip_config(cell, cell_variation=0.2, noise_seed=11)
+    q, k, v = inputs(2, 3, int(ratio * cfg.window), 16, seed=int(10 * ratio))
     for path in PATHS:
         parallel = analog_attention(q, k, v, cfg, implementation=path)
-        assert torch.equal(_stream(cfg, q, k, v), parallel), path
+        assert torch.equal(stream(cfg, q, k, v), parallel), path
     identical_cells = analog_attention(q, k, v, dataclasses.replace(cfg, cell_variation=0.0))
     assert (parallel != identical_cells).float().mean() > 0.1  # the chip matters at this variation
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_blocked_forward_and_backward_equal_the_reference_with_variation(cell):
-    cfg = AnalogAttentionConfig(window=32, tile_rows=8, decay_per_step=1e-2, cell_variation=0.2, noise_seed=5,
-                                **CELLS[cell])
-    q, k, v = _inputs(2, 2, 90, 8, seed=8)
+    cfg = chip_config(cell, cell_variation=0.2, noise_seed=5)
+    q, k, v = inputs(2, 2, 90, 8, seed=8)
     dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    results = []
-    for path in PATHS:
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        y = analog_attention(*leaves, cfg, implementation=path)
-        y.backward(dy)
-        results.append([y.detach()] + [x.grad for x in leaves])
-    for name, a, b in zip(("y", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} of the blocked path")
+    results = [outputs_and_gradients(lambda a, b, c: analog_attention(a, b, c, cfg, implementation=path), q, k, v, dy)
+               for path in PATHS]
+    assert_outputs_close(*results, "the blocked path")
     assert results[0][1].abs().max() > 0
 
 
 @pytest.mark.parametrize("cell", ["linear", "exact"])
 def test_reference_gradient_with_variation_passes_gradcheck(cell):
     """The dense path's autograd through the varied cells (quantizers off: they are straight-through)."""
-    cfg = AnalogAttentionConfig(window=8, tile_rows=4, decay_per_step=3e-2, query_levels=None, stored_levels=None,
-                                output_levels=None, qk_saturation=4.0, av_saturation=4.0, cell_variation=0.3,
-                                **CELLS[cell])
-    q, k, v = (x.requires_grad_() for x in _inputs(1, 2, 12, 3, seed=4))
+    cfg = gradcheck_config(cell, cell_variation=0.3)
+    q, k, v = (x.requires_grad_() for x in inputs(1, 2, 12, 3, seed=4))
     assert torch.autograd.gradcheck(lambda a, b, c: analog_attention_dense(a, b, c, cfg), (q, k, v))
 
 
 def test_same_seed_same_chip_different_seed_different_chip():
-    q, k, v = _inputs(1, 2, 40, 8, seed=2)
+    q, k, v = inputs(1, 2, 40, 8, seed=2)
     cfg = AnalogAttentionConfig(window=16, tile_rows=8, output_levels=None, cell_variation=0.1, noise_seed=1)
-    for path in PATHS + ("decoder",):
-        first = _run(path, q, k, v, cfg)
-        assert torch.equal(first, _run(path, q, k, v, cfg))
-        assert (first - _run(path, q, k, v, dataclasses.replace(cfg, noise_seed=2))).abs().max() > 1e-3
+    assert_seed_decides(q, k, v, cfg, other_seed=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,11 +184,11 @@ def test_readout_noise_has_the_stated_statistics(path):
     sigma = 0.01
     cfg = AnalogAttentionConfig(window=32, tile_rows=8, output_levels=None, av_saturation=400.0)
     noisy = dataclasses.replace(cfg, readout_noise=sigma, noise_seed=3)
-    q, k, v = _inputs(2, 2, 48, 16, seed=5)
-    clean = _run(path, q, k, v, cfg)
+    q, k, v = inputs(2, 2, 48, 16, seed=5)
+    clean = run(path, q, k, v, cfg)
     assert clean.abs().max() < 0.2  # with 4 tiles, the noise (40 sigma away) never reaches the clamp
     scale = sigma * _read_tiles(48, cfg).sqrt()[:, None]
-    z = torch.stack([(_run(path, q, k, v, noisy) - clean) / scale for _ in range(4)])  # four calls
+    z = torch.stack([(run(path, q, k, v, noisy) - clean) / scale for _ in range(4)])  # four calls
     n = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(n), f"mean {z.mean():.3g} over {n} readouts"
     assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * n), f"std {z.std():.4f} over {n} readouts"
@@ -250,19 +199,19 @@ def test_readout_noise_has_the_stated_statistics(path):
 
 
 def test_readout_noise_is_reproducible_from_its_seed():
-    q, k, v = _inputs(1, 2, 40, 8, seed=6)
+    q, k, v = inputs(1, 2, 40, 8, seed=6)
     cfg = AnalogAttentionConfig(window=16, tile_rows=8, readout_noise=0.05, noise_seed=1)
     for path in PATHS + ("decoder",):
         reset_readout_noise()
-        first, second = _run(path, q, k, v, cfg), _run(path, q, k, v, cfg)
+        first, second = run(path, q, k, v, cfg), run(path, q, k, v, cfg)
         assert not torch.equal(first, second)  # fresh noise per call
         reset_readout_noise()
-        assert torch.equal(_run(path, q, k, v, cfg), first) and torch.equal(_run(path, q, k, v, cfg), second)
+        assert torch.equal(run(path, q, k, v, cfg), first) and torch.equal(run(path, q, k, v, cfg), second)
         reset_readout_noise()
-        assert not torch.equal(_run(path, q, k, v, dataclasses.replace(cfg, noise_seed=2)), first)
+        assert not torch.equal(run(path, q, k, v, dataclasses.replace(cfg, noise_seed=2)), first)
     generator = torch.Generator().manual_seed(0)  # the decoder's own generator, when given
-    a = _stream(cfg, q, k, v, generator=generator)
-    assert torch.equal(_stream(cfg, q, k, v, generator=torch.Generator().manual_seed(0)), a)
+    a = stream(cfg, q, k, v, generator=generator)
+    assert torch.equal(stream(cfg, q, k, v, generator=torch.Generator().manual_seed(0)), a)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -273,7 +222,7 @@ def test_blocked_backward_redraws_the_forward_noise(cell):
     cfg = AnalogAttentionConfig(window=16, tile_rows=4, decay_per_step=1e-2, query_levels=None, stored_levels=None,
                                 output_levels=None, qk_saturation=4.0, av_saturation=1.0, readout_noise=0.3,
                                 cell_variation=0.2, **CELLS[cell])
-    q, k, v = (x.requires_grad_() for x in _inputs(1, 2, 24, 3, seed=9))
+    q, k, v = (x.requires_grad_() for x in inputs(1, 2, 24, 3, seed=9))
     y = _BlockedAnalogAttention.apply(q, k, v, cfg, 1234)
     assert torch.equal(y, _BlockedAnalogAttention.apply(q, k, v, cfg, 1234))
     assert ((y - _BlockedAnalogAttention.apply(q, k, v, cfg, 99)).abs() > 1e-3).any()

@@ -17,6 +17,11 @@ What is fused, and why:
   sub-tile's output A (whose clamp masks the gradient needs) instead of storing them. The linear cell and
   the nonlinear surrogate (docs/attention.md#gradients) use the linear model's gradient with the masks of the actual forward
   values; EXACT differentiates the polynomial.
+* One recompute for the forward and dQ kernels: both read a sub-tile through ``_subtile_readout`` (the
+  key block's ``_key_block``: stored K, V after the DAC, cell gains, charge S and pulse P against the
+  query block; its value-array share; the partner block's share in the merged sub-tile; readout noise),
+  so the backward's clamp masks come from the forward's own arithmetic. dK/dV adds the partner through
+  ``_key_block_share``. The helpers are @triton.jit functions, inlined by Triton: no call, no memory.
 
 Cell variation (VARIED): each stored weight is loaded with the gain factor G of its cell (the chip's
 (H, M, D) arrays, row t' mod M); the products use G * W**i, G * U**i and G for the c_0 term, and dW, dU
@@ -224,6 +229,80 @@ def _grad_value(dA, P, alpha, U, G, gain, av_sat, c1, c2, c3, EXACT: tl.constexp
 
 
 @triton.jit
+def _key_block(Qv, q_sum, Kp, Vp, GKp, GVp, rows_m, rows_n, T, offs_d, D, window, lam, gain, qk_sat, c0, c1, c2,
+               c3, stored_offset, kv_hi, kv_inv_step, kv_step, NONLINEAR: tl.constexpr, KV_QUANT: tl.constexpr,
+               VARIED: tl.constexpr, PREC: tl.constexpr, dtype: tl.constexpr):
+    """Key block ``rows_n`` seen by query block ``rows_m``: its stored K and V after the DAC (W, U) with
+    their cells' gains (Gk, Gv), then the charge S, pulse P, leakage alpha and window mask of the slab."""
+    _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
+    _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
+                            KV_QUANT, VARIED, dtype)
+    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
+                                            c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+    return W, Gk, U, Gv, S, P, alpha, inside
+
+
+@triton.jit
+def _key_block_share(Qv, q_sum, Kp, Vp, GKp, GVp, rows_m, rows_n, T, offs_d, D, window, lam, gain, qk_sat, av_sat,
+                     c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, NONLINEAR: tl.constexpr,
+                     KV_QUANT: tl.constexpr, VARIED: tl.constexpr, PREC: tl.constexpr, dtype: tl.constexpr):
+    """Key block ``rows_n``'s share of its sub-tile's output for query block ``rows_m`` (only the output:
+    for a block that shares the sub-tile and enters the readout's clamp mask)."""
+    _, _, U, Gv, _, P, alpha, _ = _key_block(Qv, q_sum, Kp, Vp, GKp, GVp, rows_m, rows_n, T, offs_d, D, window, lam,
+                                             gain, qk_sat, c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step,
+                                             NONLINEAR, KV_QUANT, VARIED, PREC, dtype)
+    return _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+
+
+@triton.jit
+def _subtile_readout(Qv, q_sum, Kp, Vp, GKp, GVp, bh, rows_m, block, partner, T, offs_d, D, window, lam, gain, qk_sat,
+                     av_sat, c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std,
+                     BLOCK: tl.constexpr, NONLINEAR: tl.constexpr, KV_QUANT: tl.constexpr, VARIED: tl.constexpr,
+                     NOISE: tl.constexpr, PREC: tl.constexpr, dtype: tl.constexpr):
+    """The sub-tile holding key block ``block`` (slots ``block mod M/BLOCK``) read by query block ``rows_m``:
+    the block's slab (``_key_block``), plus the share of key block ``partner`` in the same slots when
+    ``partner >= 0`` (the window's oldest keys, merged with the newest), plus the readout noise. Returns the
+    slab's intermediates and the sub-tile output before the ADC (clamp + quantize)."""
+    rows_n = block * BLOCK + tl.arange(0, BLOCK)
+    W, Gk, U, Gv, S, P, alpha, inside = _key_block(Qv, q_sum, Kp, Vp, GKp, GVp, rows_m, rows_n, T, offs_d, D, window,
+                                                   lam, gain, qk_sat, c0, c1, c2, c3, stored_offset, kv_hi,
+                                                   kv_inv_step, kv_step, NONLINEAR, KV_QUANT, VARIED, PREC, dtype)
+    tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+    if partner >= 0:
+        rows_p = partner * BLOCK + tl.arange(0, BLOCK)
+        tile += _key_block_share(Qv, q_sum, Kp, Vp, GKp, GVp, rows_m, rows_p, T, offs_d, D, window, lam, gain,
+                                 qk_sat, av_sat, c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step,
+                                 NONLINEAR, KV_QUANT, VARIED, PREC, dtype)
+    n_tiles = window // BLOCK
+    tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, block % n_tiles, n_tiles, offs_d, D,
+                              NOISE)
+    return W, Gk, U, Gv, S, P, alpha, inside, tile
+
+
+@triton.jit
+def _subtile_adc(Qv, q_sum, Kp, Vp, GKp, GVp, bh, rows_m, block, partner, T, offs_d, D, window, lam, gain, qk_sat,
+                 av_sat, c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std,
+                 out_inv_step, out_step, BLOCK: tl.constexpr, NONLINEAR: tl.constexpr, KV_QUANT: tl.constexpr,
+                 OUT_QUANT: tl.constexpr, VARIED: tl.constexpr, NOISE: tl.constexpr, PREC: tl.constexpr,
+                 dtype: tl.constexpr):
+    """The forward's digital value of one sub-tile (``_subtile_readout`` through the ADC: eq. 5)."""
+    _, _, _, _, _, _, _, _, tile = _subtile_readout(
+        Qv, q_sum, Kp, Vp, GKp, GVp, bh, rows_m, block, partner, T, offs_d, D, window, lam, gain, qk_sat, av_sat,
+        c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std, BLOCK, NONLINEAR,
+        KV_QUANT, VARIED, NOISE, PREC, dtype)
+    return _clamp_quantize(tile, -1.0, 1.0, out_inv_step, out_step, OUT_QUANT)
+
+
+@triton.jit
+def _grad_query_of_block(dA, S, P, alpha, inside, W, Gk, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3,
+                         EXACT: tl.constexpr, VARIED: tl.constexpr, PREC: tl.constexpr):
+    """One key block's contribution to dL/dQ from dL/dA of its sub-tile (through P, S, then W)."""
+    dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED, PREC)
+    return _grad_query(dS, alpha, W, Gk, gain, c0, c1, c2, c3, EXACT, VARIED, PREC)
+
+
+@triton.jit
 def _analog_fwd_kernel(
         Qp, Kp, Vp, Yp, GKp, GVp, T, D, H, window, lam, gain, qk_sat, av_sat, c0, c1, c2, c3, stored_offset,
         q_inv_step, q_step, kv_hi, kv_inv_step, kv_step, out_inv_step, out_step, noise_seed, noise_std,
@@ -247,39 +326,15 @@ def _analog_fwd_kernel(
     n_tiles = window // BLOCK
 
     # Sub-tile of key block i: its keys plus those of block i - n_tiles (same slots, older tokens).
-    rows_n = i * BLOCK + tl.arange(0, BLOCK)
-    _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
-                            KV_QUANT, VARIED, dtype)
-    _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
-                            KV_QUANT, VARIED, dtype)
-    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
-                                            c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-    tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-    if i >= n_tiles:
-        rows_n = (i - n_tiles) * BLOCK + tl.arange(0, BLOCK)
-        _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-        tile += _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-    tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, i % n_tiles, n_tiles, offs_d, D, NOISE)
-    y = _clamp_quantize(tile, -1.0, 1.0, out_inv_step, out_step, OUT_QUANT)
-
+    y = _subtile_adc(Qv, q_sum, Kp, Vp, GKp, GVp, bh, rows_m, i, i - n_tiles, T, offs_d, D, window, lam, gain,
+                     qk_sat, av_sat, c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, noise_seed,
+                     noise_std, out_inv_step, out_step, BLOCK, NONLINEAR, KV_QUANT, OUT_QUANT, VARIED, NOISE, PREC,
+                     dtype)
     # Every other sub-tile of the window holds exactly one key block.
     for j in range(tl.maximum(i - n_tiles + 1, 0), i):
-        rows_n = j * BLOCK + tl.arange(0, BLOCK)
-        _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-        tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-        tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, j % n_tiles, n_tiles, offs_d, D,
-                                  NOISE)
-        y += _clamp_quantize(tile, -1.0, 1.0, out_inv_step, out_step, OUT_QUANT)
+        y += _subtile_adc(Qv, q_sum, Kp, Vp, GKp, GVp, bh, rows_m, j, -1, T, offs_d, D, window, lam, gain, qk_sat,
+                          av_sat, c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std,
+                          out_inv_step, out_step, BLOCK, NONLINEAR, KV_QUANT, OUT_QUANT, VARIED, NOISE, PREC, dtype)
 
     mask = (rows_m < T)[:, None] & (offs_d < D)[None, :]
     tl.store(Yp + rows_m[:, None] * D + offs_d[None, :], y.to(Yp.dtype.element_ty), mask=mask)
@@ -313,53 +368,30 @@ def _analog_bwd_dq_kernel(
     dQ = tl.zeros((BLOCK, BLOCK_D), dtype=dtype)
 
     # The merged sub-tile (key blocks i and i - n_tiles): both outputs first, for the clamp mask.
-    rows_n = i * BLOCK + tl.arange(0, BLOCK)
-    _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
-                            KV_QUANT, VARIED, dtype)
-    _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step, stored_offset,
-                            KV_QUANT, VARIED, dtype)
-    S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
-                                            c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-    tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-    old_rows = (i - n_tiles) * BLOCK + tl.arange(0, BLOCK)
-    if i >= n_tiles:
-        _, W_o, Gk_o = _load_stored(Kp, GKp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                    stored_offset, KV_QUANT, VARIED, dtype)
-        _, U_o, Gv_o = _load_stored(Vp, GVp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                    stored_offset, KV_QUANT, VARIED, dtype)
-        S_o, P_o, alpha_o, inside_o = _charge_and_pulse(Qv, q_sum, W_o, Gk_o, rows_m, old_rows, window, lam,
-                                                        gain, qk_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-        tile += _value_array(P_o, alpha_o, U_o, Gv_o, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-    tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, i % n_tiles, n_tiles, offs_d, D, NOISE)
+    W, Gk, U, Gv, S, P, alpha, inside, tile = _subtile_readout(
+        Qv, q_sum, Kp, Vp, GKp, GVp, bh, rows_m, i, i - n_tiles, T, offs_d, D, window, lam, gain, qk_sat, av_sat,
+        c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std, BLOCK, NONLINEAR,
+        KV_QUANT, VARIED, NOISE, PREC, dtype)
     dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
-    dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED, PREC)
-    dQ += _grad_query(dS, alpha, W, Gk, gain, c0, c1, c2, c3, EXACT, VARIED, PREC)
+    dQ += _grad_query_of_block(dA, S, P, alpha, inside, W, Gk, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT,
+                               VARIED, PREC)
     if i >= n_tiles:  # recomputed rather than kept alive through the block above (register pressure)
-        _, W, Gk = _load_stored(Kp, GKp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        _, U, Gv = _load_stored(Vp, GVp, old_rows, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, old_rows, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-        dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED,
-                          PREC)
-        dQ += _grad_query(dS, alpha, W, Gk, gain, c0, c1, c2, c3, EXACT, VARIED, PREC)
+        old_rows = (i - n_tiles) * BLOCK + tl.arange(0, BLOCK)
+        W, Gk, U, Gv, S, P, alpha, inside = _key_block(Qv, q_sum, Kp, Vp, GKp, GVp, rows_m, old_rows, T, offs_d, D,
+                                                       window, lam, gain, qk_sat, c0, c1, c2, c3, stored_offset,
+                                                       kv_hi, kv_inv_step, kv_step, NONLINEAR, KV_QUANT, VARIED,
+                                                       PREC, dtype)
+        dQ += _grad_query_of_block(dA, S, P, alpha, inside, W, Gk, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3,
+                                   EXACT, VARIED, PREC)
 
     for j in range(tl.maximum(i - n_tiles + 1, 0), i):
-        rows_n = j * BLOCK + tl.arange(0, BLOCK)
-        _, W, Gk = _load_stored(Kp, GKp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        _, U, Gv = _load_stored(Vp, GVp, rows_n, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                stored_offset, KV_QUANT, VARIED, dtype)
-        S, P, alpha, inside = _charge_and_pulse(Qv, q_sum, W, Gk, rows_m, rows_n, window, lam, gain, qk_sat,
-                                                c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-        tile = _value_array(P, alpha, U, Gv, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-        tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, j % n_tiles, n_tiles, offs_d, D,
-                                  NOISE)
+        W, Gk, U, Gv, S, P, alpha, inside, tile = _subtile_readout(
+            Qv, q_sum, Kp, Vp, GKp, GVp, bh, rows_m, j, -1, T, offs_d, D, window, lam, gain, qk_sat, av_sat,
+            c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step, noise_seed, noise_std, BLOCK, NONLINEAR,
+            KV_QUANT, VARIED, NOISE, PREC, dtype)
         dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
-        dS = _grad_charge(dA, S, P, alpha, inside, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3, EXACT, VARIED,
-                          PREC)
-        dQ += _grad_query(dS, alpha, W, Gk, gain, c0, c1, c2, c3, EXACT, VARIED, PREC)
+        dQ += _grad_query_of_block(dA, S, P, alpha, inside, W, Gk, U, Gv, gain, qk_sat, av_sat, c0, c1, c2, c3,
+                                   EXACT, VARIED, PREC)
 
     dq = tl.where(_in_range(q, 0.0, 1.0), dQ, 0.0)  # DAC clamp; the quantizer is straight-through
     mask = (rows_m < T)[:, None] & (offs_d < D)[None, :]
@@ -409,13 +441,9 @@ def _analog_bwd_dkdv_kernel(
         partner = tl.where(i == j, j - n_tiles, tl.where(i - j == n_tiles, i, -1))
         if partner >= 0:
             rows_p = partner * BLOCK + tl.arange(0, BLOCK)
-            _, W_p, Gk_p = _load_stored(Kp, GKp, rows_p, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                        stored_offset, KV_QUANT, VARIED, dtype)
-            _, U_p, Gv_p = _load_stored(Vp, GVp, rows_p, T, offs_d, D, window, kv_hi, kv_inv_step, kv_step,
-                                        stored_offset, KV_QUANT, VARIED, dtype)
-            S_p, P_p, alpha_p, inside_p = _charge_and_pulse(Qv, q_sum, W_p, Gk_p, rows_m, rows_p, window, lam,
-                                                            gain, qk_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
-            tile += _value_array(P_p, alpha_p, U_p, Gv_p, gain, av_sat, c0, c1, c2, c3, NONLINEAR, VARIED, PREC)
+            tile += _key_block_share(Qv, q_sum, Kp, Vp, GKp, GVp, rows_m, rows_p, T, offs_d, D, window, lam, gain,
+                                     qk_sat, av_sat, c0, c1, c2, c3, stored_offset, kv_hi, kv_inv_step, kv_step,
+                                     NONLINEAR, KV_QUANT, VARIED, PREC, dtype)
         tile = _add_readout_noise(tile, noise_seed, noise_std, bh, rows_m, T, j % n_tiles, n_tiles, offs_d, D,
                                   NOISE)
         dA = tl.where(_in_range(tile, -1.0, 1.0), dy, 0.0)
