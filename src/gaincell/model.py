@@ -34,7 +34,7 @@ from torch import nn
 from gaincell.analog_projections import AnalogProjectionConfig, convert_projections, projection_config_from_dict
 from gaincell.attention import AnalogAttentionConfig, AttentionCore
 from gaincell.attention.config import analog_config_from_settings
-from gaincell.attention.module import KINDS
+from gaincell.attention.module import KINDS, split_heads
 
 CHECKPOINT_FORMAT = "gaincell-gpt-v1"
 
@@ -144,15 +144,12 @@ class CausalSelfAttention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, C) -> q, k, v each (B, H, T, D), unscaled (the core applies its own scaling)."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        shape = (B, T, self.n_head, C // self.n_head)
-        return (q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2))
+        return split_heads(self.c_attn(x), self.n_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.split_heads(x)
-        y = self.core(q, k, v)                                  # (B, H, T, D)
+        qkv = self.c_attn(x)
+        y = self.core(*split_heads(qkv, self.n_head), qkv=qkv)   # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -165,3 +165,36 @@ def test_set_kind_and_config_checks():
         AttentionCore("linear_hw", H, AnalogAttentionConfig(coefficients=PAPER_COEFFICIENTS))
     with pytest.raises(ValueError, match="nonlinear_hw"):
         AttentionCore("nonlinear_hw", H, AnalogAttentionConfig())
+
+
+@pytest.mark.parametrize("kind", ["linear_hw", "nonlinear_hw"])
+def test_packed_qkv_scalers_equal_the_separate_ones_bit_for_bit(kind):
+    """``AttentionCore(q, k, v, qkv=...)`` (the three input scalers as one function on the projection's
+    output) gives the output and the gradients (of the projection output and of every scaler) of the
+    call without ``qkv``, equal bit for bit; and refuses a qkv that q, k, v are not the views of."""
+    from gaincell.attention.module import split_heads
+
+    cfg = AnalogAttentionConfig(window=8, tile_rows=4, qk_saturation=20.0, av_saturation=3.0,
+                                coefficients=PAPER_COEFFICIENTS if kind == "nonlinear_hw" else None)
+    gen = torch.Generator().manual_seed(5)
+    projection = 0.5 * torch.rand(3, 24, 3 * H * 8, generator=gen)
+    dy = torch.randn(3, H, 24, 8, generator=gen)
+    results = []
+    for packed in (False, True):
+        core = AttentionCore(kind, H, cfg)
+        with torch.no_grad():
+            for p in core.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+        qkv = projection.clone().requires_grad_()
+        y = core(*split_heads(qkv, H), qkv=qkv if packed else None)
+        y.backward(dy)
+        results.append([y.detach(), qkv.grad] + [p.grad for _, p in sorted(core.named_parameters())])
+    assert results[0][0].abs().sum() > 0 and results[0][1].abs().sum() > 0
+    for want, got in zip(*results):
+        assert torch.equal(want, got)
+    core = AttentionCore(kind, H, cfg)
+    q, k, v = split_heads(projection, H)
+    with pytest.raises(ValueError, match="is not the tensor q, k, v"):
+        core(q, k, v, qkv=projection.clone())
+    with pytest.raises(ValueError, match="is not the tensor q, k, v"):
+        core(k, q, v, qkv=projection)

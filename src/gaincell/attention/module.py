@@ -38,6 +38,25 @@ def sliding_window_mask(t_query: int, t_key: int, window: Optional[int], device=
     return mask
 
 
+def split_heads(qkv: torch.Tensor, n_head: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A QKV projection's output (B, T, 3 H D) -> q, k, v each (B, H, T, D) (views, unscaled)."""
+    B, T, width = qkv.shape
+    shape = (B, T, n_head, width // (3 * n_head))
+    q, k, v = qkv.split(width // 3, dim=2)
+    return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+
+def _check_split_of(qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless q, k, v are ``split_heads(qkv)``'s views (shape, strides, storage offsets)."""
+    expected = split_heads(qkv, q.shape[1]) if qkv.dim() == 3 and q.dim() == 4 else None
+    same = expected is not None and all(
+        x.shape == e.shape and x.stride() == e.stride() and x.data_ptr() == e.data_ptr()
+        for x, e in zip((q, k, v), expected))
+    if not same:
+        raise ValueError(f"AttentionCore: qkv of shape {tuple(qkv.shape)} is not the tensor q, k, v "
+                         f"{tuple(q.shape)} are split from (expected q, k, v = split_heads(qkv, n_head))")
+
+
 class SoftmaxKVCache:
     """Key/value ring buffer of the last ``capacity`` tokens of one softmax layer, (B, H, capacity, D)."""
 
@@ -82,10 +101,57 @@ class _PerHeadAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, a_row = ctx.saved_tensors
-        dx = dy * a_row if ctx.needs_input_grad[0] else None
-        da = torch.mul(dy, x).sum((0, 2)).sum(-1).view(ctx.scale_shape) if ctx.needs_input_grad[1] else None
-        db = dy.sum((0, 2)).sum(-1).view(ctx.scale_shape) if ctx.needs_input_grad[2] else None
+        da = db = dx = None
+        # dy * x is written into the buffer that then takes dx (one allocation of x's size, not two); not
+        # while torch.compile traces (it refuses a non-contiguous out=, a graph break)
+        buffer = None if torch.compiler.is_compiling() else torch.empty_like(dy)
+        if ctx.needs_input_grad[1]:
+            da = torch.mul(dy, x, out=buffer).sum((0, 2)).sum(-1).view(ctx.scale_shape)
+        if ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2)).sum(-1).view(ctx.scale_shape)
+        if ctx.needs_input_grad[0]:
+            dx = torch.mul(dy, a_row, out=buffer)
         return dx, da, db
+
+
+class _PackedQKVAffine(torch.autograd.Function):
+    """The q, k and v scalers (eq. 8) of one layer on its QKV projection's output (B, T, 3 H D): returns
+    a_s * x_s + b_s for s = q, k, v, each (B, H, T, D) (a view-layout like ``split_heads``'), with the
+    values and gradients of three ``_PerHeadAffine`` on the three views. Why one function: its backward
+    writes a_s * dy_s straight into the slices of one (B, T, 3 H D) gradient, where three separate
+    scalers would allocate three gradients and autograd's split would concatenate them (a copy more)."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, a_q, b_q, a_k, b_k, a_v, b_v):
+        B, T, width = qkv.shape
+        views = qkv.view(B, T, 3, n_head, width // (3 * n_head)).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        rows = [(a.expand(*a.shape[:-1], views.shape[-1]).contiguous(),
+                 b.expand(*b.shape[:-1], views.shape[-1]).contiguous())
+                for a, b in ((a_q, b_q), (a_k, b_k), (a_v, b_v))]
+        ctx.save_for_backward(qkv, *(a_row for a_row, _ in rows))
+        ctx.n_head, ctx.scale_shape = n_head, a_q.shape
+        return tuple(torch.mul(x, a_row).add_(b_row) for x, (a_row, b_row) in zip(views, rows))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        qkv, *a_rows = ctx.saved_tensors
+        B, T, width = qkv.shape
+        shape = (B, T, 3, ctx.n_head, width // (3 * ctx.n_head))
+        views = qkv.view(shape).permute(2, 0, 3, 1, 4)
+        dqkv = qkv.new_empty(qkv.shape)
+        d_views = dqkv.view(shape).permute(2, 0, 3, 1, 4)
+        grads = []
+        for x, dy, a_row, d_view in zip(views, (dq, dk, dv), a_rows, d_views):
+            if dy is None:
+                d_view.zero_()
+                grads += [None, None]
+                continue
+            # the _PerHeadAffine backward, dy * x taking the slice that then holds dx
+            da = torch.mul(dy, x, out=d_view).sum((0, 2)).sum(-1).view(ctx.scale_shape)
+            db = dy.sum((0, 2)).sum(-1).view(ctx.scale_shape)
+            torch.mul(dy, a_row, out=d_view)
+            grads += [da, db]
+        return (dqkv, None, *grads)
 
 
 class AttentionCore(nn.Module):
@@ -188,14 +254,31 @@ class AttentionCore(nn.Module):
                 self.captured[stage] = (flat.mean(dim=1), flat.std(dim=1))
         return y
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _scaled_qkv(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_scale`` of q, k, v = ``split_heads(qkv)`` (B, T, 3 H D), in one autograd function."""
+        params = []
+        for stage in SCALER_STAGES[:3]:
+            params += [getattr(self, f"{stage}_scale").view(1, -1, 1, 1).to(qkv.dtype),
+                       getattr(self, f"{stage}_bias").view(1, -1, 1, 1).to(qkv.dtype)]
+        return _PackedQKVAffine.apply(qkv, self.n_head, *params)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``qkv`` (optional): the projection output (B, T, 3 H D) whose ``split_heads`` views q, k, v are;
+        the hardware kinds then run the three input scalers as one function (same values, less copying)."""
         if self.kind == "softmax":
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if self.kind == "softmax_window":
             t = q.shape[-2]
             mask = sliding_window_mask(t, k.shape[-2], self.analog.window, device=q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        q, k, v = self._scale("q", q), self._scale("k", k), self._scale("v", v)
+        if qkv is not None and not self.capture_stats and not torch.compiler.is_compiling():
+            _check_split_of(qkv, q, k, v)
+            return self._hardware_attention(*self._scaled_qkv(qkv))
+        return self._hardware_attention(self._scale("q", q), self._scale("k", k), self._scale("v", v))
+
+    def _hardware_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The analog attention and the output scaler on scaled q, k, v."""
         op_config = self._op_config[q.is_cuda]
         if op_config is not None and torch.compiler.is_compiling():
             # One opaque node for torch.compile (gaincell.attention.op): no graph break inside the model.
