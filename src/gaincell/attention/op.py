@@ -74,6 +74,16 @@ def op_supports(cfg: AnalogAttentionConfig, implementation: str = "auto", on_cud
     return None
 
 
+def _laid_out_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x with the layout the fake implementations promise, ``torch.empty_like(like)``'s: the blocked path
+    already writes its outputs so (the input's layout where that is dense, so the model's head merge costs
+    no copy); a copy only where it did not (a ragged sequence)."""
+    target = torch.empty_like(like)
+    if x.stride() == target.stride():
+        return x
+    return target.copy_(x)
+
+
 @torch.library.custom_op("gaincell::analog_attention", mutates_args=())
 def _analog_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str,
                          implementation: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +95,14 @@ def _analog_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, conf
     dtype = compute_dtype(q.dtype)
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         y, state = blocked.forward_packed(q.to(dtype), k.to(dtype), v.to(dtype), cfg)
-    # the layouts the fake implementation promises to the compiler
-    return y.to(q.dtype).contiguous(), state
+    return _laid_out_like(y.to(q.dtype), q), state
 
 
 @_analog_attention_op.register_fake
 def _(q, k, v, config, implementation):
     cfg = config_from_key(config)
     size = blocked.packed_state_size(tuple(q.shape), cfg)
-    return q.new_empty(q.shape), q.new_empty(size, dtype=compute_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty(size, dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("gaincell::analog_attention_backward", mutates_args=())
@@ -104,12 +113,12 @@ def _analog_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dtype = compute_dtype(q.dtype)
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         grads = blocked.backward_packed(q.to(dtype), k.to(dtype), v.to(dtype), cfg, dy.to(dtype), state)
-    return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v)))
+    return tuple(_laid_out_like(g.to(x.dtype), x) for g, x in zip(grads, (q, k, v)))
 
 
 @_analog_attention_backward_op.register_fake
 def _(q, k, v, dy, state, config, implementation):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
