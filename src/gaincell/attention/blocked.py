@@ -311,8 +311,8 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
     """Pulses and sub-tile output for key blocks j = i - delta, query blocks i = delta..blocks-1;
     ``need_grad``: also what ``_lag_backward`` needs; ``need_output``: the output A; ``out``: where to write
     the linear model's two backward slabs (``P_linear``, ``grad_scale``; ``forward_packed``'s state);
-    ``accumulate`` (linear cell): a sub-tile readout (m, BH, n, D) the output is added into, in the product
-    (then ``A`` is that tensor)."""
+    ``accumulate``: a sub-tile readout (m, BH, n, D) the output is added into, in the product (then ``A``
+    is that tensor)."""
     m, lag = band.blocks - delta, band.lags[delta]
     X = _charge(ops, band, cfg, delta)
     P = X.clamp(0.0, 1.0)
@@ -341,7 +341,7 @@ def _lag_forward(ops: _Operands, band: _Band, cfg: AnalogAttentionConfig, delta:
         # [P v_1 | P v_2 | P v_3] in one product: (.., n, 1, n) * (n, 3, n) -> (.., n, 3n)
         P_weighted = (P.unsqueeze(-2) * lag.value_pow_stacked).flatten(-2)
         if need_output:
-            A = _bmm(P_weighted, ops.U_pow[:m])
+            A = _bmm(P_weighted, ops.U_pow[:m]) if accumulate is None else _baddbmm_(accumulate, P_weighted, ops.U_pow[:m])
             zeroth = P.sum(dim=-1, keepdim=True) if ops.gain_v is None else _bmm(P, ops.gain_v[:m])
             A.add_(zeroth, alpha=c[0] / cfg.av_saturation)
     if A is not None and ops.offset_v is not None:  # each cell's additive offset: P . delta_V / S_av
@@ -481,12 +481,8 @@ def _forward(q, k, v, cfg: AnalogAttentionConfig, noise_seed: Optional[int], kee
         tile = parts[0].A
         if len(group) == 2:  # the merged sub-tile: the oldest keys' contribution to the newest blocks
             d = group[1]
-            merge_in_product = not cfg.nonlinear and ops.offset_v is None
             parts.append(_lag_forward(ops, band, cfg, d, need_grad=keep_states,
-                                      out=None if slots is None else slots.lags[d],
-                                      accumulate=tile[band.tiles:] if merge_in_product else None))
-            if not merge_in_product:
-                tile[band.tiles:] += parts[1].A
+                                      out=None if slots is None else slots.lags[d], accumulate=tile[band.tiles:]))
         _add_noise_(tile, cfg, noise)
         if keep:  # the readout clamp passes dy where |A| <= 1
             read = tile.clamp(*OUTPUT_RANGE)

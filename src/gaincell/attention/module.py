@@ -81,53 +81,55 @@ class SoftmaxKVCache:
         """Nothing to check: softmax propagates a NaN to the output, where the caller sees it."""
 
 
+def _scaler_rows(a: torch.Tensor, b: torch.Tensor, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """a, b of shape (1, H, 1, 1) as contiguous (1, H, 1, width) rows: broadcasting one number per head
+    against rows of D elements takes PyTorch's strided slow path (2-3x a copy of x here, most of the
+    attention layer's elementwise time at the tiny shape); full rows do not."""
+    return a.expand(*a.shape[:-1], width).contiguous(), b.expand(*b.shape[:-1], width).contiguous()
+
+
+def _scaler_backward(dy: torch.Tensor, x: torch.Tensor, a_row: torch.Tensor, scale_shape, needs, out=None):
+    """(dx, da, db) of y = a * x + b (``_scaler_rows``' a_row), each None where ``needs`` (three flags) says
+    so. dx = dy * a_row bit for bit; da, db reduce over B and T first (outer dimensions, vectorised along
+    D), then over D: the autograd expression's sums in another order. ``out``: where dy * x goes, and then
+    dx (one buffer of x's size, not two); None allocates."""
+    da = torch.mul(dy, x, out=out).sum((0, 2)).sum(-1).view(scale_shape) if needs[1] else None
+    db = dy.sum((0, 2)).sum(-1).view(scale_shape) if needs[2] else None
+    dx = torch.mul(dy, a_row, out=out) if needs[0] else None
+    return dx, da, db
+
+
 class _PerHeadAffine(torch.autograd.Function):
     """y = a * x + b with a, b of shape (1, H, 1, 1) and x (B, H, T, D) of any layout: the values of that
-    autograd expression bit for bit (one product and one sum per element), and its gradients.
-
-    Why not the expression itself: broadcasting one number per head against rows of D elements takes
-    PyTorch's strided slow path (2-3x a copy of x here, most of the attention layer's elementwise time
-    at the tiny shape); a and b are broadcast as contiguous (1, H, 1, D) rows instead. The gradients of
-    a and b reduce over B and T first (outer dimensions, vectorised along D), then over D: the same sums
-    in another order (float rounding aside)."""
+    autograd expression bit for bit (one product and one sum per element), and its gradients, with a and b
+    broadcast as rows (``_scaler_rows``)."""
 
     @staticmethod
     def forward(ctx, x, a, b):
-        a_row = a.expand(*a.shape[:-1], x.shape[-1]).contiguous()
+        a_row, b_row = _scaler_rows(a, b, x.shape[-1])
         ctx.save_for_backward(x, a_row)
         ctx.scale_shape = a.shape
-        return torch.mul(x, a_row).add_(b.expand_as(a_row).contiguous())
+        return torch.mul(x, a_row).add_(b_row)
 
     @staticmethod
     def backward(ctx, dy):
         x, a_row = ctx.saved_tensors
-        da = db = dx = None
-        # dy * x is written into the buffer that then takes dx (one allocation of x's size, not two); not
-        # while torch.compile traces (it refuses a non-contiguous out=, a graph break)
-        buffer = None if torch.compiler.is_compiling() else torch.empty_like(dy)
-        if ctx.needs_input_grad[1]:
-            da = torch.mul(dy, x, out=buffer).sum((0, 2)).sum(-1).view(ctx.scale_shape)
-        if ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2)).sum(-1).view(ctx.scale_shape)
-        if ctx.needs_input_grad[0]:
-            dx = torch.mul(dy, a_row, out=buffer)
-        return dx, da, db
+        # not while torch.compile traces: it refuses a non-contiguous out= (a graph break)
+        out = None if torch.compiler.is_compiling() else torch.empty_like(dy)
+        return _scaler_backward(dy, x, a_row, ctx.scale_shape, ctx.needs_input_grad, out)
 
 
 class _PackedQKVAffine(torch.autograd.Function):
     """The q, k and v scalers (eq. 8) of one layer on its QKV projection's output (B, T, 3 H D): returns
-    a_s * x_s + b_s for s = q, k, v, each (B, H, T, D) (a view-layout like ``split_heads``'), with the
-    values and gradients of three ``_PerHeadAffine`` on the three views. Why one function: its backward
-    writes a_s * dy_s straight into the slices of one (B, T, 3 H D) gradient, where three separate
-    scalers would allocate three gradients and autograd's split would concatenate them (a copy more)."""
+    a_s * x_s + b_s for the views x_s of ``split_heads``, each (B, H, T, D), with the values and gradients
+    of three ``_PerHeadAffine``. Why one function: its backward writes dx_s straight into the slices of
+    one (B, T, 3 H D) gradient, where three separate scalers would allocate three gradients and
+    autograd's split would concatenate them (a copy more)."""
 
     @staticmethod
     def forward(ctx, qkv, n_head, a_q, b_q, a_k, b_k, a_v, b_v):
-        B, T, width = qkv.shape
-        views = qkv.view(B, T, 3, n_head, width // (3 * n_head)).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        rows = [(a.expand(*a.shape[:-1], views.shape[-1]).contiguous(),
-                 b.expand(*b.shape[:-1], views.shape[-1]).contiguous())
-                for a, b in ((a_q, b_q), (a_k, b_k), (a_v, b_v))]
+        views = split_heads(qkv, n_head)
+        rows = [_scaler_rows(a, b, views[0].shape[-1]) for a, b in ((a_q, b_q), (a_k, b_k), (a_v, b_v))]
         ctx.save_for_backward(qkv, *(a_row for a_row, _ in rows))
         ctx.n_head, ctx.scale_shape = n_head, a_q.shape
         return tuple(torch.mul(x, a_row).add_(b_row) for x, (a_row, b_row) in zip(views, rows))
@@ -135,21 +137,13 @@ class _PackedQKVAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         qkv, *a_rows = ctx.saved_tensors
-        B, T, width = qkv.shape
-        shape = (B, T, 3, ctx.n_head, width // (3 * ctx.n_head))
-        views = qkv.view(shape).permute(2, 0, 3, 1, 4)
-        dqkv = qkv.new_empty(qkv.shape)
-        d_views = dqkv.view(shape).permute(2, 0, 3, 1, 4)
+        dqkv = torch.empty_like(qkv)
         grads = []
-        for x, dy, a_row, d_view in zip(views, (dq, dk, dv), a_rows, d_views):
-            if dy is None:
-                d_view.zero_()
-                grads += [None, None]
-                continue
-            # the _PerHeadAffine backward, dy * x taking the slice that then holds dx
-            da = torch.mul(dy, x, out=d_view).sum((0, 2)).sum(-1).view(ctx.scale_shape)
-            db = dy.sum((0, 2)).sum(-1).view(ctx.scale_shape)
-            torch.mul(dy, a_row, out=d_view)
+        for i, (x, dy, a_row, d_view) in enumerate(zip(split_heads(qkv, ctx.n_head), (dq, dk, dv), a_rows,
+                                                       split_heads(dqkv, ctx.n_head))):
+            # dx written into its slice of dqkv (always: the one gradient of qkv needs every slice)
+            _, da, db = _scaler_backward(dy, x, a_row, ctx.scale_shape,
+                                         (True,) + ctx.needs_input_grad[2 + 2 * i:4 + 2 * i], d_view)
             grads += [da, db]
         return (dqkv, None, *grads)
 
@@ -244,10 +238,13 @@ class AttentionCore(nn.Module):
             self.analog = analog
         self._check_kind_matches_config()
 
+    def _scaler(self, stage: str, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The stage's (scale, bias) as (1, H, 1, 1) tensors of ``dtype``."""
+        return (getattr(self, f"{stage}_scale").view(1, -1, 1, 1).to(dtype),
+                getattr(self, f"{stage}_bias").view(1, -1, 1, 1).to(dtype))
+
     def _scale(self, stage: str, x: torch.Tensor) -> torch.Tensor:
-        a = getattr(self, f"{stage}_scale").view(1, -1, 1, 1).to(x.dtype)
-        b = getattr(self, f"{stage}_bias").view(1, -1, 1, 1).to(x.dtype)
-        y = _PerHeadAffine.apply(x, a, b)
+        y = _PerHeadAffine.apply(x, *self._scaler(stage, x.dtype))
         if self.capture_stats:
             with torch.no_grad():
                 flat = y.detach().float().transpose(0, 1).reshape(y.shape[1], -1)
@@ -256,10 +253,7 @@ class AttentionCore(nn.Module):
 
     def _scaled_qkv(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_scale`` of q, k, v = ``split_heads(qkv)`` (B, T, 3 H D), in one autograd function."""
-        params = []
-        for stage in SCALER_STAGES[:3]:
-            params += [getattr(self, f"{stage}_scale").view(1, -1, 1, 1).to(qkv.dtype),
-                       getattr(self, f"{stage}_bias").view(1, -1, 1, 1).to(qkv.dtype)]
+        params = [p for stage in SCALER_STAGES[:3] for p in self._scaler(stage, qkv.dtype)]
         return _PackedQKVAffine.apply(qkv, self.n_head, *params)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
